@@ -1,0 +1,267 @@
+"""Typed configs: the base class every component config derives from, registry-dispatched fields,
+YAML load/dump, dotted overrides, and errors that name the full field path.
+
+A component config is a pydantic model with a ``kind`` literal, registered in one of the registries of
+:mod:`archifactory.registry`. It turns into a module once, through ``build(ctx)``; strings never reach
+``forward``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, WrapValidator
+from pydantic_core import PydanticCustomError
+from typing_extensions import Annotated
+
+from archifactory.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from archifactory.nn.init import InitConfig
+
+C = TypeVar("C", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message lists every problem with its dotted field path."""
+
+
+class FieldError(ValueError):
+    """A problem with one field of a component, raised by ``Component.check``; the caller adds the path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+class Strict(BaseModel):
+    """Base of every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class Component(Strict):
+    """A registered, buildable part of the model. Subclasses define ``kind: Literal[...]`` and ``build``."""
+
+    kind: str
+
+    def build(self, ctx: "BuildContext"):  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.build")
+
+    def check(self, ctx: "BuildContext") -> None:
+        """Raise :class:`FieldError` when this component cannot work in the model ``ctx`` describes."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildContext:
+    """What a component needs to know about the model it is built into."""
+
+    d_model: int
+    n_layers: int
+    layer_idx: int
+    max_seq_len: int
+    norm: Any  # NormConfig: used for norms inside components (QK-norm, gated norms)
+    position: Any  # PositionConfig: attention asks it for RoPE / ALiBi
+    init: "InitConfig"
+
+
+def component_field(registry: Registry) -> Any:
+    """A field type that validates a mapping into the config class registered under its ``kind``."""
+
+    def dispatch(value: Any, handler: Any, info: Any) -> Any:
+        if isinstance(value, Component):
+            if value.kind not in registry or not isinstance(value, registry.get(value.kind)):
+                raise PydanticCustomError(
+                    "unknown_kind",
+                    "{name} kind {kind!r} is not registered; valid kinds: {valid}",
+                    {"name": registry.name, "kind": value.kind, "valid": ", ".join(registry.kinds())},
+                )
+            return value
+        if isinstance(value, str):  # shorthand: `norm: rmsnorm`
+            value = {"kind": value}
+        if not isinstance(value, dict):
+            raise PydanticCustomError(
+                "component_type", "expected a mapping with a `kind` key for a {name}", {"name": registry.name}
+            )
+        kind = value.get("kind")
+        if kind is None:
+            raise PydanticCustomError(
+                "missing_kind",
+                "a {name} needs a `kind`; valid kinds: {valid}",
+                {"name": registry.name, "valid": ", ".join(registry.kinds())},
+            )
+        if kind not in registry:
+            raise PydanticCustomError(
+                "unknown_kind",
+                "unknown {name} kind {kind!r}; valid kinds: {valid}",
+                {"name": registry.name, "kind": kind, "valid": ", ".join(registry.kinds())},
+            )
+        return registry.get(kind).model_validate(value)
+
+    return Annotated[SerializeAsAny[Component], WrapValidator(dispatch)]
+
+
+def format_validation_error(err: ValidationError, root: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        path = f"{root}.{path}" if root and path else (root or path)
+        msg = e["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        if e["type"] == "value_error" and not path:
+            lines.append(msg)  # a model-level check that already names its field paths
+            continue
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (not a field of this config)"
+            parent = _parent_fields(err, e["loc"])
+            if parent:
+                msg += f"; valid keys: {', '.join(parent)}"
+        elif e["type"] == "literal_error" and e["loc"] and e["loc"][-1] == "kind":
+            msg = f"kind does not match this component: {msg}"
+        lines.append(f"{path or '<root>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _parent_fields(err: ValidationError, loc: tuple) -> list[str]:
+    # The error does not carry the class, so we re-walk the title's model with the input's kinds.
+    return getattr(err, "_archifactory_valid_keys", {}).get(tuple(loc[:-1]), [])
+
+
+def validate(cls: type[C], data: Any, root: str = "") -> C:
+    """``cls.model_validate(data)`` with a :class:`ConfigError` that names every bad field path."""
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        keys = _valid_keys_by_path(cls, data)
+        err._archifactory_valid_keys = keys  # type: ignore[attr-defined]
+        raise ConfigError(f"invalid {cls.__name__}:\n" + format_validation_error(err, root)) from None
+
+
+def _valid_keys_by_path(cls: type[BaseModel], data: Any, path: tuple = ()) -> dict[tuple, list[str]]:
+    """Map each mapping's location in ``data`` to the field names its config class accepts."""
+    from archifactory import registry as reg  # local: registries are filled by component imports
+
+    out: dict[tuple, list[str]] = {}
+    if not isinstance(data, dict):
+        return out
+    if issubclass(cls, Component) and isinstance(data.get("kind"), str):
+        for r in (reg.MIXERS, reg.FFNS, reg.NORMS, reg.POSITIONS):
+            if data["kind"] in r and issubclass(r.get(data["kind"]), cls):
+                cls = r.get(data["kind"])
+                break
+    out[path] = sorted(cls.model_fields)
+    for name, field in cls.model_fields.items():
+        if name not in data:
+            continue
+        sub = _field_model(field.annotation)
+        value = data[name]
+        if sub is None:
+            continue
+        if isinstance(value, dict):
+            out.update(_valid_keys_by_path(sub, value, path + (name,)))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                out.update(_valid_keys_by_path(sub, item, path + (name, i)))
+    return out
+
+
+def _field_model(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _field_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- YAML
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def to_yaml(config: BaseModel) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(config))
+
+
+# ------------------------------------------------------------------------------------------ overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"model.mixer.n_kv_heads=2"`` -> (["model", "mixer", "n_kv_heads"], 2). Values are parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key segment")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """Return a copy of the raw config mapping ``data`` with dotted overrides applied.
+
+    Integer segments index lists (``layer_overrides.0.mixer.window=64``). Intermediate mappings that do
+    not exist yet are created, so ``position.kind=alibi`` works on a config that did not name a position.
+    Setting ``kind`` of a component keeps only the keys the new kind also accepts is *not* done: the new
+    kind validates the old keys and names any it does not accept.
+    """
+    data = copy.deepcopy(data)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = data
+        for depth, key in enumerate(keys[:-1]):
+            here = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                node = node[_list_index(node, key, here)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {here} is a {type(node).__name__}, not a mapping")
+            if isinstance(node.get(key), str) and not keys[depth + 1].isdigit():
+                node[key] = {"kind": node[key]}  # `norm: rmsnorm` shorthand, now being refined
+            node = node.setdefault(key, {})
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_list_index(node, last, text)] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override {text!r}: parent of {last!r} is a {type(node).__name__}, not a mapping")
+    return data
+
+
+def _list_index(node: list, key: str, where: str) -> int:
+    if not key.lstrip("-").isdigit():
+        raise ConfigError(f"override at {where}: {key!r} must be a list index (0..{len(node) - 1})")
+    i = int(key)
+    if not -len(node) <= i < len(node):
+        raise ConfigError(f"override at {where}: index {i} out of range for a list of {len(node)}")
+    return i

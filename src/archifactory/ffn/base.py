@@ -1,0 +1,57 @@
+"""The FFN contract: ``forward(x) -> (y, aux_losses)``. Auxiliary losses (MoE balancing, router z-loss)
+are returned, already weighted, so the model sums them into the training loss; nothing is kept in
+globals."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archifactory.config import BuildContext, Component
+
+AuxLosses = dict[str, torch.Tensor]
+
+
+class FFNConfig(Component):
+    pass
+
+
+class FFN(nn.Module):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, AuxLosses]:  # pragma: no cover
+        raise NotImplementedError
+
+    def flops_per_token(self) -> int:  # pragma: no cover
+        raise NotImplementedError
+
+    def active_params(self) -> int:
+        """Parameters one token uses (all of them, except in a mixture of experts)."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def relu_squared(x: torch.Tensor) -> torch.Tensor:
+    """ReLU² (So et al. 2021, Primer)."""
+    return F.relu(x).square()
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": gelu_tanh,
+    "relu": F.relu,
+    "relu2": relu_squared,
+    "silu": F.silu,
+}
+
+
+def glu_hidden(d_model: int, multiple_of: int) -> int:
+    """Default GLU hidden size: 8/3 d (keeps parameters equal to a 4d MLP, Shazeer 2020), rounded up to
+    a multiple of ``multiple_of``."""
+    hidden = int(8 * d_model / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+__all__ = ["ACTIVATIONS", "AuxLosses", "BuildContext", "FFN", "FFNConfig", "glu_hidden"]

@@ -1,0 +1,208 @@
+"""Softmax attention: multi-head (Vaswani et al. 2017), grouped-query (Ainslie et al. 2023) and
+multi-query (Shazeer 2019) by ``n_kv_heads``; QK-norm (Dehghani et al. 2023), QKV bias, sliding window
+(Beltagy et al. 2020; Mistral), attention-logit soft-capping (Gemma 2) and a KV cache.
+
+The fast path is ``F.scaled_dot_product_attention``; soft-capping needs the logits, so a config with
+``logit_softcap`` builds the explicit path instead (chosen once, at build time).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from archifactory.config import BuildContext, FieldError
+from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
+from archifactory.nn.init import init_linear
+from archifactory.nn.positions import ALiBi, Rotary
+from archifactory.registry import register_mixer
+
+
+@register_mixer
+class AttentionConfig(MixerConfig):
+    kind: Literal["attention"] = "attention"
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1)
+    """Key/value heads: ``n_heads`` (MHA, the default), a divisor of it (GQA), or 1 (MQA)."""
+    head_dim: int | None = Field(None, ge=1)
+    """Channels per head; ``None`` means ``d_model // n_heads``."""
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
+    """Normalise queries and keys per head (with the model's norm) before RoPE, as Qwen3 and OLMo-2 do."""
+    window: int | None = Field(None, ge=1)
+    """Sliding window: query i attends to keys j with ``i - window < j <= i``."""
+    logit_softcap: float | None = Field(None, gt=0)
+    """Attention logits become ``cap * tanh(logits / cap)`` (Gemma 2)."""
+    scale: float | None = Field(None, gt=0)
+    """Logit scale; ``None`` means ``head_dim ** -0.5``."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    def resolved_head_dim(self, d_model: int) -> int:
+        return self.head_dim or d_model // self.n_heads
+
+    def check(self, ctx: BuildContext) -> None:
+        if self.head_dim is None and ctx.d_model % self.n_heads:
+            valid = [h for h in range(1, ctx.d_model + 1) if ctx.d_model % h == 0 and h <= 64]
+            raise FieldError(
+                "n_heads",
+                f"n_heads={self.n_heads} does not divide d_model={ctx.d_model}; choose one of {valid} "
+                f"or set head_dim explicitly",
+            )
+        if self.n_heads % self.kv_heads:
+            valid = [h for h in range(1, self.n_heads + 1) if self.n_heads % h == 0]
+            raise FieldError(
+                "n_kv_heads", f"n_kv_heads={self.kv_heads} does not divide n_heads={self.n_heads}; choose one of {valid}"
+            )
+        try:
+            ctx.position.check_head_dim(self.resolved_head_dim(ctx.d_model))
+        except ValueError as err:
+            raise FieldError("head_dim", f"with position kind {ctx.position.kind!r}: {err}") from None
+        if self.qk_norm and ctx.norm.kind == "none":
+            raise FieldError("qk_norm", "qk_norm=true needs a model norm (rmsnorm or layernorm), not norm kind 'none'")
+
+    def build(self, ctx: BuildContext) -> "Attention":
+        return Attention(self, ctx)
+
+    @classmethod
+    def contract_examples(cls, d_model: int) -> list["AttentionConfig"]:
+        return [
+            cls(n_heads=4),
+            cls(n_heads=4, n_kv_heads=2, qk_norm=True, qkv_bias=True),
+            cls(n_heads=4, n_kv_heads=1, window=3),
+            cls(n_heads=2, logit_softcap=5.0, out_bias=True),
+        ]
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys and values seen so far, ``(B, H_kv, S, head_dim)``; with a window only the last ``window``."""
+
+    window: int | None
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    pos: int = 0  # tokens seen
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Append this chunk; return every key/value the chunk may attend to, and their positions."""
+        n_new = k.shape[2]
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.pos += n_new
+        k_pos = torch.arange(self.pos - k.shape[2], self.pos, device=k.device)
+        if self.window is not None:
+            self.k, self.v = k[:, :, -self.window :], v[:, :, -self.window :]
+        else:
+            self.k, self.v = k, v
+        return k, v, k_pos
+
+
+class Attention(Mixer):
+    def __init__(self, cfg: AttentionConfig, ctx: BuildContext) -> None:
+        super().__init__(ctx)
+        d = ctx.d_model
+        self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
+        self.head_dim = cfg.resolved_head_dim(d)
+        self.window, self.softcap = cfg.window, cfg.logit_softcap
+        self.scale = cfg.scale if cfg.scale is not None else self.head_dim**-0.5
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.out_bias)
+        self.q_norm = ctx.norm.build_for(self.head_dim) if cfg.qk_norm else None
+        self.k_norm = ctx.norm.build_for(self.head_dim) if cfg.qk_norm else None
+        relative = ctx.position.build_relative(self.head_dim, self.n_heads)
+        self.rotary = relative if isinstance(relative, Rotary) else None
+        self.alibi = relative if isinstance(relative, ALiBi) else None
+        self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
+        self.attend = self._attend_sdpa if self.softcap is None else self._attend_explicit
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            init_linear(proj, self.std)
+        init_linear(self.o_proj, self.out_std)
+        for norm in (self.q_norm, self.k_norm):
+            if norm is not None:
+                norm.reset_parameters()
+
+    def init_cache(self, batch_size: int, device, dtype) -> KVCache:
+        return KVCache(window=self.window)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        start = cache.pos if cache is not None else 0
+        q_pos = torch.arange(start, start + T, device=x.device)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, q_pos)
+        if cache is not None:
+            k, v, k_pos = cache.update(k, v)
+        else:
+            k_pos = q_pos
+        y = self.attend(q, k, v, q_pos, k_pos)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), cache
+
+    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """``None`` for plain causal attention over a fresh sequence; otherwise a boolean ``(Tq, Tk)``
+        mask, or an additive ``(H, Tq, Tk)`` one when ALiBi is on."""
+        plain = self.window is None and self.alibi is None and len(q_pos) == len(k_pos)
+        if plain:
+            return None
+        offset = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk)
+        allowed = offset >= 0
+        if self.window is not None:
+            allowed = allowed & (offset < self.window)
+        if self.alibi is None:
+            return allowed
+        return self.alibi.bias(q_pos, k_pos).masked_fill(~allowed, float("-inf")).to(dtype)
+
+    def _attend_sdpa(self, q, k, v, q_pos, k_pos) -> torch.Tensor:
+        mask = self._mask(q_pos, k_pos, q.dtype)
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+
+    def _attend_explicit(self, q, k, v, q_pos, k_pos) -> torch.Tensor:
+        group = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Tq, Tk)
+        logits = self.softcap * torch.tanh(logits / self.softcap)
+        mask = self._mask(q_pos, k_pos, logits.dtype)
+        if mask is None:
+            mask = q_pos[:, None] >= k_pos[None, :]
+        if mask.dtype == torch.bool:
+            logits = logits.masked_fill(~mask, float("-inf"))
+        else:
+            logits = logits + mask
+        probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+        return probs @ v
+
+    def flops_per_token(self, seq_len: int) -> int:
+        # Each query position t attends to min(t + 1, window) keys: QK^T and PV are 2 FLOPs per
+        # multiply-add each, over every head's channels.
+        keys = torch.arange(1, seq_len + 1)
+        if self.window is not None:
+            keys = keys.clamp(max=self.window)
+        attn = 4 * self.n_heads * self.head_dim * float(keys.float().mean())
+        return int(linear_flops(self.q_proj, self.k_proj, self.v_proj, self.o_proj) + attn)
+
+    def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        kept = seq_len if self.window is None else min(seq_len, self.window)
+        return 2 * self.n_kv_heads * self.head_dim * kept * torch.finfo(dtype).bits // 8
+
+    def kernel_path(self) -> str:
+        return "torch.sdpa" if self.softcap is None else "torch.explicit"

@@ -1,0 +1,54 @@
+"""The contract every sequence mixer keeps (see the shared contract test, tests/test_mixer_contract.py).
+
+A mixer maps ``x: (B, T, D)`` to ``(B, T, D)``. ``forward(x)`` over a whole sequence and ``forward(x, cache)``
+chunk by chunk (down to one token at a time, as in generation) compute the same function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from archifactory.config import BuildContext, Component
+
+
+class MixerConfig(Component):
+    @classmethod
+    def contract_examples(cls, d_model: int) -> list["MixerConfig"]:
+        """Small configs the shared contract test builds at ``d_model``; override to cover options."""
+        return [cls()]
+
+
+class Mixer(nn.Module):
+    def __init__(self, ctx: BuildContext) -> None:
+        super().__init__()
+        self.d_model = ctx.d_model
+
+    def forward(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def init_cache(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> Any:  # pragma: no cover
+        """An empty cache (KV cache or recurrent state) for ``batch_size`` sequences."""
+        raise NotImplementedError
+
+    def flops_per_token(self, seq_len: int) -> int:  # pragma: no cover
+        """Forward FLOPs per token, averaged over the positions of a ``seq_len`` sequence."""
+        raise NotImplementedError
+
+    def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:  # pragma: no cover
+        """Bytes of cache one sequence holds after ``seq_len`` tokens."""
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def kernel_path(self) -> str:
+        """Which implementation ``forward`` runs (recorded by runs and benchmarks)."""
+        return "torch"
+
+
+def linear_flops(*layers: nn.Linear) -> int:
+    """Multiply-adds of ``layers`` on one token, counted as 2 FLOPs each."""
+    return sum(2 * layer.in_features * layer.out_features for layer in layers)

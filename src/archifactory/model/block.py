@@ -1,0 +1,67 @@
+"""One layer: a sequence mixer and an FFN, each on a residual branch, in one of four layouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from archifactory.config import BuildContext
+from archifactory.ffn.base import AuxLosses
+from archifactory.model.config import BlockConfig
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: BlockConfig, ctx: BuildContext, residual: str) -> None:
+        super().__init__()
+        self.residual = residual
+        self.mixer = cfg.mixer.build(ctx)
+        self.ffn = cfg.ffn.build(ctx)
+        norm = ctx.norm
+        self.mixer_norm = norm.build_for(ctx.d_model)
+        # parallel blocks share one input norm (GPT-J, PaLM)
+        self.ffn_norm = None if residual == "parallel" else norm.build_for(ctx.d_model)
+        sandwich = residual == "sandwich"
+        self.mixer_post_norm = norm.build_for(ctx.d_model) if sandwich else None
+        self.ffn_post_norm = norm.build_for(ctx.d_model) if sandwich else None
+        self._forward = {"pre": self._pre, "post": self._post, "sandwich": self._sandwich, "parallel": self._parallel}[
+            residual
+        ]
+
+    def forward(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any, AuxLosses]:
+        return self._forward(x, cache)
+
+    def _pre(self, x, cache):
+        h, cache = self.mixer(self.mixer_norm(x), cache)
+        x = x + h
+        f, aux = self.ffn(self.ffn_norm(x))
+        return x + f, cache, aux
+
+    def _post(self, x, cache):
+        h, cache = self.mixer(x, cache)
+        x = self.mixer_norm(x + h)
+        f, aux = self.ffn(x)
+        return self.ffn_norm(x + f), cache, aux
+
+    def _sandwich(self, x, cache):
+        h, cache = self.mixer(self.mixer_norm(x), cache)
+        x = x + self.mixer_post_norm(h)
+        f, aux = self.ffn(self.ffn_norm(x))
+        return x + self.ffn_post_norm(f), cache, aux
+
+    def _parallel(self, x, cache):
+        normed = self.mixer_norm(x)
+        h, cache = self.mixer(normed, cache)
+        f, aux = self.ffn(normed)
+        return x + h + f, cache, aux
+
+    def norms(self) -> list[nn.Module]:
+        return [n for n in (self.mixer_norm, self.ffn_norm, self.mixer_post_norm, self.ffn_post_norm) if n is not None]
+
+    def reset_parameters(self) -> None:
+        self.mixer.reset_parameters()
+        self.ffn.reset_parameters()
+        for norm in self.norms():
+            if hasattr(norm, "reset_parameters"):
+                norm.reset_parameters()

@@ -1,0 +1,150 @@
+"""The model config: a default block (mixer + FFN), per-layer overrides for hybrids, and the parts
+around the stack (embedding, positions, norm, residual layout, head and loss)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Iterable, Literal
+
+from pydantic import Field, model_validator
+
+import archifactory.ffn  # noqa: F401  (registers the built-in FFNs)
+import archifactory.mixers  # noqa: F401  (registers the built-in mixers)
+from archifactory.config import BuildContext, FieldError, Strict, apply_overrides, component_field, load_yaml, validate
+from archifactory.ffn.mlp import SwiGLUConfig
+from archifactory.mixers.attention import AttentionConfig
+from archifactory.nn.init import InitConfig
+from archifactory.nn.norms import RMSNormConfig
+from archifactory.nn.positions import RoPEConfig
+from archifactory.registry import FFNS, MIXERS, NORMS, POSITIONS
+
+MixerField = component_field(MIXERS)
+FFNField = component_field(FFNS)
+NormField = component_field(NORMS)
+PositionField = component_field(POSITIONS)
+
+
+class BlockConfig(Strict):
+    """What one layer is built from, after overrides are resolved."""
+
+    mixer: MixerField
+    ffn: FFNField
+
+
+class LayerOverride(Strict):
+    """Replace the mixer and/or FFN on some layers. Select layers by ``layers: [3, 7]`` or by
+    ``every: 4`` (with ``start``, default ``every - 1``: layers 3, 7, 11, ...). The given component replaces
+    the default one whole (no merging), so the config reads as what the layer is."""
+
+    layers: list[int] | None = None
+    every: int | None = Field(None, ge=1)
+    start: int | None = Field(None, ge=0)
+    mixer: MixerField | None = None
+    ffn: FFNField | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.layers is None) == (self.every is None):
+            raise ValueError("give exactly one of `layers` (a list of indices) or `every` (a period)")
+        if self.start is not None and self.every is None:
+            raise ValueError("`start` only applies with `every`")
+        if self.mixer is None and self.ffn is None:
+            raise ValueError("an override must set `mixer`, `ffn` or both")
+        return self
+
+    def selected(self, n_layers: int) -> list[int]:
+        if self.layers is not None:
+            return list(self.layers)
+        start = self.every - 1 if self.start is None else self.start
+        return list(range(start, n_layers, self.every))
+
+
+class ModelConfig(Strict):
+    vocab_size: int = Field(ge=2)
+    d_model: int = Field(ge=1)
+    n_layers: int = Field(ge=1)
+    max_seq_len: int = Field(1024, ge=1)
+    """Longest sequence trained on; sizes learned/sinusoidal tables and the FLOPs estimate."""
+    mixer: MixerField = Field(default_factory=AttentionConfig)
+    ffn: FFNField = Field(default_factory=SwiGLUConfig)
+    layer_overrides: list[LayerOverride] = Field(default_factory=list)
+    norm: NormField = Field(default_factory=RMSNormConfig)
+    residual: Literal["pre", "post", "sandwich", "parallel"] = "pre"
+    """``pre``: x + f(norm(x)); ``post``: norm(x + f(x)) (Vaswani et al.); ``sandwich``: x + norm(f(norm(x)))
+    (Gemma 2); ``parallel``: x + mixer(norm(x)) + ffn(norm(x)) (GPT-J, PaLM)."""
+    final_norm: bool = True
+    position: PositionField = Field(default_factory=RoPEConfig)
+    tie_embeddings: bool = True
+    embedding_scale: float | Literal["sqrt_d_model"] = 1.0
+    """Multiply token embeddings by this (Gemma uses ``sqrt_d_model``)."""
+    head_bias: bool = False
+    """A learned per-token bias on the output logits."""
+    logit_softcap: float | None = Field(None, gt=0)
+    """Final logits become ``cap * tanh(logits / cap)`` (Gemma 2)."""
+    z_loss_weight: float = Field(0.0, ge=0)
+    """Weight of ``logsumexp(logits)^2`` (PaLM's z-loss), averaged over target tokens."""
+    mtp_heads: int = Field(0, ge=0)
+    """Extra heads predicting tokens t+2 .. t+1+mtp_heads (Gloeckle et al. 2024), each one block on top
+    of the trunk sharing the final norm and unembedding; unused in generation."""
+    mtp_loss_weight: float = Field(1.0, ge=0)
+    init: InitConfig = Field(default_factory=InitConfig)
+
+    def layer_configs(self) -> list[BlockConfig]:
+        layers = [BlockConfig(mixer=self.mixer, ffn=self.ffn) for _ in range(self.n_layers)]
+        for override in self.layer_overrides:
+            for i in override.selected(self.n_layers):
+                layers[i] = BlockConfig(
+                    mixer=override.mixer or layers[i].mixer, ffn=override.ffn or layers[i].ffn
+                )
+        return layers
+
+    def build_context(self, layer_idx: int) -> BuildContext:
+        return BuildContext(
+            d_model=self.d_model,
+            n_layers=self.n_layers,
+            layer_idx=layer_idx,
+            max_seq_len=self.max_seq_len,
+            norm=self.norm,
+            position=self.position,
+            init=self.init,
+        )
+
+    def resolved_embedding_scale(self) -> float:
+        return math.sqrt(self.d_model) if self.embedding_scale == "sqrt_d_model" else float(self.embedding_scale)
+
+    @model_validator(mode="after")
+    def _check_components(self):
+        errors: list[str] = []
+        for j, override in enumerate(self.layer_overrides):
+            for i in override.selected(self.n_layers):
+                if not 0 <= i < self.n_layers:
+                    errors.append(
+                        f"layer_overrides.{j}.layers: layer {i} does not exist; valid layers are 0..{self.n_layers - 1}"
+                    )
+        ctx = self.build_context(0)
+        sources = [("mixer", self.mixer), ("ffn", self.ffn)]
+        for j, override in enumerate(self.layer_overrides):
+            sources += [(f"layer_overrides.{j}.mixer", override.mixer), (f"layer_overrides.{j}.ffn", override.ffn)]
+        for path, component in sources:
+            if component is None:
+                continue
+            try:
+                component.check(ctx)
+            except FieldError as err:
+                errors.append(f"{path}.{err.field}: {err.message}")
+        if errors:
+            raise ValueError("\n".join(errors))
+        return self
+
+
+def load_model_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> ModelConfig:
+    """A :class:`ModelConfig` from a preset name (``tiny``), a YAML path, or a mapping, with dotted
+    overrides such as ``mixer.n_kv_heads=2`` applied before validation."""
+    if isinstance(source, dict):
+        data = source
+    else:
+        from archifactory.model.presets import resolve_model_source
+
+        data = load_yaml(resolve_model_source(source))
+    return validate(ModelConfig, apply_overrides(data, overrides))

@@ -1,0 +1,315 @@
+"""``CausalLM``: token embedding -> blocks -> final norm -> LM head, with the loss, auxiliary losses,
+costs (parameters by component, FLOPs per token, cache bytes) and cached generation."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archifactory.config import dump_config, to_yaml
+from archifactory.model.block import Block
+from archifactory.model.config import ModelConfig, load_model_config
+from archifactory.model.sampling import sample_next
+from archifactory.nn.init import normal_
+
+IGNORE_INDEX = -100
+
+
+@dataclasses.dataclass
+class LMOutput:
+    logits: torch.Tensor
+    """(B, T, V) next-token logits of the main head."""
+    loss: torch.Tensor | None = None
+    """Training objective: ``ce_loss`` plus every auxiliary loss."""
+    ce_loss: torch.Tensor | None = None
+    """Mean next-token cross-entropy over target positions (nats)."""
+    aux_losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    """Weighted auxiliary terms included in ``loss`` (z_loss, moe_balance, moe_router_z, mtp)."""
+    cache: "ModelCache | None" = None
+
+
+@dataclasses.dataclass
+class ModelCache:
+    layers: list[Any]
+    pos: int = 0
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        D, V = config.d_model, config.vocab_size
+        self.embed = nn.Embedding(V, D)
+        self.embedding_scale = config.resolved_embedding_scale()
+        self.pos_embed = config.position.build_absolute(D, config.max_seq_len, config.init.std)
+        self.blocks = nn.ModuleList(
+            Block(layer, config.build_context(i), config.residual) for i, layer in enumerate(config.layer_configs())
+        )
+        last = config.layer_configs()[-1]
+        self.mtp_blocks = nn.ModuleList(
+            Block(last, config.build_context(config.n_layers + i), config.residual) for i in range(config.mtp_heads)
+        )
+        self.final_norm = config.norm.build_for(D) if config.final_norm else nn.Identity()
+        self.lm_head = nn.Linear(D, V, bias=config.head_bias)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------------------ set-up
+
+    def reset_parameters(self) -> None:
+        init = self.config.init
+        normal_(self.embed.weight, init.embedding_std if init.embedding_std is not None else init.std)
+        if not self.config.tie_embeddings:
+            normal_(self.lm_head.weight, init.std)
+        if self.lm_head.bias is not None:
+            nn.init.zeros_(self.lm_head.bias)
+        if self.pos_embed is not None and hasattr(self.pos_embed, "reset_parameters"):
+            self.pos_embed.reset_parameters()
+        for block in [*self.blocks, *self.mtp_blocks]:
+            block.reset_parameters()
+        if hasattr(self.final_norm, "reset_parameters"):
+            self.final_norm.reset_parameters()
+
+    @classmethod
+    def from_config(cls, source: str | Path | dict | ModelConfig, overrides: Sequence[str] = ()) -> "CausalLM":
+        """Build from a :class:`ModelConfig`, a preset name, a YAML path or a mapping."""
+        config = source if isinstance(source, ModelConfig) else load_model_config(source, overrides)
+        return cls(config)
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def init_cache(self, batch_size: int, device: torch.device | str | None = None, dtype=None) -> ModelCache:
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        return ModelCache([block.mixer.init_cache(batch_size, device, dtype) for block in self.blocks])
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None):
+        """Run embedding and blocks; returns the trunk output (before the final norm) and summed aux losses."""
+        B, T = input_ids.shape
+        x = self.embed(input_ids)
+        if self.embedding_scale != 1.0:
+            x = x * torch.tensor(self.embedding_scale, dtype=x.dtype)
+        start = cache.pos if cache is not None else 0
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device)).to(x.dtype)
+        aux: dict[str, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            x, layer_cache, block_aux = block(x, layer_cache)
+            if cache is not None:
+                cache.layers[i] = layer_cache
+            for name, value in block_aux.items():
+                aux[name] = aux[name] + value if name in aux else value
+        if cache is not None:
+            cache.pos += T
+        return x, aux
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(self.final_norm(hidden))
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: ModelCache | None = None,
+    ) -> LMOutput:
+        """``input_ids`` (B, T); ``targets`` (B, T) holds the next token at each position, or -100 where no
+        loss is taken (padding, document ends)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        hidden, aux = self.hidden_states(input_ids, cache)
+        logits = self.logits(hidden)
+        if targets is None:
+            return LMOutput(logits=logits, aux_losses=aux, cache=cache)
+        if targets.shape != input_ids.shape:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        ce = cross_entropy(logits, targets)
+        if self.config.z_loss_weight:
+            aux["z_loss"] = self.config.z_loss_weight * z_loss(logits, targets)
+        if self.mtp_blocks:
+            mtp = [
+                cross_entropy(self.logits(block(hidden)[0]), shift_targets(targets, i + 1))
+                for i, block in enumerate(self.mtp_blocks)
+            ]
+            aux["mtp"] = self.config.mtp_loss_weight * torch.stack(mtp).mean()
+        loss = ce + sum(aux.values()) if aux else ce
+        return LMOutput(logits=logits, loss=loss, ce_loss=ce, aux_losses=aux, cache=cache)
+
+    # -------------------------------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: torch.Tensor | Sequence[int],
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        eos_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Decode with caches. ``prompt_ids``: (T,), (B, T) or a list of ids; returns prompt + new tokens
+        with the same leading shape. Rows that produced ``eos_token_id`` are padded with it."""
+        device = self.embed.weight.device
+        ids = torch.as_tensor(prompt_ids, dtype=torch.long, device=device)
+        squeeze = ids.dim() == 1
+        if squeeze:
+            ids = ids[None]
+        if ids.shape[1] == 0:
+            raise ValueError("prompt_ids is empty: give at least one token (e.g. a BOS/EOS id)")
+        if self.pos_embed is not None and ids.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(
+                f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
+                f"{self.config.max_seq_len} of the absolute position table"
+            )
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed)
+        was_training = self.training
+        self.eval()
+        cache = self.init_cache(ids.shape[0])
+        logits = self(ids, cache=cache).logits[:, -1]
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+        out = [ids]
+        for _ in range(max_new_tokens):
+            token = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                token = token.masked_fill(done, eos_token_id)
+                done |= token == eos_token_id
+            out.append(token[:, None])
+            if eos_token_id is not None and bool(done.all()):
+                break
+            logits = self(token[:, None], cache=cache).logits[:, -1]
+        self.train(was_training)
+        result = torch.cat(out, dim=1)
+        return result[0] if squeeze else result
+
+    # ------------------------------------------------------------------------------------------- costs
+
+    def param_breakdown(self) -> dict[str, int]:
+        """Parameters by component; each tensor counted once (a tied head counts under ``embedding``)."""
+        groups: dict[str, list[nn.Module]] = {
+            "embedding": [self.embed],
+            "position": [self.pos_embed] if self.pos_embed is not None else [],
+            "mixer": [b.mixer for b in self.blocks],
+            "ffn": [b.ffn for b in self.blocks],
+            "norm": [n for b in self.blocks for n in b.norms()] + [self.final_norm],
+            "mtp": list(self.mtp_blocks),
+            "head": [self.lm_head],
+        }
+        seen: set[int] = set()
+        counts: dict[str, int] = {}
+        for name, modules in groups.items():
+            total = 0
+            for module in modules:
+                for p in module.parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        total += p.numel()
+            counts[name] = total
+        return counts
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        counts = self.param_breakdown()
+        if non_embedding:
+            return sum(v for k, v in counts.items() if k not in ("embedding", "position"))
+        return sum(counts.values())
+
+    def active_params(self) -> int:
+        """Parameters used per token (differs from :meth:`num_params` with mixture-of-experts FFNs)."""
+        total = self.num_params()
+        for block in self.blocks:
+            total -= sum(p.numel() for p in block.ffn.parameters()) - block.ffn.active_params()
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = False) -> int:
+        """Matmul FLOPs per token from each component (norms, activations and softmax are ignored); with
+        ``training``, 3x forward (backward = 2x forward) including the multi-token heads."""
+        T = seq_len or self.config.max_seq_len
+        head = 2 * self.lm_head.in_features * self.lm_head.out_features
+        trunk = sum(b.mixer.flops_per_token(T) + b.ffn.flops_per_token() for b in self.blocks) + head
+        if not training:
+            return trunk
+        mtp = sum(b.mixer.flops_per_token(T) + b.ffn.flops_per_token() + head for b in self.mtp_blocks)
+        return 3 * (trunk + mtp)
+
+    def flops_breakdown(self, seq_len: int | None = None) -> dict[str, int]:
+        """Forward FLOPs per token by component."""
+        T = seq_len or self.config.max_seq_len
+        return {
+            "mixer": sum(b.mixer.flops_per_token(T) for b in self.blocks),
+            "ffn": sum(b.ffn.flops_per_token() for b in self.blocks),
+            "head": 2 * self.lm_head.in_features * self.lm_head.out_features,
+        }
+
+    def state_bytes(self, seq_len: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Cache bytes (KV or recurrent state) one sequence holds after ``seq_len`` tokens."""
+        T = seq_len or self.config.max_seq_len
+        return sum(b.mixer.state_bytes(T, dtype) for b in self.blocks)
+
+    def kernel_paths(self) -> dict[int, str]:
+        """Which implementation each layer's mixer runs."""
+        return {i: b.mixer.kernel_path() for i, b in enumerate(self.blocks)}
+
+    def moe_loads(self) -> dict[int, torch.Tensor]:
+        """Per MoE layer, the share of routed assignments each expert got since the last reset."""
+        return {i: b.ffn.load_fractions() for i, b in enumerate(self.blocks) if hasattr(b.ffn, "load_fractions")}
+
+    # ------------------------------------------------------------------------------------------ saving
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.yaml`` and ``model.safetensors`` to ``directory``."""
+        from safetensors.torch import save_model
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        dump_config(self.config, directory / "config.yaml")
+        save_model(self, str(directory / "model.safetensors"))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CausalLM":
+        from safetensors.torch import load_model
+
+        directory = Path(directory)
+        for name in ("config.yaml", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} is missing: not a saved archifactory model")
+        model = cls(load_model_config(directory / "config.yaml"))
+        load_model(model, str(directory / "model.safetensors"), device=str(device))
+        return model.to(device)
+
+    def extra_repr(self) -> str:
+        return f"params={self.num_params():,}"
+
+    def config_yaml(self) -> str:
+        return to_yaml(self.config)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+
+
+def z_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean of ``logsumexp(logits)^2`` over target positions (PaLM, Chowdhery et al. 2022)."""
+    lse = torch.logsumexp(logits.float(), dim=-1)
+    keep = targets != IGNORE_INDEX
+    return (lse.square() * keep).sum() / keep.sum().clamp(min=1)
+
+
+def shift_targets(targets: torch.Tensor, k: int) -> torch.Tensor:
+    """Targets k tokens further ahead: position t gets ``targets[t + k]``, the last k get -100."""
+    shifted = torch.full_like(targets, IGNORE_INDEX)
+    if k < targets.shape[1]:
+        shifted[:, :-k] = targets[:, k:]
+    return shifted

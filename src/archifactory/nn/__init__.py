@@ -1,0 +1,1 @@
+"""Small shared parts: norms, positional encodings, initialisation."""

@@ -1,0 +1,64 @@
+"""Normalisation layers: RMSNorm (Zhang & Sennrich 2019), LayerNorm (Ba et al. 2016), or none."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from archifactory.config import Component
+from archifactory.registry import register_norm
+
+
+class NormConfig(Component):
+    eps: float = 1e-6
+
+    def build_for(self, dim: int) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build(self, ctx) -> nn.Module:
+        return self.build_for(ctx.d_model)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 (as Llama does) so bf16 activations do not lose the mean square.
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+@register_norm
+class RMSNormConfig(NormConfig):
+    kind: Literal["rmsnorm"] = "rmsnorm"
+
+    def build_for(self, dim: int) -> nn.Module:
+        return RMSNorm(dim, self.eps)
+
+
+@register_norm
+class LayerNormConfig(NormConfig):
+    kind: Literal["layernorm"] = "layernorm"
+    eps: float = 1e-5
+    bias: bool = True
+
+    def build_for(self, dim: int) -> nn.Module:
+        return nn.LayerNorm(dim, eps=self.eps, bias=self.bias)
+
+
+@register_norm
+class NoNormConfig(NormConfig):
+    """No normalisation (identity), for norm-free ablations."""
+
+    kind: Literal["none"] = "none"
+
+    def build_for(self, dim: int) -> nn.Module:
+        return nn.Identity()

@@ -1,0 +1,256 @@
+"""Positional encodings.
+
+Absolute encodings (learned, sinusoidal) are added to the token embeddings by the model; relative ones
+(RoPE, ALiBi) are handed to attention, which applies them to queries/keys or to the attention logits.
+A config builds each once; ``forward`` never branches on strings.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import model_validator
+from torch import nn
+
+from archifactory.config import Component, Strict
+from archifactory.registry import register_position
+
+
+class PositionConfig(Component):
+    def build_absolute(self, d_model: int, max_seq_len: int, std: float) -> nn.Module | None:
+        """Module mapping positions ``(T,)`` to ``(T, d_model)`` added to the embeddings, or ``None``."""
+        return None
+
+    def build_relative(self, head_dim: int, n_heads: int) -> nn.Module | None:
+        """A :class:`Rotary` or :class:`ALiBi` for attention, or ``None``."""
+        return None
+
+    def check_head_dim(self, head_dim: int) -> None:
+        """Raise ``ValueError`` when this encoding cannot work with attention heads of ``head_dim``."""
+
+
+@register_position
+class NoPositionConfig(PositionConfig):
+    """No positional information (NoPE, Kazemnejad et al. 2023): causal masking alone orders tokens."""
+
+    kind: Literal["none"] = "none"
+
+
+# ------------------------------------------------------------------------------------------ absolute
+
+
+class LearnedPositions(nn.Module):
+    def __init__(self, max_seq_len: int, d_model: int, std: float) -> None:
+        super().__init__()
+        self.std = std
+        self.weight = nn.Parameter(torch.empty(max_seq_len, d_model))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=self.std)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        if positions.numel() and int(positions.max()) >= self.weight.shape[0]:
+            raise ValueError(
+                f"position {int(positions.max())} is beyond the learned table's max_seq_len={self.weight.shape[0]}"
+            )
+        return self.weight[positions]
+
+
+@register_position
+class LearnedPositionConfig(PositionConfig):
+    """Learned absolute position embeddings (GPT-2), ``max_seq_len`` rows."""
+
+    kind: Literal["learned"] = "learned"
+
+    def build_absolute(self, d_model, max_seq_len, std):
+        return LearnedPositions(max_seq_len, d_model, std)
+
+
+def sinusoidal_table(n_positions: int, d_model: int, base: float = 10000.0) -> torch.Tensor:
+    """Vaswani et al. 2017, Sec. 3.5: PE[p, 2i] = sin(p / base^(2i/d)), PE[p, 2i+1] = cos(p / base^(2i/d))."""
+    pos = torch.arange(n_positions, dtype=torch.float64)[:, None]
+    inv = base ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(n_positions, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(pos * inv)
+    table[:, 1::2] = torch.cos(pos * inv)[:, : d_model // 2]
+    return table.float()
+
+
+class SinusoidalPositions(nn.Module):
+    def __init__(self, max_seq_len: int, d_model: int, base: float) -> None:
+        super().__init__()
+        self.register_buffer("table", sinusoidal_table(max_seq_len, d_model, base), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        if positions.numel() and int(positions.max()) >= self.table.shape[0]:
+            raise ValueError(f"position {int(positions.max())} is beyond max_seq_len={self.table.shape[0]}")
+        return self.table[positions]
+
+
+@register_position
+class SinusoidalPositionConfig(PositionConfig):
+    kind: Literal["sinusoidal"] = "sinusoidal"
+    base: float = 10000.0
+
+    def build_absolute(self, d_model, max_seq_len, std):
+        return SinusoidalPositions(max_seq_len, d_model, self.base)
+
+
+# ------------------------------------------------------------------------------------------------ RoPE
+
+
+class RopeScaling(Strict):
+    """Context extension for RoPE.
+
+    - ``linear``: position interpolation (Chen et al. 2023): positions divided by ``factor``.
+    - ``ntk``: NTK-aware base change (bloc97 2023): ``theta * factor ** (d / (d - 2))``.
+    - ``yarn``: YaRN (Peng et al. 2023): per-frequency blend of interpolation and extrapolation between
+      ``beta_fast`` and ``beta_slow`` rotations over ``original_max_seq_len``, with the attention
+      temperature ``0.1 * ln(factor) + 1`` folded into cos/sin.
+    """
+
+    type: Literal["linear", "ntk", "yarn"]
+    factor: float
+    original_max_seq_len: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.factor < 1.0:
+            raise ValueError(f"factor={self.factor} must be >= 1 (it stretches the trained context)")
+        if self.type == "yarn" and self.original_max_seq_len is None:
+            raise ValueError("type=yarn needs original_max_seq_len (the context length trained without scaling)")
+        return self
+
+
+def rope_inv_freq(rot_dim: int, theta: float, scaling: RopeScaling | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``(rot_dim // 2,)`` in fp32 and the factor applied to cos/sin."""
+    exponents = torch.arange(0, rot_dim, 2, dtype=torch.int64).float() / rot_dim
+    if scaling is None:
+        return 1.0 / theta**exponents, 1.0
+    if scaling.type == "linear":
+        return 1.0 / (scaling.factor * theta**exponents), 1.0
+    if scaling.type == "ntk":
+        base = theta * scaling.factor ** (rot_dim / (rot_dim - 2))
+        return 1.0 / base**exponents, 1.0
+    # YaRN, Peng et al. 2023, Sec. 3.2-3.4.
+    def correction_dim(n_rotations: float) -> float:
+        # the dimension whose wavelength fits n_rotations times into the original context
+        return rot_dim * math.log(scaling.original_max_seq_len / (n_rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(correction_dim(scaling.beta_fast)), 0)
+    high = min(math.ceil(correction_dim(scaling.beta_slow)), rot_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(rot_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolate = 1.0 - ramp  # 1 for high-frequency dims (kept), 0 for low-frequency ones (interpolated)
+    freq = theta**exponents
+    inv_freq = (1.0 / (scaling.factor * freq)) * (1 - extrapolate) + (1.0 / freq) * extrapolate
+    attention = scaling.attention_factor
+    if attention is None:
+        attention = 0.1 * math.log(scaling.factor) + 1.0
+    return inv_freq, attention
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021) on the first ``rot_dim`` channels of each head, in the
+    half-split layout (channel i pairs with i + rot_dim/2) used by GPT-NeoX and Llama."""
+
+    def __init__(self, head_dim: int, rot_dim: int, theta: float, scaling: RopeScaling | None) -> None:
+        super().__init__()
+        self.head_dim, self.rot_dim = head_dim, rot_dim
+        inv_freq, self.attention_scaling = rope_inv_freq(rot_dim, theta, scaling)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast(device_type=positions.device.type, enabled=False):
+            freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # (T, rot/2)
+            emb = torch.cat((freqs, freqs), dim=-1)
+            return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
+        """q: (B, Hq, T, hd), k: (B, Hk, T, hd), positions: (T,)."""
+        cos, sin = self.cos_sin(positions, q.dtype)
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rot_dim == self.head_dim:
+            return x * cos + rotate_half(x) * sin
+        rot, keep = x[..., : self.rot_dim], x[..., self.rot_dim :]
+        return torch.cat((rot * cos + rotate_half(rot) * sin, keep), dim=-1)
+
+
+@register_position
+class RoPEConfig(PositionConfig):
+    kind: Literal["rope"] = "rope"
+    theta: float = 10000.0
+    fraction: float = 1.0
+    """Fraction of each head's channels that rotate (partial rotary, GPT-NeoX / Phi)."""
+    scaling: RopeScaling | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction={self.fraction} must be in (0, 1]")
+        return self
+
+    def rot_dim(self, head_dim: int) -> int:
+        return int(head_dim * self.fraction)
+
+    def check_head_dim(self, head_dim: int) -> None:
+        rot = self.rot_dim(head_dim)
+        if rot % 2 or rot == 0:
+            raise ValueError(
+                f"rotary dim = int(head_dim={head_dim} * fraction={self.fraction}) = {rot} must be even and > 0; "
+                f"choose a fraction giving an even number of channels"
+            )
+
+    def build_relative(self, head_dim, n_heads):
+        return Rotary(head_dim, self.rot_dim(head_dim), self.theta, self.scaling)
+
+
+# ----------------------------------------------------------------------------------------------- ALiBi
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Head slopes of ALiBi (Press et al. 2022): the geometric sequence 2^(-8/n), 2^(-16/n), ... for a
+    power-of-two n; otherwise the closest power of two's slopes plus every other slope of twice that."""
+
+    def power_of_two(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        return torch.tensor(power_of_two(n_heads))
+    closest = 2 ** math.floor(math.log2(n_heads))
+    extra = alibi_slopes(2 * closest)[0::2][: n_heads - closest]
+    return torch.cat([torch.tensor(power_of_two(closest)), extra])
+
+
+class ALiBi(nn.Module):
+    def __init__(self, n_heads: int) -> None:
+        super().__init__()
+        self.register_buffer("slopes", alibi_slopes(n_heads), persistent=False)
+
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """Additive logits ``(H, Tq, Tk)``: ``-slope * (i - j)`` for query i and key j."""
+        dist = (q_pos[:, None] - k_pos[None, :]).float()
+        return -self.slopes[:, None, None] * dist
+
+
+@register_position
+class ALiBiConfig(PositionConfig):
+    kind: Literal["alibi"] = "alibi"
+
+    def build_relative(self, head_dim, n_heads):
+        return ALiBi(n_heads)
