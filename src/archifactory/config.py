@@ -77,7 +77,7 @@ def component_field(registry: Registry) -> Any:
             if value.kind not in registry or not isinstance(value, registry.get(value.kind)):
                 raise PydanticCustomError(
                     "unknown_kind",
-                    "{name} kind {kind!r} is not registered; valid kinds: {valid}",
+                    "{name} kind '{kind}' is not registered; valid kinds: {valid}",
                     {"name": registry.name, "kind": value.kind, "valid": ", ".join(registry.kinds())},
                 )
             return value
@@ -97,7 +97,7 @@ def component_field(registry: Registry) -> Any:
         if kind not in registry:
             raise PydanticCustomError(
                 "unknown_kind",
-                "unknown {name} kind {kind!r}; valid kinds: {valid}",
+                "unknown {name} kind '{kind}'; valid kinds: {valid}",
                 {"name": registry.name, "kind": kind, "valid": ", ".join(registry.kinds())},
             )
         return registry.get(kind).model_validate(value)
