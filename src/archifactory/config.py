@@ -9,6 +9,7 @@ A component config is a pydantic model with a ``kind`` literal, registered in on
 from __future__ import annotations
 
 import copy
+import re
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, TypeVar
@@ -211,6 +212,9 @@ def dump_config(config: BaseModel, path: str | Path) -> None:
 # ------------------------------------------------------------------------------------------ overrides
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"model.mixer.n_kv_heads=2"`` -> (["model", "mixer", "n_kv_heads"], 2). Values are parsed as YAML."""
     if "=" not in text:
@@ -223,6 +227,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+    if isinstance(value, str) and _FLOAT.fullmatch(value):
+        value = float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string
     return key.split("."), value
 
 
@@ -255,6 +261,19 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             node[last] = value
         else:
             raise ConfigError(f"override {text!r}: parent of {last!r} is a {type(node).__name__}, not a mapping")
+    return data
+
+
+def with_default_kinds(cls: type[BaseModel], data: dict) -> dict:
+    """Name the ``kind`` of every default component ``data`` leaves out, so that an override such as
+    ``norm.eps=1e-5`` refines the default norm instead of creating a kind-less mapping."""
+    data = dict(data)
+    for name, field in cls.model_fields.items():
+        if name in data or field.default_factory is None:
+            continue
+        default = field.default_factory()
+        if isinstance(default, Component):
+            data[name] = {"kind": default.kind}
     return data
 
 

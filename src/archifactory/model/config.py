@@ -11,7 +11,16 @@ from pydantic import Field, model_validator
 
 import archifactory.ffn  # noqa: F401  (registers the built-in FFNs)
 import archifactory.mixers  # noqa: F401  (registers the built-in mixers)
-from archifactory.config import BuildContext, FieldError, Strict, apply_overrides, component_field, load_yaml, validate
+from archifactory.config import (
+    BuildContext,
+    FieldError,
+    Strict,
+    apply_overrides,
+    component_field,
+    load_yaml,
+    validate,
+    with_default_kinds,
+)
 from archifactory.ffn.mlp import SwiGLUConfig
 from archifactory.mixers.attention import AttentionConfig
 from archifactory.nn.init import InitConfig
@@ -147,4 +156,4 @@ def load_model_config(source: str | Path | dict, overrides: Iterable[str] = ()) 
         from archifactory.model.presets import resolve_model_source
 
         data = load_yaml(resolve_model_source(source))
-    return validate(ModelConfig, apply_overrides(data, overrides))
+    return validate(ModelConfig, apply_overrides(with_default_kinds(ModelConfig, data), overrides))

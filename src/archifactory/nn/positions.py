@@ -181,9 +181,9 @@ class Rotary(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor):
         """q: (B, Hq, T, hd), k: (B, Hk, T, hd), positions: (T,)."""
         cos, sin = self.cos_sin(positions, q.dtype)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rot_dim == self.head_dim:
             return x * cos + rotate_half(x) * sin
         rot, keep = x[..., : self.rot_dim], x[..., self.rot_dim :]
