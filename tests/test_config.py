@@ -169,3 +169,11 @@ def test_missing_and_bad_files(tmp_path):
 def test_python_api_builds_same_as_yaml():
     cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, mixer=AttentionConfig(n_heads=4, n_kv_heads=2))
     assert cfg == af.load_model_config({**BASE, "n_layers": 2, "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2}})
+
+
+def test_changing_kind_starts_from_the_new_kinds_defaults():
+    data = {**BASE, "position": {"kind": "rope", "theta": 1e6}, "ffn": {"kind": "swiglu", "hidden": 40}}
+    cfg = af.load_model_config(data, ["position.kind=alibi", "ffn.kind=mlp", "ffn.activation=relu"])
+    assert cfg.position.kind == "alibi" and cfg.ffn.kind == "mlp" and cfg.ffn.hidden is None
+    same = af.load_model_config(data, ["position.kind=rope"])
+    assert same.position.theta == 1e6  # same kind: nothing dropped

@@ -237,8 +237,8 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 
     Integer segments index lists (``layer_overrides.0.mixer.window=64``). Intermediate mappings that do
     not exist yet are created, so ``position.kind=alibi`` works on a config that did not name a position.
-    Setting ``kind`` of a component keeps only the keys the new kind also accepts is *not* done: the new
-    kind validates the old keys and names any it does not accept.
+    Setting ``kind`` to a different kind starts that component afresh from the new kind's defaults
+    (``position.kind=alibi`` drops RoPE's ``theta``); later overrides then refine it.
     """
     data = copy.deepcopy(data)
     for text in overrides:
@@ -258,6 +258,8 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
         if isinstance(node, list):
             node[_list_index(node, last, text)] = value
         elif isinstance(node, dict):
+            if last == "kind" and node.get("kind") != value:
+                node.clear()
             node[last] = value
         else:
             raise ConfigError(f"override {text!r}: parent of {last!r} is a {type(node).__name__}, not a mapping")

@@ -1,0 +1,123 @@
+"""``archifactory``: a small command line over config files and ``--set key=value`` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from archifactory.config import ConfigError, to_yaml
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Fair, controlled ablations of small decoder language models.",
+)
+hf_app = typer.Typer(no_args_is_help=True, help="Convert models to and from Hugging Face transformers.")
+app.add_typer(hf_app, name="hf")
+console = Console()
+err_console = Console(stderr=True)
+
+SetOption = typer.Option(None, "--set", "-s", help="Override a config field: key.path=value (repeatable).")
+
+
+def _fail(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code=2)
+
+
+def _load(model: str, overrides: Optional[List[str]]):
+    from archifactory.model.config import load_model_config
+
+    try:
+        return load_model_config(model, overrides or [])
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets under configs/models/."""
+    from archifactory.model.presets import configs_dir, preset_names
+
+    for name in preset_names():
+        console.print(f"{name}\t{configs_dir() / 'models' / (name + '.yaml')}", highlight=False)
+
+
+@app.command()
+def config(
+    model: str = typer.Argument(..., help="Preset name or model YAML file."),
+    set_: Optional[List[str]] = SetOption,
+) -> None:
+    """Print the fully resolved model config as YAML (defaults filled in, overrides applied)."""
+    console.print(to_yaml(_load(model, set_)), highlight=False, end="")
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="Preset name or model YAML file."),
+    set_: Optional[List[str]] = SetOption,
+    seq_len: Optional[int] = typer.Option(None, help="Sequence length for FLOPs and cache size (default max_seq_len)."),
+) -> None:
+    """Parameters by component, FLOPs per token and cache bytes of a model config."""
+    import torch
+
+    from archifactory.model.lm import CausalLM
+
+    cfg = _load(model, set_)
+    with torch.device("meta"):  # counts need shapes only: nothing is allocated
+        lm = CausalLM(cfg)
+    T = seq_len or cfg.max_seq_len
+    table = Table(title=f"{model}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}")
+    table.add_column("component")
+    table.add_column("parameters", justify="right")
+    table.add_column("fwd FLOPs/token", justify="right")
+    flops = lm.flops_breakdown(T)
+    for name, count in lm.param_breakdown().items():
+        table.add_row(name, f"{count:,}", f"{flops[name]:,}" if name in flops else "")
+    table.add_row("total", f"{lm.num_params():,}", f"{lm.flops_per_token(T):,}", style="bold")
+    console.print(table)
+    console.print(f"active parameters per token: {lm.active_params():,}")
+    console.print(f"training FLOPs per token at T={T}: {lm.flops_per_token(T, training=True):,}")
+    console.print(f"cache per sequence at T={T} (bf16): {lm.state_bytes(T, torch.bfloat16):,} bytes")
+    console.print(f"mixer kernels: {sorted(set(lm.kernel_paths().values()))}")
+
+
+@hf_app.command("import")
+def hf_import(
+    source: Path = typer.Argument(..., help="A local Hugging Face model directory (config.json + weights)."),
+    out: Path = typer.Argument(..., help="Directory to write the archifactory model to."),
+) -> None:
+    """Convert a local Hugging Face model (Llama, Mistral, Qwen3, Qwen3-MoE, Mixtral, GPT-2, Gemma 2)."""
+    from archifactory.model.hf import load_hf
+
+    try:
+        model = load_hf(source)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    model.save_pretrained(out)
+    console.print(f"wrote {out} ({model.num_params():,} parameters)")
+
+
+@hf_app.command("export")
+def hf_export(
+    source: Path = typer.Argument(..., help="A saved archifactory model directory (config.yaml + model.safetensors)."),
+    out: Path = typer.Argument(..., help="Directory to write the Hugging Face model to."),
+) -> None:
+    """Export a Llama-compatible archifactory model as a transformers LlamaForCausalLM directory."""
+    from archifactory.model.hf import save_hf
+    from archifactory.model.lm import CausalLM
+
+    try:
+        model = CausalLM.from_pretrained(source)
+        save_hf(model, out)
+    except (ValueError, OSError, ConfigError) as err:
+        _fail(str(err))
+    console.print(f"wrote {out}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
