@@ -1,6 +1,13 @@
-"""Feed-forward layers. Importing this package registers every built-in FFN."""
+"""Feed-forward layers. Importing this package imports every module in it, and each registers its FFNs
+(mlp, glu, swiglu, geglu, moe, ...)."""
 
-from archifactory.ffn import mlp, moe  # noqa: F401  (registers mlp, glu, swiglu, geglu, moe)
+import importlib
+import pkgutil
+
 from archifactory.ffn.base import FFN, FFNConfig
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = ["FFN", "FFNConfig"]

@@ -9,7 +9,7 @@ The fast path is ``F.scaled_dot_product_attention``; soft-capping needs the logi
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from archifactory.registry import register_mixer
 @register_mixer
 class AttentionConfig(MixerConfig):
     kind: Literal["attention"] = "attention"
+    uses_positions: ClassVar[bool] = True
     n_heads: int = Field(4, ge=1)
     n_kv_heads: int | None = Field(None, ge=1)
     """Key/value heads: ``n_heads`` (MHA, the default), a divisor of it (GQA), or 1 (MQA)."""

@@ -6,7 +6,7 @@ chunk by chunk (down to one token at a time, as in generation) compute the same 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -15,6 +15,10 @@ from archifactory.config import BuildContext, Component
 
 
 class MixerConfig(Component):
+    uses_positions: ClassVar[bool] = False
+    """Whether the mixer reads the model's relative position encoding (RoPE/ALiBi); the contract test
+    runs position-using mixers under every encoding."""
+
     @classmethod
     def contract_examples(cls, d_model: int) -> list["MixerConfig"]:
         """Small configs the shared contract test builds at ``d_model``; override to cover options."""
