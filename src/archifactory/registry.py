@@ -56,8 +56,12 @@ MIXERS: Registry = Registry("mixer")
 FFNS: Registry = Registry("ffn")
 NORMS: Registry = Registry("norm")
 POSITIONS: Registry = Registry("position")
+CORPORA: Registry = Registry("corpus")
+TOKENIZERS: Registry = Registry("tokenizer")
 
 register_mixer: Callable = MIXERS.register
 register_ffn: Callable = FFNS.register
 register_norm: Callable = NORMS.register
 register_position: Callable = POSITIONS.register
+register_corpus: Callable = CORPORA.register
+register_tokenizer: Callable = TOKENIZERS.register

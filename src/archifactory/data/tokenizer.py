@@ -1,0 +1,189 @@
+"""Tokenizers, all through Hugging Face ``tokenizers``:
+
+- ``bpe``: a byte-level BPE trained on the corpus's training split, cached by (corpus, settings);
+- ``hf``: a named hub tokenizer or a local ``tokenizer.json`` / tokenizer directory;
+- ``bytes``: raw UTF-8 bytes (ids 0-255) plus an end-of-document id 256.
+
+Every tokenizer appends one end-of-document id after each document when shards are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterable, Iterator, Literal
+
+import numpy as np
+from pydantic import Field
+
+from archifactory.config import Component
+from archifactory.registry import register_tokenizer
+
+EOS_TOKEN = "<|endoftext|>"
+
+
+class Tokenizer:
+    """A trained or loaded tokenizer: batch encoding, decoding, and bytes per token."""
+
+    def __init__(self, backend, eos_id: int, name: str) -> None:
+        self.backend = backend  # tokenizers.Tokenizer, or None for bytes
+        self.eos_id = eos_id
+        self.name = name
+
+    @property
+    def vocab_size(self) -> int:
+        return 257 if self.backend is None else self.backend.get_vocab_size()
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self.backend is None:
+            return [list(t.encode("utf-8")) for t in texts]
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_batch([text])[0]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(i) for i in ids]
+        if self.backend is None:
+            return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each id stands for (0 for special tokens), for bits per byte."""
+        if self.backend is None:
+            out = np.ones(257, dtype=np.int64)
+            out[256] = 0
+            return out
+        specials = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        for token, i in self.backend.get_vocab().items():
+            if token in specials:
+                continue
+            out[i] = len(self.backend.decode([i]).encode("utf-8"))
+        return out
+
+    def fingerprint(self) -> str:
+        text = "bytes-v1" if self.backend is None else self.backend.to_str()
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        if self.backend is None:
+            path.write_text(json.dumps({"kind": "bytes"}))
+        else:
+            self.backend.save(str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """Load what :meth:`save` wrote (a tokenizers JSON file, or the bytes marker)."""
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {path}")
+        text = path.read_text()
+        if json.loads(text).get("kind") == "bytes":
+            return cls(None, 256, "bytes")
+        backend = HFTokenizer.from_str(text)
+        return cls(backend, _eos_id(backend, path), path.stem)
+
+
+def _eos_id(backend, where) -> int:
+    for candidate in (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>"):
+        i = backend.token_to_id(candidate)
+        if i is not None:
+            return i
+    raise ValueError(f"tokenizer {where} has no end-of-document token (looked for {EOS_TOKEN!r}, '</s>', '<eos>')")
+
+
+class TokenizerConfig(Component):
+    def load_or_train(self, corpus, cache_dir: Path, vocab_size: int) -> Tokenizer:  # pragma: no cover
+        raise NotImplementedError
+
+    def cache_key(self, corpus) -> str:
+        return hashlib.sha256(
+            json.dumps({"tok": self.model_dump(mode="json"), "corpus": corpus.cache_key()}, sort_keys=True).encode()
+        ).hexdigest()[:16]
+
+
+@register_tokenizer
+class BPETokenizerConfig(TokenizerConfig):
+    """Byte-level BPE (as GPT-2) trained with Hugging Face ``tokenizers`` on the training split."""
+
+    kind: Literal["bpe"] = "bpe"
+    vocab_size: int | None = Field(None, ge=258)
+    """``None``: the model's ``vocab_size``."""
+    min_frequency: int = Field(2, ge=1)
+    max_train_documents: int | None = Field(None, ge=1)
+    """Train the merges on at most this many training documents (the whole split by default)."""
+
+    def load_or_train(self, corpus, cache_dir: Path, vocab_size: int) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        size = self.vocab_size or vocab_size
+        path = Path(cache_dir) / "tokenizers" / f"bpe-{size}-{self.cache_key(corpus)}.json"
+        if path.is_file():
+            return Tokenizer.load(path)
+        backend = HFTokenizer(models.BPE())
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=size,
+            min_frequency=self.min_frequency,
+            special_tokens=[EOS_TOKEN],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        backend.train_from_iterator(_limit(corpus.split("train"), self.max_train_documents), trainer=trainer)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        backend.save(str(tmp))
+        tmp.replace(path)
+        return Tokenizer.load(path)
+
+
+@register_tokenizer
+class HFTokenizerConfig(TokenizerConfig):
+    """A pretrained tokenizer: a local ``tokenizer.json`` file or directory, or a hub name."""
+
+    kind: Literal["hf"] = "hf"
+    name_or_path: str
+
+    def load_or_train(self, corpus, cache_dir: Path, vocab_size: int) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(self.name_or_path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if path.suffix == ".json":
+            if not path.is_file():
+                raise FileNotFoundError(f"tokenizer file not found: {path}")
+            backend = HFTokenizer.from_file(str(path))
+        else:
+            try:
+                backend = HFTokenizer.from_pretrained(self.name_or_path)
+            except Exception as err:
+                raise RuntimeError(
+                    f"could not load tokenizer {self.name_or_path!r} from the hub ({err}); "
+                    "give a local tokenizer.json path instead"
+                ) from None
+        return Tokenizer(backend, _eos_id(backend, self.name_or_path), self.name_or_path)
+
+
+@register_tokenizer
+class ByteTokenizerConfig(TokenizerConfig):
+    """UTF-8 bytes: ids 0-255, end of document 256 (vocabulary 257)."""
+
+    kind: Literal["bytes"] = "bytes"
+
+    def load_or_train(self, corpus, cache_dir: Path, vocab_size: int) -> Tokenizer:
+        return Tokenizer(None, 256, "bytes")
+
+
+def _limit(docs: Iterator[str], n: int | None) -> Iterator[str]:
+    for i, doc in enumerate(docs):
+        if n is not None and i >= n:
+            return
+        yield doc

@@ -1,0 +1,132 @@
+"""The run config: model + data + optimizer + schedule + training loop settings, one YAML file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Literal
+
+from pydantic import Field, model_validator
+
+import archifactory.data.corpora  # noqa: F401  (registers corpora)
+import archifactory.data.tokenizer  # noqa: F401  (registers tokenizers)
+from archifactory.config import Strict, apply_overrides, component_field, load_yaml, validate, with_default_kinds
+from archifactory.data.corpora import ShakespeareCorpus
+from archifactory.data.tokenizer import BPETokenizerConfig
+from archifactory.model.config import ModelConfig
+from archifactory.registry import CORPORA, TOKENIZERS
+
+OPTIMIZERS = ("adamw", "adam", "sgd", "muon", "lion", "soap", "ademamix", "adopt", "mars", "adam_mini", "schedulefree_adamw")
+
+
+class DataConfig(Strict):
+    corpus: component_field(CORPORA) = Field(default_factory=ShakespeareCorpus)
+    tokenizer: component_field(TOKENIZERS) = Field(default_factory=BPETokenizerConfig)
+    cache_dir: str | None = None
+    """Where tokenizers and shards are cached; default ``$ARCHIFACTORY_CACHE`` or ``~/.cache/archifactory``."""
+    seed: int = 0
+    """Data order seed: the same for every variant of a sweep, so all read the identical stream."""
+
+
+class OptimizerConfig(Strict):
+    name: Literal[OPTIMIZERS] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    """Applied to matrices only; norms, biases and embeddings are not decayed unless ``decay_embeddings``."""
+    decay_embeddings: bool = False
+    momentum: float = Field(0.9, ge=0)
+    """SGD momentum, and Muon's."""
+    muon_lr: float | None = Field(None, gt=0)
+    """Muon's learning rate for 2-D hidden matrices (``None``: 0.02); the rest use AdamW at ``lr``."""
+    extra: dict[str, Any] = Field(default_factory=dict)
+    """Further keyword arguments for the optimizer's constructor."""
+
+
+class ScheduleConfig(Strict):
+    """Learning-rate schedule over optimizer steps (not samples or micro-batches)."""
+
+    kind: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    warmup_steps: int | None = Field(None, ge=0)
+    """Linear warmup from 0; ``None`` means ``warmup_fraction`` of the run."""
+    warmup_fraction: float = Field(0.05, ge=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The floor that cosine / linear / WSD decay to, as a fraction of the peak."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """WSD: the final fraction of steps that decays (linearly) to the floor."""
+
+
+class TrainConfig(Strict):
+    seq_len: int = Field(256, ge=1)
+    batch_size: int = Field(16, ge=1)
+    """Sequences per optimizer step (global, across processes)."""
+    micro_batch_size: int | None = Field(None, ge=1)
+    """Sequences per forward on each process; ``batch_size`` must be a multiple of it times the number of
+    processes (the gradient accumulation steps follow). ``None``: no accumulation."""
+    max_steps: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_time_s: float | None = Field(None, gt=0)
+    """Wall-time budget; the schedule then follows the elapsed fraction of it."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = False
+    grad_clip: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(100, ge=1)
+    eval_tokens: int = Field(65536, ge=1)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    seed: int = 0
+    """Model init seed."""
+    threads: int | None = Field(None, ge=1)
+    """torch CPU threads (fixed threads make CPU runs bitwise reproducible)."""
+    device: str = "auto"
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
+    progress: bool = True
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_steps is None and self.max_tokens is None and self.max_time_s is None:
+            raise ValueError("give a budget: max_steps, max_tokens or max_time_s")
+        if self.micro_batch_size is not None and self.batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} must be a multiple of micro_batch_size={self.micro_batch_size}"
+            )
+        return self
+
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+class RunConfig(Strict):
+    name: str = "run"
+    model: ModelConfig
+    data: DataConfig = Field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    train: TrainConfig
+    out_dir: str | None = None
+    """Run directory; ``None``: ``runs/<name>``."""
+
+    def run_dir(self) -> Path:
+        return Path(self.out_dir or Path("runs") / self.name)
+
+
+def expand_run_data(data: dict) -> dict:
+    """``model: tiny`` (a preset name or a YAML path) becomes that config's mapping, and default
+    component kinds are filled in, so overrides like ``model.mixer.n_kv_heads=2`` refine them."""
+    from archifactory.model.presets import resolve_model_source
+
+    data = dict(data)
+    model = data.get("model")
+    if isinstance(model, (str, Path)):
+        model = load_yaml(resolve_model_source(model))
+    if isinstance(model, dict):
+        data["model"] = with_default_kinds(ModelConfig, model)
+    if isinstance(data.get("data"), dict) or "data" not in data:
+        data["data"] = with_default_kinds(DataConfig, data.get("data", {}))
+    return data
+
+
+def load_run_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> RunConfig:
+    data = source if isinstance(source, dict) else load_yaml(source)
+    return validate(RunConfig, apply_overrides(expand_run_data(data), overrides))

@@ -1,0 +1,120 @@
+"""Run metrics: a JSONL file per run, optional TensorBoard / W&B / MLflow loggers, device peaks for MFU,
+and peak memory."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Dense bf16 peak FLOP/s by device name (vendor data sheets); MFU is reported only where known.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 125e12,
+    "RTX 4090": 165e12,
+}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peak in PEAK_FLOPS.items():
+        if key in name:
+            return peak
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+class MetricsWriter:
+    """Appends one JSON object per line; a resumed run appends to the same file."""
+
+    def __init__(self, path: Path, loggers: list[str], run_dir: Path, config: dict, enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self.loggers = [_make_logger(name, run_dir, config) for name in loggers] if enabled else []
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for logger in self.loggers:
+            logger(record)
+
+    def close(self) -> None:
+        for logger in self.loggers:
+            getattr(logger, "close", lambda: None)()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _make_logger(name: str, run_dir: Path, config: dict):
+    step_of = lambda r: int(r.get("step", 0))  # noqa: E731
+    numeric = lambda r: {k: v for k, v in r.items() if isinstance(v, (int, float)) and k != "step"}  # noqa: E731
+    if name == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ImportError("the tensorboard logger needs: pip install 'archifactory[loggers]'") from None
+        writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+        def log(record):
+            for k, v in numeric(record).items():
+                writer.add_scalar(f"{record.get('kind', 'train')}/{k}", v, step_of(record))
+
+        log.close = writer.close
+        return log
+    if name == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise ImportError("the wandb logger needs: pip install 'archifactory[loggers]'") from None
+        run = wandb.init(project="archifactory", config=config, dir=str(run_dir))
+
+        def log(record):
+            run.log({f"{record.get('kind', 'train')}/{k}": v for k, v in numeric(record).items()}, step=step_of(record))
+
+        log.close = run.finish
+        return log
+    if name == "mlflow":
+        try:
+            import mlflow
+        except ImportError:
+            raise ImportError("the mlflow logger needs: pip install 'archifactory[loggers]'") from None
+        mlflow.start_run()
+
+        def log(record):
+            mlflow.log_metrics({f"{record.get('kind', 'train')}.{k}": v for k, v in numeric(record).items()},
+                               step=step_of(record))
+
+        log.close = mlflow.end_run
+        return log
+    raise ValueError(f"unknown logger {name!r}; valid: tensorboard, wandb, mlflow")

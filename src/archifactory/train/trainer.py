@@ -1,0 +1,371 @@
+"""The training loop: one run, from a :class:`RunConfig` to a run directory.
+
+```
+run_dir/
+  config.yaml        resolved run config
+  tokenizer.json     the tokenizer the run used
+  data.json          shard manifest reference (corpus fingerprint, tokenizer hash, token counts)
+  metrics.jsonl      one line per logged step and per evaluation
+  checkpoints/       step_XXXXXXXX/{model.safetensors, state.pt}, the last N
+  model/             final weights (config.yaml + model.safetensors), loadable by CausalLM.from_pretrained
+  summary.json       final metrics, costs, environment
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from archifactory.config import ConfigError, dump_config
+from archifactory.data.loader import PackedLoader, eval_batches
+from archifactory.data.shards import build_shards
+from archifactory.model.lm import CausalLM
+from archifactory.train import checkpoint as ckpt
+from archifactory.train.config import RunConfig
+from archifactory.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from archifactory.train.metrics import MetricsWriter, device_name, device_peak_flops, peak_memory_bytes
+from archifactory.train.optim import build_optimizer, set_lr
+from archifactory.train.schedule import lr_multiplier
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and its last good checkpoint is kept."""
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("ARCHIFACTORY_CACHE", Path.home() / ".cache" / "archifactory"))
+
+
+def prepare_data(cfg: RunConfig, log=print):
+    """Tokenizer and shards for ``cfg`` (trained/built once, then read from the cache)."""
+    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else default_cache_dir()
+    start = time.time()
+    tokenizer = cfg.data.tokenizer.load_or_train(cfg.data.corpus, cache_dir, cfg.model.vocab_size)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+            f"({tokenizer.vocab_size}); set model.vocab_size >= {tokenizer.vocab_size}"
+        )
+    shards = build_shards(cfg.data.corpus, tokenizer, cache_dir)
+    splits = shards.manifest["splits"]
+    log(
+        f"data: {cfg.data.corpus.kind} -> {splits['train']['tokens']:,} train / {splits['val']['tokens']:,} val tokens, "
+        f"tokenizer {tokenizer.name} ({tokenizer.vocab_size}), {time.time() - start:.1f}s"
+    )
+    return tokenizer, shards
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, resume: bool = True, console=None) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.console = console
+
+    def log(self, message: str) -> None:
+        if self.dist.is_main:
+            if self.console is not None:
+                self.console.print(message, highlight=False)
+            else:
+                print(message, flush=True)
+
+    # ------------------------------------------------------------------------------------------- setup
+
+    def setup(self) -> None:
+        cfg, tc = self.cfg, self.cfg.train
+        self.dist, self.device = init_distributed(tc.device)
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.run_dir = cfg.run_dir()
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.run_dir / "config.yaml")
+        # rank 0 trains the tokenizer and writes shards; the others then read them from the cache
+        if self.dist.is_main:
+            self.tokenizer, self.shards = prepare_data(cfg, self.log)
+        barrier(self.dist)
+        if not self.dist.is_main:
+            self.tokenizer, self.shards = prepare_data(cfg, lambda *_: None)
+        if self.dist.is_main:
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
+            (self.run_dir / "data.json").write_text(json.dumps(
+                {"shards": str(self.shards.directory), **{k: v for k, v in self.shards.manifest.items() if k != "corpus"}},
+                indent=2,
+            ))
+        world = self.dist.world_size
+        micro = tc.micro_batch_size or tc.batch_size // world
+        if tc.batch_size % (micro * world):
+            raise ConfigError(
+                f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size ({micro}) x processes ({world})"
+            )
+        self.accum = tc.batch_size // (micro * world)
+        self.loader = PackedLoader(self.shards.tokens("train"), tc.seq_len, micro * world, cfg.data.seed,
+                                   self.dist.rank, world)
+        self.val_tokens = self.shards.tokens("val")
+        self.token_bytes = torch.from_numpy(self.tokenizer.token_bytes())
+        torch.manual_seed(tc.seed)
+        self.model = CausalLM(cfg.model).to(self.device)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.train_model = self.model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        if tc.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+        if tc.max_steps is not None:
+            self.total_steps = tc.max_steps
+        elif tc.max_tokens is not None:
+            self.total_steps = math.ceil(tc.max_tokens / tc.tokens_per_step())
+        else:
+            self.total_steps = None  # wall-time budget
+        self.flops_per_token = self.model.flops_per_token(tc.seq_len, training=True)
+        self.peak_flops = device_peak_flops(self.device)
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", tc.loggers, self.run_dir,
+                                     cfg.model_dump(mode="json"), enabled=self.dist.is_main)
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        if self.resume:
+            self._resume()
+
+    def _resume(self) -> None:
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            return
+        state = ckpt.load_checkpoint(path, self.model, self.device)
+        ckpt.load_optimizer_state(self.optimizer, state["optimizer"])
+        if "scaler" in state and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
+        self.elapsed_before = float(state["elapsed"])
+        torch.set_rng_state(state["rng_cpu"].cpu())
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"].cpu(), self.device)
+        self.log(f"resumed from {path} at step {self.step}")
+
+    # --------------------------------------------------------------------------------------- the loop
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def progress_fraction(self, elapsed: float) -> tuple[float, float]:
+        """(step position, total) for the schedule: steps, or elapsed time for a time budget."""
+        tc = self.cfg.train
+        if self.total_steps is not None:
+            return self.step, self.total_steps
+        return elapsed / tc.max_time_s * 1000.0, 1000.0
+
+    def done(self, elapsed: float) -> bool:
+        tc = self.cfg.train
+        if self.total_steps is not None and self.step >= self.total_steps:
+            return True
+        return tc.max_time_s is not None and elapsed >= tc.max_time_s
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimizer step (with accumulation); returns (mean loss, grad norm)."""
+        tc = self.cfg.train
+        self.train_model.train()
+        total = torch.zeros((), device=self.device)
+        for micro in range(self.accum):
+            x, y = self.loader.batch(self.step * self.accum + micro)
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = micro == self.accum - 1 or not self.dist.enabled
+            context = contextlib.nullcontext() if sync else self.train_model.no_sync()
+            with context:
+                with self.autocast():
+                    out = self.train_model(x, y)
+                loss = out.loss / self.accum
+                self.scaler.scale(loss).backward()
+            total += loss.detach()
+        total = all_reduce_mean(total, self.dist)
+        if not torch.isfinite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(self._nonfinite_message(float(total)))
+        self.scaler.unscale_(self.optimizer)
+        if tc.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(
+                torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(total), float(grad_norm)
+
+    def _nonfinite_message(self, value: float) -> str:
+        last = ckpt.latest_checkpoint(self.run_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
+        return (
+            f"loss became {value} at step {self.step} of run {self.run_dir}; training stopped and {kept}. "
+            "Lower optimizer.lr, keep train.grad_clip on, or try precision=bf16 instead of fp16."
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Validation loss (nats/token), perplexity and bits per byte over ``eval_tokens`` tokens."""
+        tc = self.cfg.train
+        self.model.eval()
+        if hasattr(self.optimizer, "eval"):
+            self.optimizer.eval()  # schedule-free optimizers evaluate at their averaged weights
+        nats, tokens, nbytes = 0.0, 0, 0
+        micro = max(1, self.loader.batch_size // self.dist.world_size)
+        for x, y in eval_batches(self.val_tokens, tc.seq_len, micro, tc.eval_tokens):
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast():
+                logits = self.model(x).logits
+            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            nats += float(nll)
+            tokens += y.numel()
+            nbytes += int(self.token_bytes[y.cpu()].sum())
+        if hasattr(self.optimizer, "train"):
+            self.optimizer.train()
+        if tokens == 0:
+            return {}
+        loss = nats / tokens
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": nats / math.log(2) / max(nbytes, 1)}
+
+    def save(self, elapsed: float) -> None:
+        if not self.dist.is_main:
+            return
+        state: dict[str, Any] = {
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            "elapsed": elapsed,
+            "optimizer": self.optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
+
+    def run(self) -> dict:
+        self.setup()
+        try:
+            return self._loop()
+        finally:
+            self.metrics.close()
+            shutdown(self.dist)
+
+    def _loop(self) -> dict:
+        tc = self.cfg.train
+        n_params = self.model.num_params()
+        self.log(
+            f"model: {n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOPs/token (train), "
+            f"device {device_name(self.device)}, {self.dist.world_size} process(es), accumulation {self.accum}"
+        )
+        if self.step == 0 and self.tokens_seen == 0:
+            self.metrics.write({"kind": "eval", "step": 0, "tokens": 0, **self.evaluate()})
+        start = time.time()
+        window_start, window_tokens = time.time(), 0
+        last_eval: dict[str, float] = {}
+        progress = self._progress()
+        with progress:
+            task = progress.add_task("train", total=self.total_steps or int(tc.max_time_s), loss=float("nan"), tps=0.0)
+            while not self.done(self.elapsed_before + time.time() - start):
+                elapsed = self.elapsed_before + time.time() - start
+                position, total = self.progress_fraction(elapsed)
+                lr = set_lr(self.optimizer, lr_multiplier(self.cfg.schedule, position, total))
+                loss, grad_norm = self.train_step()
+                self.step += 1
+                self.tokens_seen += tc.tokens_per_step()
+                window_tokens += tc.tokens_per_step()
+                if self.step % tc.log_every == 0 or self.step == 1:
+                    now = time.time()
+                    tps = window_tokens / max(now - window_start, 1e-9)
+                    window_start, window_tokens = now, 0
+                    record = {
+                        "kind": "train", "step": self.step, "tokens": self.tokens_seen, "loss": loss, "lr": lr,
+                        "grad_norm": grad_norm, "tokens_per_s": tps,
+                        "mfu": tps * self.flops_per_token / self.peak_flops if self.peak_flops else None,
+                        "peak_mem_bytes": peak_memory_bytes(self.device),
+                        "elapsed_s": self.elapsed_before + now - start,
+                    }
+                    self.metrics.write(record)
+                    progress.update(task, loss=loss, tps=tps)
+                advance = self.step if self.total_steps else int(self.elapsed_before + time.time() - start)
+                progress.update(task, completed=advance)
+                elapsed = self.elapsed_before + time.time() - start
+                if self.step % tc.eval_every == 0:
+                    last_eval = self.evaluate()
+                    self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen,
+                                        "elapsed_s": elapsed, **last_eval})
+                if self.step % tc.checkpoint_every == 0:
+                    self.save(elapsed)
+        elapsed = self.elapsed_before + time.time() - start
+        if self.step % tc.eval_every != 0 or not last_eval:
+            last_eval = self.evaluate()
+            self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "elapsed_s": elapsed,
+                                **last_eval})
+        if self.step % tc.checkpoint_every != 0:
+            self.save(elapsed)
+        summary = self._summary(elapsed, last_eval)
+        if self.dist.is_main:
+            self.model.save_pretrained(self.run_dir / "model")
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self.log(
+                f"done: step {self.step}, {self.tokens_seen:,} tokens, val loss {last_eval.get('val_loss', float('nan')):.4f}, "
+                f"{last_eval.get('val_bpb', float('nan')):.4f} bits/byte, {elapsed:.0f}s -> {self.run_dir}"
+            )
+        return summary
+
+    def _summary(self, elapsed: float, last_eval: dict) -> dict:
+        tc = self.cfg.train
+        return {
+            "name": self.cfg.name,
+            "steps": self.step,
+            "tokens": self.tokens_seen,
+            "elapsed_s": elapsed,
+            "tokens_per_s": self.tokens_seen / max(elapsed, 1e-9),
+            **last_eval,
+            "params": self.model.num_params(),
+            "active_params": self.model.active_params(),
+            "flops_per_token_train": self.flops_per_token,
+            "state_bytes": self.model.state_bytes(tc.seq_len),
+            "peak_mem_bytes": peak_memory_bytes(self.device),
+            "kernel_paths": {str(k): v for k, v in self.model.kernel_paths().items()},
+            "stream_hash": self.loader.stream_hash(min(self.step * self.accum, 64)),
+            "corpus_fingerprint": self.shards.manifest["corpus_fingerprint"],
+            "tokenizer_hash": self.shards.manifest["tokenizer_hash"],
+            "device": device_name(self.device),
+            "world_size": self.dist.world_size,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+        }
+
+    def _progress(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        enabled = self.cfg.train.progress and self.dist.is_main
+        return Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeRemainingColumn(),
+            disable=not enabled,
+            console=self.console,
+        )
+
+
+def train(cfg: RunConfig, resume: bool = True, console=None) -> dict:
+    """Train ``cfg`` to its budget; resumes from the run directory's latest checkpoint when present."""
+    return Trainer(cfg, resume=resume, console=console).run()

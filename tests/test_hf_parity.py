@@ -1,0 +1,236 @@
+"""Hugging Face conversion: tiny random ``transformers`` models converted with ``from_hf`` give the same
+logits (full forward and cached token-by-token decoding), and a Llama-style model written by ``save_hf``
+loads in ``transformers`` with the same logits."""
+
+import os
+
+# Everything is built from local config objects; the hub must never be contacted.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+import archifactory as af  # noqa: E402
+from archifactory.model.hf import config_from_hf, from_hf, load_hf, save_hf, to_hf  # noqa: E402
+
+VOCAB, SEQ, BATCH = 160, 24, 2
+ATOL = RTOL = 1e-5
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    # Larger than the usual 0.02 so logits are O(1): soft-caps bend them and routing is decisive.
+    initializer_range=0.1,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+
+
+def _cases():
+    T = transformers
+    return {
+        "llama": lambda: T.LlamaConfig(**COMMON),
+        "llama_bias_linear_rope": lambda: T.LlamaConfig(
+            **COMMON, attention_bias=True, mlp_bias=True,
+            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
+        ),
+        "mistral": lambda: T.MistralConfig(**COMMON, sliding_window=5),
+        "qwen2": lambda: T.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=5, max_window_layers=1),
+        "qwen3_yarn": lambda: T.Qwen3Config(
+            **{**COMMON, "max_position_embeddings": 128}, head_dim=24, tie_word_embeddings=True,
+            rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                             "rope_theta": 10000.0},
+        ),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(
+            **COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            mlp_only_layers=[1], norm_topk_prob=False,
+        ),
+        "qwen3_moe_norm_topk": lambda: T.Qwen3MoeConfig(
+            **COMMON, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True,
+        ),
+        "mixtral": lambda: T.MixtralConfig(**COMMON, num_local_experts=4, num_experts_per_tok=2, sliding_window=7),
+        "gpt2": lambda: T.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64, initializer_range=0.1,
+            bos_token_id=None, eos_token_id=None,
+        ),
+        "gpt2_layer_scaled": lambda: T.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=3, n_head=4, n_positions=64, initializer_range=0.1,
+            scale_attn_by_inverse_layer_idx=True, activation_function="relu", bos_token_id=None, eos_token_id=None,
+        ),
+        "gemma2": lambda: T.Gemma2Config(
+            **{**COMMON, "num_hidden_layers": 4}, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+            attn_logit_softcapping=1.5, final_logit_softcapping=2.5,
+        ),
+    }
+
+
+CASES = list(_cases())
+
+
+def hf_model(name: str):
+    config = _cases()[name]()
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    gemma = config.model_type == "gemma2"
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.dim() == 1:
+                # Random norm gains and biases, so a dropped or misplaced one changes the logits.
+                # Gemma stores its RMSNorm gain as w in x * (1 + w), so its neutral value is 0.
+                neutral = 0.0 if gemma or pname.endswith("bias") else 1.0
+                p.copy_(neutral + 0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def ids():
+    return torch.randint(0, VOCAB, (BATCH, SEQ))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_from_hf_logits_match(name):
+    hf = hf_model(name)
+    ours = from_hf(hf)
+    x = ids()
+    with torch.no_grad():
+        expected, got = hf(x).logits, ours(x).logits
+    assert expected.abs().max() > 0.5  # real signal, not near-zero logits
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+
+
+# One case per cache path (plain, windowed, per-layer windows, MoE, learned positions, soft-capped);
+# the variants left out differ from these only in what the full-forward test already covers.
+DECODE_CASES = ["llama", "mistral", "qwen2", "qwen3_yarn", "qwen3_moe", "mixtral", "gpt2", "gemma2"]
+
+
+@pytest.mark.parametrize("name", DECODE_CASES)
+def test_cached_decoding_matches_hf(name):
+    hf = hf_model(name)
+    ours = from_hf(hf)
+    x = ids()
+    with torch.no_grad():
+        expected = hf(x).logits
+        cache = ours.init_cache(BATCH)
+        steps = [ours(x[:, t : t + 1], cache=cache).logits for t in range(SEQ)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=ATOL, rtol=RTOL)
+
+
+def test_converted_configs_carry_the_architecture():
+    """The structural choices the parity tests rely on are really in the converted configs."""
+    gemma = from_hf(hf_model("gemma2"))
+    # Gemma2Config.layer_types: sliding on even layers, full on odd ones.
+    assert [b.mixer.window for b in gemma.blocks] == [6, None, 6, None]
+    assert all(b.mixer.softcap == 1.5 and b.mixer.scale == 24**-0.5 for b in gemma.blocks)
+    assert gemma.config.logit_softcap == 2.5 and gemma.config.residual == "sandwich"
+    assert gemma.embedding_scale == pytest.approx(8.0)
+
+    assert [b.mixer.window for b in from_hf(hf_model("mistral")).blocks] == [5, 5, 5]
+    assert [b.mixer.window for b in from_hf(hf_model("qwen2")).blocks] == [None, 5, 5]
+
+    moe = from_hf(hf_model("qwen3_moe"))
+    assert [type(b.ffn).__name__ for b in moe.blocks] == ["MoE", "GLU", "MoE"]
+    assert moe.blocks[0].ffn.routing == "softmax_topk" and not moe.blocks[0].ffn.renormalize
+    assert moe.blocks[0].ffn.balance_weight == pytest.approx(0.001)
+    assert from_hf(hf_model("mixtral")).blocks[0].ffn.routing == "topk_softmax"
+
+    gpt2 = from_hf(hf_model("gpt2_layer_scaled"))
+    assert [b.mixer.scale for b in gpt2.blocks] == pytest.approx([16**-0.5 / (i + 1) for i in range(3)])
+    assert gpt2.lm_head.weight is gpt2.embed.weight
+
+
+@pytest.mark.parametrize("name", ["gpt2", "gemma2"])
+def test_load_hf_reads_a_saved_hf_directory(name, tmp_path):
+    hf = hf_model(name)
+    hf.save_pretrained(tmp_path)
+    ours = load_hf(tmp_path)
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits, hf(x).logits, atol=ATOL, rtol=RTOL)
+
+
+def test_unsupported_hf_configs_raise_naming_the_field():
+    T = transformers
+    with pytest.raises(ValueError, match="rope_type='dynamic'"):
+        dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+        config_from_hf(T.LlamaConfig(**COMMON, rope_parameters=dynamic))
+    with pytest.raises(ValueError, match="hidden_act='tanh'"):
+        config_from_hf(T.LlamaConfig(**{**COMMON, "hidden_act": "tanh"}))
+    with pytest.raises(ValueError, match="model_type='gpt_neox' is not supported"):
+        config_from_hf(T.GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4))
+
+
+# ------------------------------------------------------------------------------------ ours -> HF
+
+
+LLAMA_STYLE = {
+    "tied_gqa": {
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 3, "max_seq_len": 64,
+        "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+        "ffn": {"kind": "swiglu", "hidden": 96},
+        "norm": {"kind": "rmsnorm", "eps": 1e-5},
+        "position": {"kind": "rope", "theta": 10000.0},
+        "tie_embeddings": True,
+    },
+    "untied_bias_yarn": {
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "max_seq_len": 128,
+        "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 1, "head_dim": 24,
+                  "qkv_bias": True, "out_bias": True},
+        "ffn": {"kind": "swiglu", "hidden": 96, "bias": True},
+        "position": {"kind": "rope", "theta": 5e5,
+                     "scaling": {"type": "yarn", "factor": 4.0, "original_max_seq_len": 32}},
+        "tie_embeddings": False,
+    },
+    "ntk_rope": {
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "max_seq_len": 64,
+        "mixer": {"kind": "attention", "n_heads": 2, "n_kv_heads": 1},
+        "ffn": {"kind": "geglu", "hidden": 64, "activation": "gelu_tanh"},
+        "position": {"kind": "rope", "theta": 10000.0, "scaling": {"type": "ntk", "factor": 8.0}},
+    },
+}
+
+
+def random_model(config: dict) -> af.CausalLM:
+    model = af.CausalLM(af.load_model_config(config)).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            p.copy_((1.0 if pname.endswith("norm.weight") else 0.0) + 0.3 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("name", list(LLAMA_STYLE))
+def test_save_hf_loads_in_transformers_with_the_same_logits(name, tmp_path):
+    model = random_model(LLAMA_STYLE[name])
+    save_hf(model, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    x = ids()
+    with torch.no_grad():
+        expected = model(x).logits
+        assert expected.abs().max() > 0.5
+        torch.testing.assert_close(hf(x).logits, expected, atol=ATOL, rtol=RTOL)
+        back = load_hf(tmp_path)
+        if name != "ntk_rope":  # a static NTK base change comes back as plain RoPE with the larger theta
+            assert back.config == model.config
+        torch.testing.assert_close(back(x).logits, expected, atol=ATOL, rtol=RTOL)
+
+
+def test_to_hf_rejects_non_llama_configs():
+    gemma_like = af.CausalLM(af.load_model_config({
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2,
+        "mixer": {"kind": "attention", "n_heads": 4, "window": 8, "logit_softcap": 50.0, "qkv_bias": True},
+        "ffn": {"kind": "mlp", "hidden": 128},
+        "norm": {"kind": "layernorm"},
+        "residual": "sandwich",
+        "logit_softcap": 30.0,
+    }))
+    with pytest.raises(ValueError, match="not Llama-compatible") as err:
+        to_hf(gemma_like)
+    for field in ("mixer.window", "mixer.logit_softcap", "mixer.qkv_bias", "ffn.kind", "norm.kind", "residual",
+                  "logit_softcap"):
+        assert field in str(err.value)
