@@ -86,6 +86,55 @@ def info(
     console.print(f"mixer kernels: {sorted(set(lm.kernel_paths().values()))}")
 
 
+@app.command()
+def train(
+    config_path: Path = typer.Argument(..., metavar="CONFIG", help="Run config YAML (see configs/runs/)."),
+    set_: Optional[List[str]] = SetOption,
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the run directory and start over."),
+) -> None:
+    """Train one run to its budget, resuming from the run directory's latest checkpoint."""
+    from archifactory.train import NonFiniteLossError, load_run_config
+    from archifactory.train import train as run_training
+
+    try:
+        cfg = load_run_config(config_path, set_ or [])
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(str(err))
+    try:
+        run_training(cfg, resume=not fresh, console=console)
+    except (ConfigError, FileNotFoundError, NonFiniteLossError) as err:
+        _fail(str(err))
+
+
+@app.command()
+def generate(
+    run_dir: Path = typer.Argument(..., help="A run directory (with model/ and tokenizer.json)."),
+    prompt: str = typer.Option("", help="Text to continue; empty starts from the end-of-document token."),
+    max_new_tokens: int = typer.Option(200, min=1),
+    temperature: float = typer.Option(0.8, min=0.0),
+    top_k: Optional[int] = typer.Option(None, min=1),
+    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
+    seed: int = typer.Option(0),
+    samples: int = typer.Option(1, min=1, help="How many continuations."),
+) -> None:
+    """Sample text from a trained run's model."""
+    from archifactory.data.tokenizer import Tokenizer
+    from archifactory.model.lm import CausalLM
+
+    try:
+        model = CausalLM.from_pretrained(run_dir / "model")
+        tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
+    except (FileNotFoundError, ConfigError) as err:
+        _fail(f"{err} (train the run first: archifactory train CONFIG)")
+    ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
+    for i in range(samples):
+        out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                             seed=seed + i, eos_token_id=tokenizer.eos_id)
+        text = tokenizer.decode(out[1:].tolist()).replace("<|endoftext|>", "")
+        console.rule(f"sample {i + 1}")
+        console.print(text, highlight=False, markup=False)
+
+
 @hf_app.command("import")
 def hf_import(
     source: Path = typer.Argument(..., help="A local Hugging Face model directory (config.json + weights)."),

@@ -56,11 +56,14 @@ class Tokenizer:
             out[256] = 0
             return out
         specials = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+        # Byte-level BPE spells each byte as one character of its alphabet, so a token's length in
+        # characters is its length in bytes (decoding a lone token could split a UTF-8 sequence).
+        byte_level = type(self.backend.decoder).__name__ == "ByteLevel"
         out = np.zeros(self.vocab_size, dtype=np.int64)
         for token, i in self.backend.get_vocab().items():
             if token in specials:
                 continue
-            out[i] = len(self.backend.decode([i]).encode("utf-8"))
+            out[i] = len(token) if byte_level else len(self.backend.decode([i]).encode("utf-8"))
         return out
 
     def fingerprint(self) -> str:

@@ -1,0 +1,251 @@
+"""Trainer: schedules, optimizer groups, accumulation, metrics, NaN handling, exact resume after
+SIGKILL, and DDP with two gloo processes."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import archifactory as af
+from archifactory.train import NonFiniteLossError, Trainer, load_run_config, train
+from archifactory.train.config import OptimizerConfig, ScheduleConfig
+from archifactory.train.metrics import read_metrics
+from archifactory.train.optim import build_optimizer, split_decay
+from archifactory.train.schedule import lr_multiplier
+
+TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "train.txt"
+MODEL = {"vocab_size": 257, "d_model": 32, "n_layers": 2, "max_seq_len": 64,
+         "mixer": {"kind": "attention", "n_heads": 2}, "ffn": {"kind": "swiglu", "hidden": 64}}
+
+
+def run_config(tmp_path, name="run", **train):
+    return {
+        "name": name,
+        "model": MODEL,
+        "data": {"corpus": {"kind": "tinystories", "path": str(TINYSTORIES), "max_documents": 400},
+                 "tokenizer": {"kind": "bytes"}, "cache_dir": str(tmp_path / "cache")},
+        "optimizer": {"name": "adamw", "lr": 3e-3},
+        "schedule": {"kind": "cosine", "warmup_steps": 2},
+        "train": {"seq_len": 32, "batch_size": 8, "max_steps": 12, "eval_every": 6, "eval_tokens": 2048,
+                  "log_every": 1, "checkpoint_every": 4, "threads": 1, "progress": False, **train},
+        "out_dir": str(tmp_path / name),
+    }
+
+
+# --------------------------------------------------------------------------------------------- schedule
+
+
+def test_cosine_schedule_values_in_optimizer_steps():
+    cfg = ScheduleConfig(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_multiplier(cfg, 0, 110) == pytest.approx(1 / 11)
+    assert lr_multiplier(cfg, 9, 110) == pytest.approx(10 / 11)
+    assert lr_multiplier(cfg, 10, 110) == pytest.approx(1.0)
+    assert lr_multiplier(cfg, 60, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way: cos(pi/2) = 0
+    assert lr_multiplier(cfg, 110, 110) == pytest.approx(0.1)
+    assert lr_multiplier(cfg, 35, 110) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_linear_wsd_constant_and_warmup_fraction():
+    lin = ScheduleConfig(kind="linear", warmup_steps=0, min_lr_ratio=0.0)
+    assert [lr_multiplier(lin, s, 100) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
+    wsd = ScheduleConfig(kind="wsd", warmup_steps=0, decay_fraction=0.2, min_lr_ratio=0.1)
+    assert lr_multiplier(wsd, 79, 100) == 1.0
+    assert lr_multiplier(wsd, 90, 100) == pytest.approx(1 - 0.9 * 0.5)
+    assert lr_multiplier(wsd, 100, 100) == pytest.approx(0.1)
+    const = ScheduleConfig(kind="constant", warmup_fraction=0.1)
+    assert lr_multiplier(const, 4, 100) == pytest.approx(5 / 11) and lr_multiplier(const, 50, 100) == 1.0
+
+
+# -------------------------------------------------------------------------------------------- optimizers
+
+
+def test_weight_decay_only_on_matrices():
+    model = af.CausalLM(af.load_model_config({**MODEL, "mixer": {"kind": "attention", "n_heads": 2, "qkv_bias": True}}))
+    decay, no_decay = split_decay(model, decay_embeddings=False)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(p.dim() == 2 for p in decay)
+    assert "embed.weight" in {names[id(p)] for p in no_decay}
+    assert {names[id(p)] for p in no_decay if p.dim() == 1} >= {"blocks.0.mixer.q_proj.bias", "final_norm.weight"}
+    decay2, _ = split_decay(model, decay_embeddings=True)
+    assert "embed.weight" in {names[id(p)] for p in decay2}
+    opt = build_optimizer(model, OptimizerConfig(weight_decay=0.1))
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "muon", "lion", "soap", "ademamix", "adopt", "mars",
+                                  "adam_mini", "schedulefree_adamw"])
+def test_every_optimizer_reduces_the_loss(name):
+    torch.manual_seed(0)
+    model = af.CausalLM(af.load_model_config(MODEL))
+    lr = {"sgd": 0.3, "lion": 3e-4, "muon": 1e-2, "schedulefree_adamw": 1e-2}.get(name, 3e-3)
+    opt = build_optimizer(model, OptimizerConfig(name=name, lr=lr))
+    if hasattr(opt, "train"):
+        opt.train()
+    ids = torch.randint(0, 257, (4, 33))
+    first = None
+    for _ in range(15):
+        loss = model(ids[:, :-1], ids[:, 1:]).loss
+        first = first if first is not None else loss.item()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    if hasattr(opt, "eval"):
+        opt.eval()
+    assert model(ids[:, :-1], ids[:, 1:]).loss.item() < first - 0.1
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+
+
+def test_train_run_writes_everything(tmp_path):
+    cfg = load_run_config(run_config(tmp_path))
+    summary = train(cfg)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "tokenizer.json", "data.json", "metrics.jsonl", "summary.json", "model/model.safetensors"):
+        assert (run / name).is_file(), name
+    assert load_run_config(run / "config.yaml") == cfg
+    records = read_metrics(run / "metrics.jsonl")
+    steps = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    for key in ("tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_mem_bytes", "elapsed_s"):
+        assert key in steps[0]
+    assert steps[-1]["tokens"] == 12 * 8 * 32
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 6, 12] and evals[-1]["val_loss"] < evals[0]["val_loss"]
+    # bytes tokenizer: every target is one byte except the end-of-document id (zero bytes)
+    from archifactory.data.loader import eval_batches
+    from archifactory.data.shards import ShardSet
+
+    shards = ShardSet(Path(json.loads((run / "data.json").read_text())["shards"]), {})
+    shards.manifest = json.loads((shards.directory / "manifest.json").read_text())
+    targets = torch.cat([y.flatten() for _, y in eval_batches(shards.tokens("val"), 32, 8, 2048)])
+    n_bytes = int((targets != 256).sum())
+    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] * targets.numel() / n_bytes / math.log(2), rel=1e-9)
+    assert summary["steps"] == 12 and summary["stream_hash"] and summary["kernel_paths"] == {"0": "torch.sdpa", "1": "torch.sdpa"}
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step_00000008", "step_00000012"]  # keep_checkpoints=2
+    model = af.CausalLM.from_pretrained(run / "model")
+    assert model.config == cfg.model
+
+
+def test_budget_by_tokens_and_lr_follows_schedule(tmp_path):
+    cfg = load_run_config(run_config(tmp_path, max_steps=None, max_tokens=5 * 8 * 32 - 1))
+    train(cfg)
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
+    assert len(steps) == 5
+    expected = [3e-3 * lr_multiplier(cfg.schedule, s, 5) for s in range(5)]
+    assert [r["lr"] for r in steps] == pytest.approx(expected)
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path):
+    full = train(load_run_config(run_config(tmp_path, "full", max_steps=4)))
+    accum = train(load_run_config(run_config(tmp_path, "accum", max_steps=4, micro_batch_size=2)))
+    a = [r["loss"] for r in read_metrics(tmp_path / "full" / "metrics.jsonl") if r["kind"] == "train"]
+    b = [r["loss"] for r in read_metrics(tmp_path / "accum" / "metrics.jsonl") if r["kind"] == "train"]
+    assert a == pytest.approx(b, abs=1e-5)
+    assert full["stream_hash"] != "" and full["tokens"] == accum["tokens"]
+
+
+def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(load_run_config(run_config(tmp_path, max_steps=20, checkpoint_every=2)), resume=False)
+    original = Trainer.train_step
+
+    def poisoned(self):
+        if self.step == 5:
+            with torch.no_grad():
+                self.model.embed.weight[0, 0] = float("nan")
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 5 .*step_00000004"):
+        trainer.run()
+    last = tmp_path / "run" / "checkpoints" / "step_00000004"
+    assert (last / "model.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())
+
+
+def test_vocab_too_small_is_a_config_error(tmp_path):
+    data = run_config(tmp_path)
+    data["model"] = {**MODEL, "vocab_size": 200}
+    with pytest.raises(af.ConfigError, match=r"model.vocab_size=200 is smaller than the tokenizer's vocabulary \(257\)"):
+        train(load_run_config(data))
+
+
+def test_budget_required():
+    with pytest.raises(af.ConfigError, match="give a budget"):
+        load_run_config({"model": MODEL, "train": {"max_steps": None}})
+
+
+# ---------------------------------------------------------------------------------- resume after SIGKILL
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "archifactory.cli", *args]
+
+
+def _losses(path):
+    by_step = {}
+    for r in read_metrics(path):
+        if r["kind"] == "train":
+            by_step[r["step"]] = r["loss"]  # a resumed run rewrites the steps after its checkpoint
+    return by_step
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
+    steps = 60
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(run_config(tmp_path, "killed", max_steps=steps, checkpoint_every=5, eval_every=1000)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(_cli("train", str(config)), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(_losses(metrics)) >= 12:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(metrics))
+    assert killed_at < steps
+    done = subprocess.run(_cli("train", str(config)), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed from" in done.stdout
+    reference = tmp_path / "ref.yaml"
+    reference.write_text(yaml.safe_dump(run_config(tmp_path, "ref", max_steps=steps, checkpoint_every=5, eval_every=1000)))
+    subprocess.run(_cli("train", str(reference)), env=env, check=True, capture_output=True)
+    resumed, uninterrupted = _losses(metrics), _losses(tmp_path / "ref" / "metrics.jsonl")
+    assert sorted(resumed) == list(range(1, steps + 1))
+    assert resumed == uninterrupted  # bitwise: every step's loss is the same float
+
+
+# ----------------------------------------------------------------------------------------- distributed
+
+
+def test_two_gloo_processes_match_one_process(tmp_path):
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(run_config(tmp_path, "ddp", max_steps=5, eval_every=1000)))
+    single = tmp_path / "single.yaml"
+    single.write_text(yaml.safe_dump(run_config(tmp_path, "single", max_steps=5, eval_every=1000)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli("train", str(single)), env=env, check=True, capture_output=True)
+    ddp = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+         "-m", "archifactory.cli", "train", str(config)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, b = _losses(tmp_path / "single" / "metrics.jsonl"), _losses(tmp_path / "ddp" / "metrics.jsonl")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    assert [a[s] for s in a] == pytest.approx([b[s] for s in a], abs=1e-5)
+    assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
