@@ -7,7 +7,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: install test info clean
+.PHONY: install test info demo clean
 
 # Install the pinned torch wheel first: an unpinned requirement would pull a multi-GB CUDA build.
 $(BIN)/.installed: pyproject.toml
@@ -23,6 +23,13 @@ install: $(BIN)/.installed
 
 test: install
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
+
+# The main job: train the `tiny` preset on the embedded Shakespeare corpus (a few minutes on 2 CPU cores),
+# with a progress bar, then sample from it.
+DEMO_RUN ?= runs/shakespeare-tiny
+demo: install
+	$(BIN)/archifactory train configs/runs/shakespeare-tiny.yaml --set out_dir=$(DEMO_RUN)
+	$(BIN)/archifactory generate $(DEMO_RUN) --prompt "ROMEO." --max-new-tokens 120 --samples 2
 
 info: install
 	$(BIN)/archifactory info tiny

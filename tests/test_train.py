@@ -249,3 +249,25 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     assert [a[s] for s in a] == pytest.approx([b[s] for s in a], abs=1e-5)
     assert json.loads((tmp_path / "ddp" / "summary.json").read_text())["world_size"] == 2
+
+
+def test_fsdp2_two_processes_match_one_process_and_resume(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = tmp_path / "single.yaml"
+    single.write_text(yaml.safe_dump(run_config(tmp_path, "single", max_steps=6, eval_every=1000)))
+    subprocess.run(_cli("train", str(single)), env=env, check=True, capture_output=True)
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(yaml.safe_dump(run_config(tmp_path, "fsdp", max_steps=6, eval_every=1000, parallel="fsdp",
+                                                checkpoint_every=3)))
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29532",
+              "-m", "archifactory.cli", "train", str(config)]
+    first = subprocess.run([*launch, "--set", "train.max_steps=3"], env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)  # resumes at step 3
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+    a, b = _losses(tmp_path / "single" / "metrics.jsonl"), _losses(tmp_path / "fsdp" / "metrics.jsonl")
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    assert [a[s] for s in sorted(a)] == pytest.approx([b[s] for s in sorted(a)], abs=1e-5)
+    model = af.CausalLM.from_pretrained(tmp_path / "fsdp" / "model")
+    assert model.num_params() == af.CausalLM.from_pretrained(tmp_path / "single" / "model").num_params()

@@ -80,6 +80,9 @@ class TrainConfig(Strict):
     threads: int | None = Field(None, ge=1)
     """torch CPU threads (fixed threads make CPU runs bitwise reproducible)."""
     device: str = "auto"
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """With several processes (torchrun): DDP replicates the model; FSDP2 (``fully_shard`` per block)
+    shards parameters, gradients and optimizer state."""
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     progress: bool = True
 

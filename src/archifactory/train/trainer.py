@@ -114,14 +114,21 @@ class Trainer:
         self.token_bytes = torch.from_numpy(self.tokenizer.token_bytes())
         torch.manual_seed(tc.seed)
         self.model = CausalLM(cfg.model).to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.fsdp = self.dist.enabled and tc.parallel == "fsdp"
         self.train_model = self.model
-        if self.dist.enabled:
+        if self.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for block in self.model.blocks:
+                fully_shard(block)
+            fully_shard(self.model)
+        elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             self.train_model = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
         if tc.compile:
             self.train_model = torch.compile(self.train_model)
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
@@ -144,8 +151,21 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.run_dir)
         if path is None:
             return
-        state = ckpt.load_checkpoint(path, self.model, self.device)
-        ckpt.load_optimizer_state(self.optimizer, state["optimizer"])
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            whole = CausalLM(self.cfg.model)
+            state = ckpt.load_checkpoint(path, whole, "cpu")
+            options = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, whole.state_dict(), options=options)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+        else:
+            state = ckpt.load_checkpoint(path, self.model, self.device)
+            ckpt.load_optimizer_state(self.optimizer, state["optimizer"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
@@ -183,9 +203,7 @@ class Trainer:
         for micro in range(self.accum):
             x, y = self.loader.batch(self.step * self.accum + micro)
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            sync = micro == self.accum - 1 or not self.dist.enabled
-            context = contextlib.nullcontext() if sync else self.train_model.no_sync()
-            with context:
+            with self._gradient_sync(micro == self.accum - 1):
                 with self.autocast():
                     out = self.train_model(x, y)
                 loss = out.loss / self.accum
@@ -206,6 +224,17 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return float(total), float(grad_norm)
+
+    def _gradient_sync(self, sync: bool):
+        """Skip the gradient all-reduce on accumulation micro-steps before the last."""
+        if not self.dist.enabled or sync:
+            if self.fsdp:
+                self.model.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.train_model.no_sync()
 
     def _nonfinite_message(self, value: float) -> str:
         last = ckpt.latest_checkpoint(self.run_dir)
@@ -239,21 +268,47 @@ class Trainer:
         loss = nats / tokens
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": nats / math.log(2) / max(nbytes, 1)}
 
-    def save(self, elapsed: float) -> None:
+    def full_model(self) -> CausalLM:
+        """The model with whole (unsharded) weights on rank 0: the model itself unless FSDP shards it.
+        Every rank must call it (FSDP gathers collectively)."""
+        if not self.fsdp:
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.dist.is_main:
+            return self.model
+        whole = CausalLM(self.cfg.model)
+        whole.load_state_dict(state)
+        return whole
+
+    def optimizer_state(self) -> dict:
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+
+    def save(self, elapsed: float) -> None:
+        model, optimizer_state = self.full_model(), self.optimizer_state()
+        if not self.dist.is_main:
+            barrier(self.dist)
             return
         state: dict[str, Any] = {
             "step": self.step,
             "tokens": self.tokens_seen,
             "elapsed": elapsed,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "rng_cpu": torch.get_rng_state(),
         }
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
+        ckpt.save_checkpoint(self.run_dir, self.step, model, state, self.cfg.train.keep_checkpoints)
+        barrier(self.dist)
 
     def run(self) -> dict:
         self.setup()
@@ -316,8 +371,9 @@ class Trainer:
         if self.step % tc.checkpoint_every != 0:
             self.save(elapsed)
         summary = self._summary(elapsed, last_eval)
+        final = self.full_model()
         if self.dist.is_main:
-            self.model.save_pretrained(self.run_dir / "model")
+            final.save_pretrained(self.run_dir / "model")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log(
                 f"done: step {self.step}, {self.tokens_seen:,} tokens, val loss {last_eval.get('val_loss', float('nan')):.4f}, "
