@@ -1,0 +1,159 @@
+"""Hymba's hybrid-head mixer: Dong et al. 2024, "Hymba: A Hybrid-head Architecture for Small Language
+Models" (arXiv:2411.13676).
+
+Attention heads and SSM heads read the *same* input in parallel inside one layer, instead of attention
+and SSM layers alternating. Attention recalls exact tokens ("snapshot memory"), the SSM summarises the
+context ("fading memory"). The two outputs differ in scale, so each is normalised and given learned
+per-channel scales (β1, β2) before they are combined and one output projection writes to the residual
+stream; as in the released code, the combination is the average of the two normalised outputs::
+
+    y = out_proj( (β1 ⊙ norm(attn_heads(x)) + β2 ⊙ norm(ssm_heads(x))) / 2 )
+
+Both branches have width ``d_inner = expand * d_model``: the attention heads (``attn_heads`` of
+``d_inner / attn_heads`` channels, any of the model's positional encodings) come from
+:mod:`archifactory.mixers.attention` without their output projection, and the SSM heads are Mamba-2's
+(:class:`archifactory.mixers.mamba2.Mamba2Heads`, the SSD layer's gated RMSNorm supplying β2). The cache
+is the attention KV cache plus the SSM's conv and recurrent state.
+
+Left out of this mixer:
+
+- meta tokens (128 learned tokens prepended to every sequence): they belong to the model's input, not
+  to one layer's mixer;
+- cross-layer KV sharing (consecutive layers reusing one KV cache): a model-level change the block
+  contract (one cache per layer) does not express;
+- the released Hymba's SSM heads are Mamba(-1) selective scans with a decay per channel; these are
+  Mamba-2 (SSD) heads with a scalar decay per head, which train with the chunked form.
+
+Hymba's mix of sliding-window attention with a few global-attention layers (first, middle, last) is
+plain config: ``window`` on the default mixer and a layer override without it
+(``configs/models/hymba-tiny.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from archifactory.config import BuildContext, FieldError
+from archifactory.mixers.attention import Attention, AttentionConfig, KVCache
+from archifactory.mixers.base import Mixer, linear_flops
+from archifactory.mixers.mamba2 import Mamba2Heads, SSDSettings, SSMCache
+from archifactory.nn.init import init_linear
+from archifactory.registry import register_mixer
+
+
+@register_mixer
+class HymbaConfig(SSDSettings):
+    """SSM fields as in ``mamba2`` (``head_dim`` is the SSM heads' width); ``attn_*`` fields configure
+    the attention heads, whose width is ``d_inner / attn_heads``."""
+
+    kind: Literal["hymba"] = "hymba"
+    uses_positions: ClassVar[bool] = True
+    d_state: int = Field(16, ge=1)
+    """Hymba's SSM heads use a state of 16 (``mamba_d_state``)."""
+    attn_heads: int = Field(4, ge=1)
+    attn_kv_heads: int | None = Field(None, ge=1)
+    """Key/value heads of the attention branch (GQA when fewer than ``attn_heads``)."""
+    window: int | None = Field(None, ge=1)
+    """Sliding-window attention (Hymba uses it in all but the first, middle and last layers)."""
+    qk_norm: bool = False
+
+    def attention_config(self, d_model: int) -> AttentionConfig:
+        return AttentionConfig(
+            n_heads=self.attn_heads,
+            n_kv_heads=self.attn_kv_heads,
+            head_dim=self.d_inner(d_model) // self.attn_heads,
+            window=self.window,
+            qk_norm=self.qk_norm,
+        )
+
+    def check(self, ctx: BuildContext) -> None:
+        super().check(ctx)
+        d_inner = self.d_inner(ctx.d_model)
+        if d_inner % self.attn_heads:
+            valid = [h for h in range(1, 33) if d_inner % h == 0]
+            raise FieldError(
+                "attn_heads",
+                f"attn_heads={self.attn_heads} does not divide d_inner = expand * d_model = {d_inner}; "
+                f"choose one of {valid}",
+            )
+        try:
+            self.attention_config(ctx.d_model).check(ctx)
+        except FieldError as err:
+            field = {"n_kv_heads": "attn_kv_heads", "n_heads": "attn_heads", "head_dim": "attn_heads"}.get(
+                err.field, err.field
+            )
+            raise FieldError(field, err.message) from None
+
+    def build(self, ctx: BuildContext) -> "Hymba":
+        return Hymba(self, ctx)
+
+    @classmethod
+    def contract_examples(cls, d_model: int) -> list["HymbaConfig"]:
+        return [
+            cls(),
+            cls(attn_heads=2, attn_kv_heads=1, window=4, qk_norm=True, head_dim=16, n_groups=2, chunk_size=4),
+        ]
+
+
+@dataclasses.dataclass
+class HymbaCache:
+    attn: KVCache
+    ssm: SSMCache
+
+
+class Hymba(Mixer):
+    def __init__(self, cfg: HymbaConfig, ctx: BuildContext) -> None:
+        super().__init__(ctx)
+        d_inner = cfg.d_inner(ctx.d_model)
+        # The attention heads: Attention with its output projection removed, so that it returns the
+        # heads' output (B, T, d_inner); the one projection after the fusion is ``out_proj`` below.
+        self.attn = Attention(cfg.attention_config(ctx.d_model), ctx)
+        self.attn.o_proj = nn.Identity()
+        self.ssm = Mamba2Heads(cfg, ctx)
+        # β1 ⊙ norm(.) of the attention branch; the SSM branch's gated RMSNorm carries β2.
+        self.attn_norm = ctx.norm.build_for(d_inner)
+        self.out_proj = nn.Linear(d_inner, ctx.d_model, bias=cfg.proj_bias)
+        self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for proj in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj):
+            init_linear(proj, self.std)
+        for norm in (self.attn.q_norm, self.attn.k_norm, self.attn_norm):
+            if hasattr(norm, "reset_parameters"):
+                norm.reset_parameters()
+        self.ssm.reset_parameters()
+        init_linear(self.out_proj, self.out_std)
+
+    def init_cache(self, batch_size: int, device, dtype) -> HymbaCache:
+        return HymbaCache(
+            attn=self.attn.init_cache(batch_size, device, dtype), ssm=self.ssm.init_cache(batch_size, device, dtype)
+        )
+
+    def forward(self, x: torch.Tensor, cache: HymbaCache | None = None) -> tuple[torch.Tensor, HymbaCache | None]:
+        attn_out, _ = self.attn(x, cache.attn if cache is not None else None)  # (B, T, d_inner)
+        ssm_out, _ = self.ssm(x, cache.ssm if cache is not None else None)  # (B, T, d_inner), normalised
+        fused = (self.attn_norm(attn_out) + ssm_out.to(attn_out.dtype)) / 2
+        return self.out_proj(fused), cache
+
+    def flops_per_token(self, seq_len: int) -> int:
+        # Projections and attention scores as Attention counts them (QK^T and PV, 2 FLOPs per multiply-add,
+        # keys limited by the window), plus the SSM heads' own count (see Mamba2Heads.flops_per_token).
+        a = self.attn
+        keys = torch.arange(1, seq_len + 1)
+        if a.window is not None:
+            keys = keys.clamp(max=a.window)
+        scores = 4 * a.n_heads * a.head_dim * float(keys.float().mean())
+        projections = linear_flops(a.q_proj, a.k_proj, a.v_proj, self.out_proj)
+        return int(projections + scores) + self.ssm.flops_per_token(seq_len)
+
+    def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
+        return self.attn.state_bytes(seq_len, dtype) + self.ssm.state_bytes(seq_len, dtype)
+
+    def kernel_path(self) -> str:
+        return f"{self.attn.kernel_path()}+{self.ssm.kernel_path()}"
