@@ -107,6 +107,46 @@ def train(
 
 
 @app.command()
+def sweep(
+    spec_path: Path = typer.Argument(..., metavar="SWEEP", help="Sweep spec YAML (see configs/sweeps/)."),
+    set_: Optional[List[str]] = SetOption,
+    out: Optional[Path] = typer.Option(None, "--dir", help="Sweep directory (default sweeps/<name>)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned runs and exit."),
+    report_after: bool = typer.Option(True, "--report/--no-report", help="Write the report when done."),
+) -> None:
+    """Run a baseline and its one-change variants over seeds at equal budget; re-running resumes."""
+    from archifactory.sweep.runner import describe_plan, run_sweep
+    from archifactory.sweep.spec import load_sweep
+
+    try:
+        spec, root = load_sweep(spec_path, set_ or [])
+        sweep_dir = out or Path("sweeps") / spec.name
+        if dry_run:
+            console.print(describe_plan(spec, root, sweep_dir), highlight=False)
+            return
+        run_sweep(spec, root, sweep_dir, console=console)
+    except (ConfigError, FileNotFoundError) as err:
+        _fail(str(err))
+    if report_after:
+        _write_report(sweep_dir)
+
+
+def _write_report(sweep_dir: Path) -> None:
+    from archifactory.sweep.report import write_report
+
+    html, md = write_report(sweep_dir)
+    console.print(f"report: {html.resolve()}\n        {md.resolve()}", highlight=False)
+
+
+@app.command()
+def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with results.sqlite).")) -> None:
+    """Write report.html and report.md for a sweep, from its results database alone."""
+    if not (sweep_dir / "results.sqlite").is_file():
+        _fail(f"{sweep_dir / 'results.sqlite'} not found: run `archifactory sweep` first")
+    _write_report(sweep_dir)
+
+
+@app.command()
 def generate(
     run_dir: Path = typer.Argument(..., help="A run directory (with model/ and tokenizer.json)."),
     prompt: str = typer.Option("", help="Text to continue; empty starts from the end-of-document token."),

@@ -195,10 +195,9 @@ class Attention(Mixer):
     def flops_per_token(self, seq_len: int) -> int:
         # Each query position t attends to min(t + 1, window) keys: QK^T and PV are 2 FLOPs per
         # multiply-add each, over every head's channels.
-        keys = torch.arange(1, seq_len + 1)
-        if self.window is not None:
-            keys = keys.clamp(max=self.window)
-        attn = 4 * self.n_heads * self.head_dim * float(keys.float().mean())
+        w = seq_len if self.window is None else min(self.window, seq_len)
+        mean_keys = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len  # sum_t min(t + 1, w) / T
+        attn = 4 * self.n_heads * self.head_dim * mean_keys
         return int(linear_flops(self.q_proj, self.k_proj, self.v_proj, self.o_proj) + attn)
 
     def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:

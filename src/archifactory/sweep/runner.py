@@ -1,0 +1,180 @@
+"""Running a sweep: every (variant, seed[, lr]) in its own subprocess, several at once.
+
+On CPU the runs share the cores (``threads_per_run`` threads each); with GPUs each run gets one
+(``CUDA_VISIBLE_DEVICES``). Re-running skips finished runs and resumes interrupted ones from their
+checkpoints (the trainer resumes by itself); a failing run is recorded with its error and the others go
+on. Results land in ``SWEEP_DIR/results.sqlite`` as each run finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+
+from archifactory.config import dump_config
+from archifactory.sweep.spec import BASELINE, PlannedRun, SweepSpec, plan, spec_yaml
+from archifactory.sweep.store import Store
+from archifactory.train.metrics import read_metrics
+
+
+def environment() -> dict:
+    """Where the sweep ran: git SHA (when in a repository), versions, device."""
+    sha = None
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    import platform
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
+    return {"git_sha": sha, "torch": torch.__version__, "python": platform.python_version(), "device": device,
+            "hostname": platform.node()}
+
+
+def slots(spec: SweepSpec) -> list[dict[str, str]]:
+    """One environment per concurrent run."""
+    threads = str(spec.threads_per_run)
+    base = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if torch.cuda.is_available():
+        n = spec.parallel or torch.cuda.device_count()
+        return [{**base, "CUDA_VISIBLE_DEVICES": str(i % torch.cuda.device_count())} for i in range(n)]
+    n = spec.parallel or max(1, (os.cpu_count() or 1) // spec.threads_per_run)
+    return [dict(base) for _ in range(n)]
+
+
+class SweepRunner:
+    def __init__(self, spec: SweepSpec, root: Path, sweep_dir: Path, console=None) -> None:
+        self.spec, self.root, self.sweep_dir = spec, Path(root), Path(sweep_dir)
+        self.console = console
+        self.store = Store(self.sweep_dir / "results.sqlite")
+
+    def plan(self) -> list[PlannedRun]:
+        runs = plan(self.spec, self.root, self.sweep_dir)
+        self.store.set_sweep(self.spec.name, spec_yaml(self.spec), environment())
+        for run in runs:
+            self.store.add_run(run.run_id, run.variant, run.seed, run.lr, run.variant == BASELINE,
+                               run.config.model_dump(mode="json"), run.changes, run.config.out_dir)
+        return runs
+
+    def pending(self, runs: list[PlannedRun]) -> list[PlannedRun]:
+        done = {r["run_id"] for r in self.store.runs() if r["status"] == "done"}
+        return [r for r in runs if r.run_id not in done]
+
+    def run(self) -> dict[str, int]:
+        runs = self.plan()
+        todo = self.pending(runs)
+        environments = slots(self.spec)
+        self._print(
+            f"sweep {self.spec.name!r}: {len(runs)} runs ({len(runs) - len(todo)} already done), "
+            f"{len(environments)} at a time, budget {self.spec.budget.describe()} -> {self.sweep_dir}"
+        )
+        free = list(range(len(environments)))
+        lock = threading.Lock()
+        results: dict[str, str] = {}
+
+        def execute(run: PlannedRun) -> None:
+            with lock:
+                slot = free.pop()
+            try:
+                results[run.run_id] = self._execute(run, environments[slot])
+            finally:
+                with lock:
+                    free.append(slot)
+
+        progress = self._progress()
+        with progress:
+            tasks = {r.run_id: progress.add_task(r.run_id, total=None, loss=float("nan"), tps=0.0, status="queued")
+                     for r in todo}
+            with ThreadPoolExecutor(max_workers=len(environments)) as pool:
+                futures = [pool.submit(execute, r) for r in todo]
+                while not all(f.done() for f in futures):
+                    self._update(progress, tasks, todo, results)
+                    time.sleep(0.5)
+                for f in futures:
+                    f.result()
+            self._update(progress, tasks, todo, results)
+        counts = {"done": 0, "failed": 0}
+        for r in self.store.runs():
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        self._print(f"sweep finished: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed")
+        return counts
+
+    def _execute(self, run: PlannedRun, env: dict[str, str]) -> str:
+        run_dir = Path(run.config.out_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_path = run_dir / "run.yaml"
+        dump_config(run.config, config_path)
+        self.store.mark(run.run_id, "running")
+        log = run_dir / "train.log"
+        cmd = [sys.executable, "-m", "archifactory.cli", "train", str(config_path), "--set", "train.progress=false"]
+        with open(log, "a") as out:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
+        if proc.returncode != 0:
+            tail = log.read_text(errors="replace")[-3000:]
+            self.store.mark(run.run_id, "failed", f"exit code {proc.returncode}\n{tail}")
+            return "failed"
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            self.store.mark(run.run_id, "failed", f"run finished without a readable summary.json: {err}")
+            return "failed"
+        self.store.record_results(run.run_id, read_metrics(run_dir / "metrics.jsonl"), summary)
+        return "done"
+
+    def _update(self, progress, tasks, todo, results) -> None:
+        for run in todo:
+            task = tasks[run.run_id]
+            records = [r for r in read_metrics(Path(run.config.out_dir) / "metrics.jsonl") if r.get("kind") == "train"]
+            status = results.get(run.run_id, "running" if records else "queued")
+            fields = {"status": status}
+            if records:
+                last = records[-1]
+                fields.update(loss=last["loss"], tps=last["tokens_per_s"] or 0.0)
+                budget = run.config.train.max_tokens
+                progress.update(task, completed=last["tokens"], total=budget, **fields)
+            else:
+                progress.update(task, **fields)
+
+    def _progress(self):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        return Progress(
+            TextColumn("{task.description:<24}"),
+            BarColumn(),
+            TextColumn("{task.fields[status]:<8}"),
+            TextColumn("loss {task.fields[loss]:.3f}"),
+            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TimeElapsedColumn(),
+            console=self.console,
+        )
+
+    def _print(self, message: str) -> None:
+        if self.console is not None:
+            self.console.print(message, highlight=False)
+        else:
+            print(message, flush=True)
+
+
+def run_sweep(spec: SweepSpec, root: Path, sweep_dir: Path | None = None, console=None) -> Path:
+    sweep_dir = Path(sweep_dir or Path("sweeps") / spec.name)
+    SweepRunner(spec, root, sweep_dir, console).run()
+    return sweep_dir
+
+
+def describe_plan(spec: SweepSpec, root: Path, sweep_dir: Path) -> str:
+    lines = []
+    for run in plan(spec, root, sweep_dir):
+        lines.append(yaml.safe_dump({run.run_id: {"variant": run.variant, "seed": run.seed, "lr": run.lr,
+                                                  "max_tokens": run.config.train.max_tokens,
+                                                  "changes": run.changes}}, sort_keys=False).rstrip())
+    return "\n".join(lines)

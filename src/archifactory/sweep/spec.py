@@ -1,0 +1,219 @@
+"""Sweep specs: a base run, one-change variants, seeds, and an equal budget.
+
+```yaml
+name: positions
+base: configs/runs/shakespeare-tiny.yaml   # a run config path, or the run mapping inline
+seeds: [0, 1, 2]
+budget: {tokens: 2.0e6}                     # or {flops: 1.0e13} or {seconds: 300}
+match_params: false                         # resize each variant's FFN to the base's parameter count
+variants:
+  nope:  {overrides: [model.position.kind=none], description: no positional encoding}
+  alibi: [model.position.kind=alibi]        # shorthand: just the overrides
+  learned: {overrides: [model.position.kind=learned], lr: [1.0e-3, 3.0e-3]}   # an lr grid
+```
+
+The baseline (the base unchanged) is always run, as the variant named ``baseline``. Every run reads the
+same token stream (the base's data config and ``data.seed``); the seed changes model initialisation.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from archifactory.config import ConfigError, Strict, apply_overrides, load_yaml, validate
+from archifactory.train.config import RunConfig, expand_run_data
+
+BASELINE = "baseline"
+
+
+class Budget(Strict):
+    """Equal budget for every run: tokens (default), training FLOPs, or wall seconds."""
+
+    tokens: float | None = Field(None, gt=0)
+    flops: float | None = Field(None, gt=0)
+    seconds: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self):
+        given = [k for k in ("tokens", "flops", "seconds") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of tokens, flops or seconds (got {given or 'none'})")
+        return self
+
+    def describe(self) -> str:
+        if self.tokens is not None:
+            return f"{self.tokens:,.0f} tokens per run"
+        if self.flops is not None:
+            return f"{self.flops:.3g} training FLOPs per run"
+        return f"{self.seconds:,.0f} s of training per run"
+
+
+class Variant(Strict):
+    overrides: list[str] = Field(default_factory=list)
+    description: str = ""
+    lr: list[float] | None = None
+    """Learning rates to try; the best (lowest mean validation loss over seeds) is reported."""
+
+
+class SweepSpec(Strict):
+    name: str
+    base: str | dict[str, Any]
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    budget: Budget
+    variants: dict[str, Variant] = Field(default_factory=dict)
+    match_params: bool = False
+    match_tolerance: float = Field(0.02, gt=0, lt=0.5)
+    parallel: int | None = Field(None, ge=1)
+    """Runs at once; ``None``: one per GPU, or on CPU as many as the cores allow at ``threads_per_run``."""
+    threads_per_run: int = Field(1, ge=1)
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        if isinstance(value, dict):
+            return {k: {"overrides": v} if isinstance(v, list) else (v or {}) for k, v in value.items()}
+        return value
+
+    @model_validator(mode="after")
+    def _names(self):
+        for name in self.variants:
+            if not name or "/" in name or name.strip() != name:
+                raise ValueError(f"variants: {name!r} is not a usable variant name (no slashes or surrounding spaces)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} repeats a seed")
+        return self
+
+
+@dataclasses.dataclass
+class PlannedRun:
+    run_id: str
+    variant: str
+    seed: int
+    lr: float | None
+    config: RunConfig
+    changes: dict
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple = ()) -> tuple[SweepSpec, Path]:
+    """The spec and the directory its relative paths resolve against."""
+    path = Path(path)
+    spec = validate(SweepSpec, apply_overrides(load_yaml(path), overrides))
+    return spec, path.parent
+
+
+def base_data(spec: SweepSpec, root: Path) -> dict:
+    if isinstance(spec.base, dict):
+        return copy.deepcopy(spec.base)
+    path = Path(spec.base)
+    if not path.is_absolute():
+        path = (root / path) if (root / path).is_file() else path
+    return load_yaml(path)
+
+
+def plan(spec: SweepSpec, root: Path, sweep_dir: Path) -> list[PlannedRun]:
+    """Every (variant, seed[, lr]) run with its resolved config; raises ConfigError naming the variant."""
+    base = expand_run_data(base_data(spec, root))
+    base_cfg = _resolve(base, [], f"{spec.name}/baseline")
+    base_params = _params(base_cfg) if spec.match_params else None
+    runs: list[PlannedRun] = []
+    variants = {BASELINE: Variant(), **{k: v for k, v in spec.variants.items() if k != BASELINE}}
+    if BASELINE in spec.variants:
+        variants[BASELINE] = spec.variants[BASELINE]
+    for name, variant in variants.items():
+        cfg = _resolve(base, variant.overrides, name)
+        changes: dict[str, Any] = {"overrides": variant.overrides, "description": variant.description,
+                                   "match_params": None}
+        if spec.match_params and name != BASELINE:
+            cfg, changes["match_params"] = match_params(cfg, base_params, spec.match_tolerance, name)
+        for lr in variant.lr or [None]:
+            for seed in spec.seeds:
+                run_id = f"{name}-s{seed}" if lr is None else f"{name}-lr{lr:g}-s{seed}"
+                run = cfg.model_copy(deep=True)
+                run.name = run_id
+                run.out_dir = str(sweep_dir / "runs" / run_id)
+                run.train.seed = seed
+                if lr is not None:
+                    run.optimizer.lr = lr
+                _apply_budget(run, spec.budget)
+                runs.append(PlannedRun(run_id, name, seed, lr, run, changes))
+    return runs
+
+
+def _resolve(base: dict, overrides: list[str], variant: str) -> RunConfig:
+    try:
+        return validate(RunConfig, apply_overrides(base, overrides))
+    except ConfigError as err:
+        raise ConfigError(f"variant {variant!r}: {err}") from None
+
+
+def _params(cfg: RunConfig) -> int:
+    import torch
+
+    from archifactory.model.lm import CausalLM
+
+    with torch.device("meta"):
+        return CausalLM(cfg.model).num_params()
+
+
+def _apply_budget(run: RunConfig, budget: Budget) -> None:
+    update: dict[str, Any] = {"max_steps": None, "max_tokens": None, "max_time_s": None}
+    if budget.tokens is not None:
+        update["max_tokens"] = int(budget.tokens)
+    elif budget.seconds is not None:
+        update["max_time_s"] = budget.seconds
+    else:
+        import torch
+
+        from archifactory.model.lm import CausalLM
+
+        with torch.device("meta"):  # shapes only
+            model = CausalLM(run.model)
+        per_token = model.flops_per_token(run.train.seq_len, training=True)
+        update["max_tokens"] = max(1, int(budget.flops / per_token))
+    run.train = run.train.model_copy(update=update)
+
+
+def match_params(cfg: RunConfig, target: int, tolerance: float, variant: str) -> tuple[RunConfig, dict]:
+    """Resize the variant's FFN hidden size (``hidden`` or MoE ``expert_hidden``, on the default block)
+    until its parameter count is within ``tolerance`` of ``target``."""
+    ffn = cfg.model.ffn
+    field = "expert_hidden" if hasattr(ffn, "expert_hidden") else "hidden" if hasattr(ffn, "hidden") else None
+    before = _params(cfg)
+    if abs(before - target) <= tolerance * target:
+        return cfg, {"changed": {}, "params_before": before, "params_after": before, "target": target}
+    if field is None:
+        raise ConfigError(f"variant {variant!r}: match_params needs an FFN with a hidden size; {ffn.kind!r} has none")
+
+    def with_hidden(h: int) -> RunConfig:
+        data = cfg.model_dump(mode="json")
+        data["model"]["ffn"][field] = h
+        return validate(RunConfig, data)
+
+    low, high = 1, 64 * cfg.model.d_model
+    while low < high:  # parameters grow with the hidden size: bisect for the closest
+        mid = (low + high) // 2
+        if _params(with_hidden(mid)) < target:
+            low = mid + 1
+        else:
+            high = mid
+    best = min((h for h in (low - 1, low) if h >= 1), key=lambda h: abs(_params(with_hidden(h)) - target))
+    resized = with_hidden(best)
+    after = _params(resized)
+    if abs(after - target) > tolerance * target:
+        raise ConfigError(
+            f"variant {variant!r}: cannot match the base's {target:,} parameters within {tolerance:.0%} by "
+            f"resizing ffn.{field} (closest: {after:,} at {best}); change the variant's width instead"
+        )
+    old = getattr(ffn, field)
+    return resized, {"changed": {f"model.ffn.{field}": [old, best]}, "params_before": before,
+                     "params_after": after, "target": target}
+
+
+def spec_yaml(spec: SweepSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

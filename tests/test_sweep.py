@@ -1,0 +1,119 @@
+"""Sweep specs, planning (budgets, iso-parameter matching, lr grids) and the runner end to end."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import archifactory as af
+from archifactory.config import ConfigError, validate
+from archifactory.sweep.runner import SweepRunner
+from archifactory.sweep.spec import SweepSpec, load_sweep, plan
+from archifactory.sweep.store import Store
+
+TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "train.txt"
+
+
+def base(tmp_path):
+    return {
+        "model": {"vocab_size": 257, "d_model": 32, "n_layers": 2, "max_seq_len": 64,
+                  "mixer": {"kind": "attention", "n_heads": 2}, "ffn": {"kind": "swiglu", "hidden": 64}},
+        "data": {"corpus": {"kind": "tinystories", "path": str(TINYSTORIES), "max_documents": 300},
+                 "tokenizer": {"kind": "bytes"}, "cache_dir": str(tmp_path / "cache")},
+        "optimizer": {"lr": 3e-3},
+        "train": {"seq_len": 32, "batch_size": 8, "max_steps": 1, "eval_every": 4, "eval_tokens": 1024,
+                  "log_every": 1, "checkpoint_every": 4, "threads": 1},
+    }
+
+
+def spec(tmp_path, **fields):
+    data = {"name": "t", "base": base(tmp_path), "seeds": [0, 1], "budget": {"tokens": 8 * 32 * 6},
+            "variants": {"mqa": ["model.mixer.n_kv_heads=1"]}, "parallel": 2, **fields}
+    return validate(SweepSpec, data)
+
+
+def test_plan_holds_everything_fixed_but_the_change(tmp_path):
+    runs = plan(spec(tmp_path), tmp_path, tmp_path / "sweep")
+    assert [r.run_id for r in runs] == ["baseline-s0", "baseline-s1", "mqa-s0", "mqa-s1"]
+    b, v = runs[0].config, runs[2].config
+    assert v.model.mixer.kv_heads == 1 and b.model.mixer.kv_heads == 2
+    assert v.data == b.data and v.optimizer == b.optimizer and v.schedule == b.schedule
+    assert all(r.config.train.max_tokens == 8 * 32 * 6 and r.config.train.max_steps is None for r in runs)
+    assert [r.config.train.seed for r in runs] == [0, 1, 0, 1]
+    assert len({r.config.out_dir for r in runs}) == 4
+    assert runs[2].changes["overrides"] == ["model.mixer.n_kv_heads=1"]
+
+
+def test_flops_budget_gives_fewer_tokens_to_costlier_variants(tmp_path):
+    s = spec(tmp_path, budget={"flops": 1e9}, variants={"wide": ["model.ffn.hidden=256"]})
+    runs = {r.variant: r for r in plan(s, tmp_path, tmp_path / "sweep")}
+    for r in runs.values():
+        with torch.device("meta"):
+            model = af.CausalLM(r.config.model)
+        per_token = model.flops_per_token(32, training=True)
+        assert r.config.train.max_tokens == int(1e9 / per_token)
+    assert runs["wide"].config.train.max_tokens < runs["baseline"].config.train.max_tokens
+
+
+def test_match_params_resizes_ffn_within_tolerance(tmp_path):
+    s = spec(tmp_path, match_params=True, variants={"mlp": ["model.ffn.kind=mlp", "model.ffn.hidden=32"],
+                                                    "mqa": ["model.mixer.n_kv_heads=1"]})
+    runs = {r.variant: r for r in plan(s, tmp_path, tmp_path / "sweep")}
+
+    def params(r):
+        with torch.device("meta"):
+            return af.CausalLM(r.config.model).num_params()
+
+    target = params(runs["baseline"])
+    for name in ("mlp", "mqa"):
+        assert abs(params(runs[name]) - target) <= 0.02 * target
+        change = runs[name].changes["match_params"]
+        assert change["params_after"] == params(runs[name]) and change["target"] == target
+    assert runs["mlp"].changes["match_params"]["changed"]["model.ffn.hidden"][0] == 32
+    assert runs["mlp"].config.model.ffn.hidden != 32
+
+
+def test_lr_grid_and_bad_variants(tmp_path):
+    s = spec(tmp_path, variants={"mqa": {"overrides": ["model.mixer.n_kv_heads=1"], "lr": [1e-3, 3e-3]}})
+    ids = [r.run_id for r in plan(s, tmp_path, tmp_path / "sweep")]
+    assert "mqa-lr0.001-s0" in ids and "mqa-lr0.003-s1" in ids
+    assert [r.config.optimizer.lr for r in plan(s, tmp_path, tmp_path / "s") if r.variant == "mqa"] == [1e-3, 1e-3, 3e-3, 3e-3]
+    with pytest.raises(ConfigError, match=r"(?s)variant .typo.: .*model.mixer.nheads: unknown key"):
+        plan(spec(tmp_path, variants={"typo": ["model.mixer.nheads=2"]}), tmp_path, tmp_path / "s")
+    with pytest.raises(ConfigError, match="exactly one of tokens, flops or seconds"):
+        validate(SweepSpec, {"name": "x", "base": {}, "budget": {"tokens": 1, "seconds": 2}})
+    with pytest.raises(ConfigError, match="repeats a seed"):
+        validate(SweepSpec, {"name": "x", "base": {}, "budget": {"tokens": 1}, "seeds": [1, 1]})
+
+
+def test_runner_records_results_failures_and_skips_finished_runs(tmp_path):
+    s = spec(tmp_path, variants={"mqa": ["model.mixer.n_kv_heads=1"], "broken": ["model.vocab_size=100"]})
+    sweep_dir = tmp_path / "sweep"
+    counts = SweepRunner(s, tmp_path, sweep_dir).run()
+    assert counts["done"] == 4 and counts["failed"] == 2
+    store = Store(sweep_dir / "results.sqlite")
+    runs = {r["run_id"]: r for r in store.runs()}
+    assert runs["broken-s0"]["status"] == "failed" and "vocab_size=100 is smaller" in runs["broken-s0"]["error"]
+    finals = store.finals()
+    assert {f["run_id"] for f in finals} == {"baseline-s0", "baseline-s1", "mqa-s0", "mqa-s1"}
+    assert len({f["stream_hash"] for f in finals}) == 1  # every run read the identical token stream
+    assert all(f["tokens"] == 8 * 32 * 6 for f in finals)
+    evals = store.metrics("mqa-s1", "eval")
+    assert [e["step"] for e in evals] == [0, 4, 6] and all(e["val_loss"] > 0 for e in evals)
+    assert store.sweep()["name"] == "t" and "git_sha" in store.sweep()["env_json"]
+    log = sweep_dir / "runs" / "baseline-s0" / "train.log"
+    before = log.read_text()
+    counts = SweepRunner(s, tmp_path, sweep_dir).run()  # finished runs are skipped, failed ones retried
+    assert log.read_text() == before and counts["done"] == 4
+
+
+def test_shipped_sweeps_plan(tmp_path):
+    root = Path(__file__).resolve().parents[1] / "configs" / "sweeps"
+    paths = sorted(root.glob("*.yaml"))
+    assert {p.stem for p in paths} >= {"demo"}
+    for path in paths:
+        spec_, where = load_sweep(path)
+        runs = plan(spec_, where, tmp_path / path.stem)
+        assert len({r.variant for r in runs}) >= 3, path
+        assert len(spec_.seeds) >= 2, path
