@@ -1,0 +1,119 @@
+"""Training throughput and peak memory of every registered sequence mixer on CPU.
+
+    python benchmarks/mixers_cpu.py [--steps 5] [--threads 2] [--kinds attention mamba2 ...]
+                                    [--out benchmarks/results/mixers_cpu.json]
+
+Each mixer's own defaults at d_model 256, 4 layers, T=256, B=8, fp32, SwiGLU FFN, vocab 4096; one
+training step = forward + backward + AdamW. The baseline is grouped-query attention (8 heads, 2 kv
+heads). Peak memory is the peak RSS growth of a child process running that mixer alone. Target (issue 3):
+every mixer at >= 0.3x the GQA baseline's tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+D, LAYERS, T, B, VOCAB = 256, 4, 256, 8, 4096
+BASELINE = {"kind": "attention", "n_heads": 8, "n_kv_heads": 2}
+
+
+def model_config(mixer: dict) -> dict:
+    return {"vocab_size": VOCAB, "d_model": D, "n_layers": LAYERS, "max_seq_len": T, "mixer": mixer,
+            "ffn": {"kind": "swiglu"}, "position": {"kind": "rope"}}
+
+
+def measure(mixer: dict, steps: int, warmup: int, threads: int, queue) -> None:
+    import torch
+
+    import archifactory as af
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = af.CausalLM(af.load_model_config(model_config(mixer)))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    ids = torch.randint(0, VOCAB, (B, T + 1))
+
+    def step():
+        model(ids[:, :-1], ids[:, 1:]).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    elapsed = time.perf_counter() - start
+    queue.put({
+        "tokens_per_s": steps * B * T / elapsed,
+        "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
+        "params": model.num_params(),
+        "kernel_paths": sorted(set(model.kernel_paths().values())),
+    })
+
+
+def run_isolated(mixer: dict, args) -> dict:
+    queue = mp.get_context("spawn").Queue()
+    proc = mp.get_context("spawn").Process(target=measure, args=(mixer, args.steps, args.warmup, args.threads, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kinds", nargs="*", default=None)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    import torch
+
+    from archifactory.registry import MIXERS
+
+    kinds = args.kinds or [k for k in MIXERS.kinds() if k != "attention"]
+    rows = [{"mixer": "attention (GQA 8/2)", **run_isolated(BASELINE, args)}]
+    base = rows[0]["tokens_per_s"]
+    for kind in kinds:
+        try:
+            rows.append({"mixer": kind, **run_isolated({"kind": kind}, args)})
+        except Exception as err:  # a mixer that fails to build at these shapes is reported, not fatal
+            rows.append({"mixer": kind, "error": str(err)})
+    print(f"{'mixer':<24}{'params':>12}{'tok/s':>10}{'vs GQA':>8}{'peak MB':>10}  kernels")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['mixer']:<24}  error: {r['error']}")
+            continue
+        r["ratio_vs_gqa"] = round(r["tokens_per_s"] / base, 3)
+        print(f"{r['mixer']:<24}{r['params']:>12,}{r['tokens_per_s']:>10,.0f}{r['ratio_vs_gqa']:>8.2f}"
+              f"{r['peak_rss_growth_mb']:>10.0f}  {','.join(r['kernel_paths'])}")
+    if args.out:
+        record = {
+            "benchmark": "mixers_cpu",
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(["python", *sys.argv]),
+            "device": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+            "torch": torch.__version__,
+            "shape": {"d_model": D, "n_layers": LAYERS, "seq_len": T, "batch": B, "vocab": VOCAB, "dtype": "fp32"},
+            "results": rows,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
