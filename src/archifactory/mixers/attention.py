@@ -107,7 +107,10 @@ class KVCache:
 
 
 class Attention(Mixer):
-    def __init__(self, cfg: AttentionConfig, ctx: BuildContext) -> None:
+    """With ``output_projection=False`` the module returns the concatenated heads ``(B, T, H * hd)``
+    without ``o_proj``, for mixers that fuse attention with other heads before one projection (Hymba)."""
+
+    def __init__(self, cfg: AttentionConfig, ctx: BuildContext, output_projection: bool = True) -> None:
         super().__init__(ctx)
         d = ctx.d_model
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
@@ -117,7 +120,7 @@ class Attention(Mixer):
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.out_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.out_bias) if output_projection else None
         self.q_norm = ctx.norm.build_for(self.head_dim) if cfg.qk_norm else None
         self.k_norm = ctx.norm.build_for(self.head_dim) if cfg.qk_norm else None
         relative = ctx.position.build_relative(self.head_dim, self.n_heads)
@@ -130,7 +133,8 @@ class Attention(Mixer):
     def reset_parameters(self) -> None:
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             init_linear(proj, self.std)
-        init_linear(self.o_proj, self.out_std)
+        if self.o_proj is not None:
+            init_linear(self.o_proj, self.out_std)
         for norm in (self.q_norm, self.k_norm):
             if norm is not None:
                 norm.reset_parameters()
@@ -153,8 +157,8 @@ class Attention(Mixer):
             k, v, k_pos = cache.update(k, v)
         else:
             k_pos = q_pos
-        y = self.attend(q, k, v, q_pos, k_pos)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), cache
+        y = self.attend(q, k, v, q_pos, k_pos).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return (y if self.o_proj is None else self.o_proj(y)), cache
 
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """``None`` for plain causal attention over a fresh sequence; otherwise a boolean ``(Tq, Tk)``
@@ -192,13 +196,16 @@ class Attention(Mixer):
         probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)
         return probs @ v
 
-    def flops_per_token(self, seq_len: int) -> int:
-        # Each query position t attends to min(t + 1, window) keys: QK^T and PV are 2 FLOPs per
-        # multiply-add each, over every head's channels.
+    def score_flops(self, seq_len: int) -> float:
+        """QK^T and PV per token: query position t attends to min(t + 1, window) keys, 2 FLOPs per
+        multiply-add each, over every head's channels."""
         w = seq_len if self.window is None else min(self.window, seq_len)
         mean_keys = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len  # sum_t min(t + 1, w) / T
-        attn = 4 * self.n_heads * self.head_dim * mean_keys
-        return int(linear_flops(self.q_proj, self.k_proj, self.v_proj, self.o_proj) + attn)
+        return 4 * self.n_heads * self.head_dim * mean_keys
+
+    def flops_per_token(self, seq_len: int) -> int:
+        projections = [self.q_proj, self.k_proj, self.v_proj] + ([self.o_proj] if self.o_proj is not None else [])
+        return int(linear_flops(*projections) + self.score_flops(seq_len))
 
     def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
         kept = seq_len if self.window is None else min(seq_len, self.window)

@@ -112,8 +112,7 @@ class Hymba(Mixer):
         d_inner = cfg.d_inner(ctx.d_model)
         # The attention heads: Attention with its output projection removed, so that it returns the
         # heads' output (B, T, d_inner); the one projection after the fusion is ``out_proj`` below.
-        self.attn = Attention(cfg.attention_config(ctx.d_model), ctx)
-        self.attn.o_proj = nn.Identity()
+        self.attn = Attention(cfg.attention_config(ctx.d_model), ctx, output_projection=False)
         self.ssm = Mamba2Heads(cfg, ctx)
         # β1 ⊙ norm(.) of the attention branch; the SSM branch's gated RMSNorm carries β2.
         self.attn_norm = ctx.norm.build_for(d_inner)
@@ -122,11 +121,9 @@ class Hymba(Mixer):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        for proj in (self.attn.q_proj, self.attn.k_proj, self.attn.v_proj):
-            init_linear(proj, self.std)
-        for norm in (self.attn.q_norm, self.attn.k_norm, self.attn_norm):
-            if hasattr(norm, "reset_parameters"):
-                norm.reset_parameters()
+        self.attn.reset_parameters()
+        if hasattr(self.attn_norm, "reset_parameters"):
+            self.attn_norm.reset_parameters()
         self.ssm.reset_parameters()
         init_linear(self.out_proj, self.out_std)
 
@@ -142,15 +139,9 @@ class Hymba(Mixer):
         return self.out_proj(fused), cache
 
     def flops_per_token(self, seq_len: int) -> int:
-        # Projections and attention scores as Attention counts them (QK^T and PV, 2 FLOPs per multiply-add,
-        # keys limited by the window), plus the SSM heads' own count (see Mamba2Heads.flops_per_token).
-        a = self.attn
-        keys = torch.arange(1, seq_len + 1)
-        if a.window is not None:
-            keys = keys.clamp(max=a.window)
-        scores = 4 * a.n_heads * a.head_dim * float(keys.float().mean())
-        projections = linear_flops(a.q_proj, a.k_proj, a.v_proj, self.out_proj)
-        return int(projections + scores) + self.ssm.flops_per_token(seq_len)
+        # the attention heads as Attention counts them (it has no o_proj here), the fused output
+        # projection, and the SSM heads' own count (see Mamba2Heads.flops_per_token)
+        return self.attn.flops_per_token(seq_len) + linear_flops(self.out_proj) + self.ssm.flops_per_token(seq_len)
 
     def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
         return self.attn.state_bytes(seq_len, dtype) + self.ssm.state_bytes(seq_len, dtype)
