@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 import archifactory as af
 from archifactory.config import ConfigError, validate

@@ -32,7 +32,7 @@ from archifactory.data.shards import build_shards
 from archifactory.model.lm import CausalLM
 from archifactory.train import checkpoint as ckpt
 from archifactory.train.config import RunConfig
-from archifactory.train.distributed import DistInfo, all_reduce_mean, barrier, init_distributed, shutdown
+from archifactory.train.distributed import all_reduce_mean, barrier, init_distributed, shutdown
 from archifactory.train.metrics import MetricsWriter, device_name, device_peak_flops, peak_memory_bytes
 from archifactory.train.optim import build_optimizer, set_lr
 from archifactory.train.schedule import lr_multiplier
