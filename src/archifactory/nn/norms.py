@@ -29,8 +29,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 (as Llama does) so bf16 activations do not lose the mean square.
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight.to(x.dtype)
+        # Normalise in at least fp32 (as Llama does) so bf16 activations do not lose the mean square;
+        # fp64 stays fp64.
+        compute = torch.promote_types(x.dtype, torch.float32)
+        return F.rms_norm(x.to(compute), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight.to(x.dtype)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
