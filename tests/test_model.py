@@ -323,3 +323,21 @@ def test_save_and_load_round_trip(tmp_path):
 def test_kernel_paths_recorded():
     model = model_from(**HYBRID)
     assert model.kernel_paths() == {0: "torch.sdpa", 1: "torch.sdpa", 2: "torch.sdpa", 3: "torch.explicit"}
+
+
+def test_stateful_ffn_cached_decoding_equals_full_forward():
+    # RWKV-6 (Finch): time-mix mixer + channel-mix FFN, both token-shifting, both carry decoding state
+    model = model_from(mixer={"kind": "rwkv6"}, ffn={"kind": "rwkv6_channel_mix"}).eval()
+    randomize_norms(model)
+    ids = torch.randint(0, 97, (2, 12))
+    full = model(ids).logits
+    cache = model.init_cache(2)
+    assert all(c is not None for c in cache.ffn_layers)
+    steps = torch.cat([model(ids[:, :4], cache=cache).logits] +
+                      [model(ids[:, t : t + 1], cache=cache).logits for t in range(4, 12)], 1)
+    torch.testing.assert_close(steps, full, atol=1e-5, rtol=1e-5)
+    greedy = model.generate(ids[:, :3], 5, temperature=0)
+    loop = ids[:, :3]
+    for _ in range(5):
+        loop = torch.cat([loop, model(loop).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(greedy, loop)

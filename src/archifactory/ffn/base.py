@@ -1,4 +1,4 @@
-"""The FFN contract: ``forward(x) -> (y, aux_losses)``. Auxiliary losses (MoE balancing, router z-loss)
+"""The FFN contract: ``forward(x) -> (y, aux_losses)`` (``forward(x, cache)`` for FFNs with state). Auxiliary losses (MoE balancing, router z-loss)
 are returned, already weighted, so the model sums them into the training loss; nothing is kept in
 globals."""
 
@@ -20,6 +20,11 @@ class FFNConfig(Component):
 class FFN(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, AuxLosses]:  # pragma: no cover
         raise NotImplementedError
+
+    def init_cache(self, batch_size: int, device, dtype):
+        """State carried between decoding steps, or ``None`` for a position-wise FFN. An FFN with state
+        (e.g. RWKV's token-shifting channel mix) takes it as ``forward(x, cache)`` and updates it."""
+        return None
 
     def flops_per_token(self) -> int:  # pragma: no cover
         raise NotImplementedError

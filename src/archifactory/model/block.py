@@ -29,31 +29,35 @@ class Block(nn.Module):
             residual
         ]
 
-    def forward(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any, AuxLosses]:
-        return self._forward(x, cache)
+    def forward(self, x: torch.Tensor, cache: Any = None, ffn_cache: Any = None) -> tuple[torch.Tensor, Any, AuxLosses]:
+        """``cache``: the mixer's; ``ffn_cache``: the FFN's, for FFNs with state (None for most)."""
+        return self._forward(x, cache, ffn_cache)
 
-    def _pre(self, x, cache):
+    def _ffn(self, h, ffn_cache):
+        return self.ffn(h) if ffn_cache is None else self.ffn(h, ffn_cache)
+
+    def _pre(self, x, cache, ffn_cache):
         h, cache = self.mixer(self.mixer_norm(x), cache)
         x = x + h
-        f, aux = self.ffn(self.ffn_norm(x))
+        f, aux = self._ffn(self.ffn_norm(x), ffn_cache)
         return x + f, cache, aux
 
-    def _post(self, x, cache):
+    def _post(self, x, cache, ffn_cache):
         h, cache = self.mixer(x, cache)
         x = self.mixer_norm(x + h)
-        f, aux = self.ffn(x)
+        f, aux = self._ffn(x, ffn_cache)
         return self.ffn_norm(x + f), cache, aux
 
-    def _sandwich(self, x, cache):
+    def _sandwich(self, x, cache, ffn_cache):
         h, cache = self.mixer(self.mixer_norm(x), cache)
         x = x + self.mixer_post_norm(h)
-        f, aux = self.ffn(self.ffn_norm(x))
+        f, aux = self._ffn(self.ffn_norm(x), ffn_cache)
         return x + self.ffn_post_norm(f), cache, aux
 
-    def _parallel(self, x, cache):
+    def _parallel(self, x, cache, ffn_cache):
         normed = self.mixer_norm(x)
         h, cache = self.mixer(normed, cache)
-        f, aux = self.ffn(normed)
+        f, aux = self._ffn(normed, ffn_cache)
         return x + h + f, cache, aux
 
     def norms(self) -> list[nn.Module]:

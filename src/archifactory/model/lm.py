@@ -36,6 +36,9 @@ class LMOutput:
 @dataclasses.dataclass
 class ModelCache:
     layers: list[Any]
+    """Each block's mixer cache (KV cache or recurrent state)."""
+    ffn_layers: list[Any] = dataclasses.field(default_factory=list)
+    """Each block's FFN cache (None for position-wise FFNs)."""
     pos: int = 0
 
 
@@ -87,7 +90,10 @@ class CausalLM(nn.Module):
     def init_cache(self, batch_size: int, device: torch.device | str | None = None, dtype=None) -> ModelCache:
         device = device or self.embed.weight.device
         dtype = dtype or self.embed.weight.dtype
-        return ModelCache([block.mixer.init_cache(batch_size, device, dtype) for block in self.blocks])
+        return ModelCache(
+            [block.mixer.init_cache(batch_size, device, dtype) for block in self.blocks],
+            [block.ffn.init_cache(batch_size, device, dtype) for block in self.blocks],
+        )
 
     def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None):
         """Run embedding and blocks; returns the trunk output (before the final norm) and summed aux losses."""
@@ -101,7 +107,8 @@ class CausalLM(nn.Module):
         aux: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
-            x, layer_cache, block_aux = block(x, layer_cache)
+            ffn_cache = cache.ffn_layers[i] if cache is not None else None
+            x, layer_cache, block_aux = block(x, layer_cache, ffn_cache)
             if cache is not None:
                 cache.layers[i] = layer_cache
             for name, value in block_aux.items():
