@@ -77,15 +77,24 @@ CREATE TABLE IF NOT EXISTS final (
 
 
 class Store:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        """``read_only``: open an existing database without writing (reports on read-only media)."""
         self.path = Path(path)
+        self.read_only = read_only
+        if read_only:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"results database not found: {self.path}")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.transaction() as db:
             db.executescript(SCHEMA)
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=60)
+        if self.read_only:
+            db = sqlite3.connect(f"file:{self.path.resolve()}?mode=ro", uri=True, timeout=60)
+        else:
+            db = sqlite3.connect(self.path, timeout=60)
         db.row_factory = sqlite3.Row
         try:
             yield db

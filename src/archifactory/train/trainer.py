@@ -396,7 +396,7 @@ class Trainer:
             "state_bytes": self.model.state_bytes(tc.seq_len),
             "peak_mem_bytes": peak_memory_bytes(self.device),
             "kernel_paths": {str(k): v for k, v in self.model.kernel_paths().items()},
-            "stream_hash": self.loader.stream_hash(min(self.step * self.accum, 64)),
+            "stream_hash": self.loader.stream_hash(self.step * self.accum),  # every micro-batch read
             "corpus_fingerprint": self.shards.manifest["corpus_fingerprint"],
             "tokenizer_hash": self.shards.manifest["tokenizer_hash"],
             "device": device_name(self.device),

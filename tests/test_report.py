@@ -1,0 +1,499 @@
+"""Sweep statistics and report: numbers against scipy computed independently and closed forms, and the
+HTML page opened in headless Chromium (Debian's ``chromium``), driven over the DevTools protocol."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import re
+import select
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from archifactory.sweep import stats as st
+from archifactory.sweep.report import write_report
+from archifactory.sweep.store import Store
+
+# ------------------------------------------------------------------------------- a synthetic sweep
+
+SEEDS = (0, 1, 2)
+TOKENS_PER_STEP = 16 * 128
+STEPS = 300
+VOCAB = 2048
+ERROR_TEXT = "exit code 1\nRuntimeError: CUDA out of memory <while> allocating & 'expert' buffers | step 120"
+
+
+def run_config(variant: str, seed: int) -> dict:
+    """A resolved run config shaped like ``RunConfig.model_dump(mode="json")``."""
+    ffn = {"kind": "swiglu", "hidden": 352, "multiple_of": 32, "bias": False}
+    mixer = {"kind": "attention", "n_heads": 4, "n_kv_heads": 4, "head_dim": None, "qk_norm": False}
+    if variant == "gqa":
+        mixer["n_kv_heads"] = 1
+    if variant == "moe":
+        ffn = {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden": 176, "n_shared_experts": 0}
+    return {
+        "name": f"{variant}-s{seed}",
+        "model": {"vocab_size": VOCAB, "d_model": 128, "n_layers": 4, "mixer": mixer, "ffn": ffn, "norm": "rmsnorm",
+                  "position": {"kind": "rope", "theta": 10000.0}, "layer_overrides": []},
+        "data": {"corpus": {"kind": "shakespeare"}, "tokenizer": {"kind": "bpe"}, "cache_dir": None, "seed": 0},
+        "optimizer": {"name": "adamw", "lr": 0.003, "betas": [0.9, 0.95], "weight_decay": 0.1},
+        "schedule": {"kind": "cosine", "warmup_steps": 20, "min_lr_ratio": 0.1},
+        "train": {"seq_len": 128, "batch_size": 16, "max_steps": None, "max_tokens": STEPS * TOKENS_PER_STEP,
+                  "max_time_s": None, "seed": seed, "eval_every": 25, "log_every": 5},
+        "out_dir": f"sweeps/demo/runs/{variant}-s{seed}",
+    }
+
+
+# variant -> (description, overrides, asymptotic loss, tokens/s, params, state bytes)
+VARIANTS = {
+    "baseline": ("", [], 3.10, 52000.0, 1_180_000, 4 * 2 * 128 * 128 * 4),
+    "gqa": ("one KV head <shared>", ["model.mixer.n_kv_heads=1"], 3.115, 56000.0, 1_130_000, 4 * 2 * 32 * 128 * 4),
+    "moe": ("", ["model.ffn.kind=moe", "model.ffn.n_experts=4"], 3.05, 41000.0, 1_650_000, 4 * 2 * 128 * 128 * 4),
+}
+FAILED = ("moe", 2)
+
+
+def curves(variant: str, seed: int):
+    """Power-law loss curves, seed-dependent offset and noise; eval every 25 steps, train every 5."""
+    rng = np.random.default_rng(1000 * seed + sum(map(ord, variant)))
+    final_floor, tps = VARIANTS[variant][2], VARIANTS[variant][3]
+    # a seed's offset is mostly shared by all variants (same init seed, same stream): what pairing removes
+    offset = (0.0, 0.025, -0.015)[seed] + rng.normal(0, 0.006)
+
+    def loss_at(tokens, noise):
+        return final_floor + offset + (math.log(VOCAB) - final_floor) * (1 + tokens / 1.5e4) ** -0.75 + noise
+
+    metrics = []
+    for step in range(0, STEPS + 1, 5):
+        tokens, elapsed = step * TOKENS_PER_STEP, step * TOKENS_PER_STEP / tps * (1 + rng.normal(0, 0.01))
+        if step:
+            metrics.append({"kind": "train", "step": step, "tokens": tokens, "elapsed_s": elapsed,
+                            "loss": loss_at(tokens, rng.normal(0, 0.04)), "lr": 3e-3, "tokens_per_s": tps})
+        if step % 25 == 0:
+            val = loss_at(tokens, rng.normal(0, 0.004))
+            record = {"kind": "eval", "step": step, "tokens": tokens, "val_loss": val,
+                      "val_bpb": val * 0.4321 + rng.normal(0, 0.002)}
+            if step:
+                record["elapsed_s"] = elapsed
+            metrics.append(record)
+    return metrics
+
+
+def build_sweep(sweep_dir: Path) -> dict[tuple[str, int], dict]:
+    """A results store as the runner writes it; returns the final figures by (variant, seed)."""
+    store = Store(sweep_dir / "results.sqlite")
+    spec = ("name: demo <sweep>\nbase: configs/runs/shakespeare-tiny.yaml\nseeds: [0, 1, 2]\n"
+            "budget: {tokens: 614400.0, flops: null, seconds: null}\nvariants:\n"
+            "  gqa: {overrides: [model.mixer.n_kv_heads=1]}\n  moe: [model.ffn.kind=moe]\n")
+    store.set_sweep("demo <sweep>", spec, {"git_sha": "0123abcd", "torch": "2.13.0", "python": "3.11.7",
+                                           "device": "cpu (2 cores)"})
+    finals = {}
+    for variant, (description, overrides, _, tps, params, state) in VARIANTS.items():
+        for seed in SEEDS:
+            run_id = f"{variant}-s{seed}"
+            store.add_run(run_id, variant, seed, None, variant == "baseline", run_config(variant, seed),
+                          {"overrides": overrides, "description": description, "match_params": None},
+                          f"sweeps/demo/runs/{run_id}")
+            store.mark(run_id, "running")
+            if (variant, seed) == FAILED:
+                store.mark(run_id, "failed", ERROR_TEXT)
+                continue
+            metrics = curves(variant, seed)
+            last = [m for m in metrics if m["kind"] == "eval"][-1]
+            summary = {
+                "val_loss": last["val_loss"], "val_bpb": last["val_bpb"], "val_ppl": math.exp(last["val_loss"]),
+                "params": params, "active_params": params if variant != "moe" else 1_180_000,
+                "flops_per_token_train": 6.0 * params, "tokens_per_s": tps * (1 + 0.01 * seed),
+                "peak_mem_bytes": None, "state_bytes": state, "tokens": STEPS * TOKENS_PER_STEP,
+                "elapsed_s": STEPS * TOKENS_PER_STEP / tps, "stream_hash": "9f3c2a1b7d6e5f40",
+                "kernel_paths": {str(i): "sdpa" if i < 3 else "torch" for i in range(4)}, "device": "cpu",
+                "world_size": 1, "torch": "2.13.0", "python": "3.11.7",
+                "corpus_fingerprint": "abc", "tokenizer_hash": "def",
+            }
+            store.record_results(run_id, metrics, summary)
+            finals[(variant, seed)] = summary
+    return finals
+
+
+# ------------------------------------------------------------------------- statistics, closed forms
+
+
+def test_mean_ci_matches_scipy_and_closed_form():
+    x = [3.21, 3.25, 3.18, 3.30]
+    ci = st.mean_ci(x)
+    low, high = scipy_stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=scipy_stats.sem(x))
+    assert ci.n == 4 and ci.mean == pytest.approx(np.mean(x), abs=1e-12)
+    assert (ci.low, ci.high) == (pytest.approx(low, abs=1e-12), pytest.approx(high, abs=1e-12))
+    # closed form with 3 values: mean 2, s = 1, t_{0.975,2} = sqrt(2 a^2 / (1 - a^2)), a = 0.95
+    # (the Student t CDF with 2 degrees of freedom is 1/2 + t / (2 sqrt(2 + t^2)))
+    t2 = math.sqrt(2 * 0.95**2 / (1 - 0.95**2))
+    ci = st.mean_ci([1.0, 2.0, 3.0])
+    assert ci.half_width == pytest.approx(t2 / math.sqrt(3), abs=1e-12)
+    assert st.mean_ci([2.5]).low is None and st.mean_ci([2.5]).n == 1
+    assert st.mean_ci([2.5, 2.5]).half_width == 0.0
+    assert st.mean_ci([]).n == 0
+
+
+def _rows(variant, values, baseline=False, lr=None, **extra):
+    return [{"run_id": f"{variant}-{lr}-s{seed}", "variant": variant, "seed": seed, "lr": lr,
+             "is_baseline": int(baseline), "val_loss": v, **extra} for seed, v in values.items()]
+
+
+def test_paired_difference_matches_ttest_rel_on_common_seeds():
+    base = _rows("baseline", {0: 3.20, 1: 3.26, 2: 3.22, 3: 3.31, 7: 3.0}, baseline=True)
+    var = _rows("mla", {0: 3.17, 1: 3.25, 2: 3.18, 3: 3.27, 9: 2.0})  # seeds 7 and 9 have no partner
+    d = st.paired_difference(var, base)
+    a, b = [3.17, 3.25, 3.18, 3.27], [3.20, 3.26, 3.22, 3.31]
+    ref = scipy_stats.ttest_rel(a, b)
+    ref_ci = ref.confidence_interval(0.95)
+    assert d.seeds == [0, 1, 2, 3] and d.n_pairs == 4
+    assert d.mean_diff == pytest.approx(np.mean(np.subtract(a, b)), abs=1e-12)
+    assert d.t_statistic == pytest.approx(ref.statistic, rel=1e-10)
+    assert d.p_value == pytest.approx(ref.pvalue, rel=1e-10)
+    assert (d.ci_low, d.ci_high) == (pytest.approx(ref_ci.low, abs=1e-12), pytest.approx(ref_ci.high, abs=1e-12))
+    assert d.significant == (ref.pvalue < 0.05)
+
+
+def test_paired_difference_closed_form_two_degrees_of_freedom():
+    # differences 1, 2, 3: mean 2, s_d = 1, t = 2 sqrt(3), and with 2 degrees of freedom the two-sided
+    # p-value is 1 - t / sqrt(2 + t^2) = 1 - sqrt(12/14)
+    base = _rows("baseline", {0: 0.0, 1: 0.0, 2: 0.0}, baseline=True)
+    var = _rows("v", {0: 1.0, 1: 2.0, 2: 3.0})
+    d = st.paired_difference(var, base)
+    assert d.t_statistic == pytest.approx(2 * math.sqrt(3), rel=1e-12)
+    assert d.p_value == pytest.approx(1 - math.sqrt(12 / 14), rel=1e-9)
+    assert d.significant is False  # p = 0.074
+    t2 = math.sqrt(2 * 0.95**2 / (1 - 0.95**2))
+    assert d.ci_low == pytest.approx(2 - t2 / math.sqrt(3), abs=1e-12)
+
+
+def test_no_test_with_fewer_than_two_pairs_or_no_spread():
+    base = _rows("baseline", {0: 3.2, 1: 3.3}, baseline=True)
+    one = st.paired_difference(_rows("v", {1: 3.1, 5: 3.0}), base)
+    assert one.n_pairs == 1 and one.p_value is None and one.significant is None and one.note.startswith("n<2")
+    assert one.mean_diff == pytest.approx(-0.2)
+    none = st.paired_difference(_rows("v", {4: 3.1}), base)
+    assert none.n_pairs == 0 and none.mean_diff is None and none.note.startswith("n<2")
+    flat = st.paired_difference(_rows("v", {0: 3.1, 1: 3.2}), base)
+    assert flat.p_value is None and flat.note.startswith("zero variance")
+
+
+def test_best_lr_runs_keeps_the_lowest_mean_loss_per_variant():
+    finals = (_rows("baseline", {0: 3.2, 1: 3.3}, baseline=True)
+              + _rows("v", {0: 3.0, 1: 3.4}, lr=1e-3)  # mean 3.2
+              + _rows("v", {0: 3.1, 1: 3.2}, lr=3e-3)  # mean 3.15: kept
+              + _rows("v", {0: 3.5}, lr=1e-2))
+    kept, choices = st.best_lr_runs(finals)
+    assert {(r["variant"], r["lr"]) for r in kept} == {("baseline", None), ("v", 3e-3)}
+    assert set(choices) == {"v"} and choices["v"].chosen_lr == 3e-3
+    assert choices["v"].mean_val_loss_by_lr[1e-3] == pytest.approx(3.2)
+    assert choices["v"].n_seeds_by_lr == {1e-3: 2, 3e-3: 2, 1e-2: 1}
+    with pytest.raises(ValueError, match="best_lr_runs"):
+        st.variant_stats(finals)
+
+
+def test_fairness_lists_runs_with_another_stream():
+    finals = (_rows("baseline", {0: 3.2, 1: 3.3}, baseline=True, stream_hash="aaa", tokens=100)
+              + _rows("v", {0: 3.1}, stream_hash="aaa", tokens=100)
+              + _rows("w", {0: 3.1}, stream_hash="bbb", tokens=90))
+    runs = [{"run_id": r["run_id"], "config_json": json.dumps({"train": {"max_tokens": 100}})} for r in finals]
+    f = st.fairness(runs, finals, "budget: {tokens: 100}\n")
+    assert not f.stream_hash_identical and f.reference_hash == "aaa"
+    assert [d["variant"] for d in f.differing] == ["w"]
+    assert not f.tokens_identical and f.budgets_identical and f.spec_budget == {"tokens": 100}
+    same = st.fairness(runs[:3], finals[:3])
+    assert same.stream_hash_identical and same.tokens_identical
+
+
+def test_config_diff_flattens_and_ignores_names_and_seeds():
+    base, var = run_config("baseline", 0), run_config("moe", 1)
+    diff = {k: (b, v) for k, b, v in st.config_diff(var, base)}
+    assert diff["model.ffn.kind"] == ("swiglu", "moe")
+    assert diff["model.ffn.hidden"] == (352, st.MISSING) and diff["model.ffn.n_experts"] == (st.MISSING, 4)
+    assert not any(k in diff for k in ("name", "out_dir", "train.seed"))
+    assert st.flatten({"a": [{"b": 1}, 2], "c": {}}) == {"a[0].b": 1, "a[1]": 2, "c": {}}
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def md_tables(markdown: str) -> list[list[list[str]]]:
+    """Every pipe table of a Markdown text, as rows of cells (unescaped pipes split cells)."""
+    tables, current = [], []
+    for line in markdown.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if not all(set(c) <= set("-:") for c in cells):
+                current.append(cells)
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+def table_with(tables, first_header: str, contains: str) -> list[list[str]]:
+    return next(t for t in tables if t[0][0] == first_header and contains in t[0])
+
+
+def test_report_numbers_match_scipy(tmp_path):
+    finals = build_sweep(tmp_path)
+    html_path, md_path = write_report(tmp_path)
+    markdown = md_path.read_text()
+    results = table_with(md_tables(markdown), "variant", "val loss (95% CI)")
+    rows = {r[0]: dict(zip(results[0], r)) for r in results[1:]}
+    assert list(rows) == ["baseline", "gqa", "moe"]  # baseline first, then the runner's order
+    for variant in VARIANTS:
+        seeds = [s for s in SEEDS if (variant, s) in finals]
+        row = rows[variant]
+        assert row["seeds"] == f"{len(seeds)} / {len(SEEDS)}"
+        for key, column in (("val_loss", "val loss (95% CI)"), ("val_bpb", "bits/byte (95% CI)")):
+            x = [finals[(variant, s)][key] for s in seeds]
+            low, high = scipy_stats.t.interval(0.95, len(x) - 1, loc=np.mean(x), scale=scipy_stats.sem(x))
+            assert row[column] == f"{np.mean(x):.4f} ± {(high - low) / 2:.4f}"
+        if variant == "baseline":
+            continue
+        a = [finals[(variant, s)]["val_loss"] for s in seeds]
+        b = [finals[("baseline", s)]["val_loss"] for s in seeds]
+        ref = scipy_stats.ttest_rel(a, b)
+        ci = ref.confidence_interval(0.95)
+        delta = f"{np.mean(np.subtract(a, b)):+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]"
+        assert row["Δ loss vs baseline [95% CI]"] == delta
+        assert row["p (paired t)"] == f"{ref.pvalue:.4f}"
+        assert row["significant"] == ("yes" if ref.pvalue < 0.05 else "no")
+    comparison = table_with(md_tables(markdown), "variant", "Δ bits/byte")
+    for row in comparison[1:]:
+        variant = row[0]
+        seeds = [s for s in SEEDS if (variant, s) in finals]
+        a = [finals[(variant, s)]["val_bpb"] for s in seeds]
+        b = [finals[("baseline", s)]["val_bpb"] for s in seeds]
+        ref = scipy_stats.ttest_rel(a, b)
+        ci = ref.confidence_interval(0.95)
+        mean_diff = np.mean(np.subtract(a, b))
+        assert row[7:10] == [f"{mean_diff:+.4f}", f"[{ci.low:+.4f}, {ci.high:+.4f}]", f"{ref.pvalue:.4f}"]
+    assert rows["moe"]["params"] == "1.65M" and rows["gqa"]["state bytes (T=128)"] == "128 KiB"
+    assert rows["baseline"]["peak memory"] == "—"
+
+    # the page's other sections
+    for variant in VARIANTS:
+        assert f"### {variant}" in markdown or variant == "baseline"
+        assert f"| {variant} |" in markdown
+    assert "moe · seed 2 (failed)" in markdown and ERROR_TEXT in markdown  # inside a code block, verbatim
+    assert "✓ **token stream**: identical in all 8 finished runs (stream hash 9f3c2a1b7d6e5f40)" in markdown
+    assert "614,400 tokens per run" in markdown and "0123abcd" in markdown
+    assert "all 4 layers" not in markdown and "layers 0–2: sdpa; 3: torch" in markdown
+    diff = table_with(md_tables(markdown), "resolved config key", "moe")
+    assert ["model.ffn.kind", "swiglu", "moe"] in diff
+    for png in ("final", "val_loss_vs_tokens", "val_loss_vs_time", "train_loss_vs_tokens"):
+        assert f"(report_files/{png}.png)" in markdown
+        assert (tmp_path / "report_files" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the HTML: self-contained, every database string escaped
+    page = html_path.read_text()
+    assert "demo &lt;sweep&gt;" in page and "demo <sweep>" not in page
+    assert "one KV head &lt;shared&gt;" in page
+    assert html_escape_text(ERROR_TEXT) in page
+    links = re.findall(r"""\b(?:src|href|srcset)\s*=\s*["']?([^"'\s>]*)""", page, re.IGNORECASE)
+    assert len(links) == 5 and all(link.startswith("data:image/png;base64,") for link in links)
+    assert "<script" not in page.lower()
+
+
+def html_escape_text(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+def test_report_with_an_lr_grid_and_no_finished_variant(tmp_path):
+    store = Store(tmp_path / "results.sqlite")
+    store.set_sweep("grid", "name: grid\n", {})
+    rows = {("baseline", None): [3.2, 3.3], ("v", 1e-3): [3.25, 3.35], ("v", 3e-3): [3.1, 3.15]}
+    for (variant, lr), losses in rows.items():
+        for seed, loss in enumerate(losses):
+            run_id = f"{variant}-{lr}-s{seed}"
+            store.add_run(run_id, variant, seed, lr, variant == "baseline", run_config("baseline", seed),
+                          {"overrides": [] if lr is None else [f"optimizer.lr={lr}"], "match_params": None}, run_id)
+            store.record_results(run_id, [{"kind": "eval", "step": 0, "tokens": 0, "val_loss": 7.0},
+                                          {"kind": "eval", "step": 10, "tokens": 2048, "elapsed_s": 1.0,
+                                           "val_loss": loss}], {"val_loss": loss, "tokens": 2048})
+    store.add_run("w-s0", "w", 0, None, False, run_config("gqa", 0), {"overrides": ["x=1"]}, "w-s0")
+    store.mark("w-s0", "failed", None)
+    _, md_path = write_report(tmp_path)
+    markdown = md_path.read_text()
+    lr = table_with(md_tables(markdown), "variant", "kept")
+    assert ["v", "0.003", "2", "3.1250", "✓ lowest"] in lr and ["v", "0.001", "2", "3.3000", ""] in lr
+    results = table_with(md_tables(markdown), "variant", "val loss (95% CI)")
+    v = next(r for r in results if r[0] == "v")
+    assert v[3] == "0.003" and v[4].startswith("3.1250 ± ")
+    assert next(r for r in results if r[0] == "w")[2] == "0 / 1"
+    assert "(no error text recorded)" in markdown
+
+
+# ---------------------------------------------------------------------- the page in headless Chromium
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--disable-dev-shm-usage", "--host-resolver-rules=MAP * ~NOTFOUND"]
+
+
+def chromium_binary() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+class DevToolsPipe:
+    """The Chrome DevTools protocol over ``--remote-debugging-pipe``: Chromium reads JSON commands from
+    fd 3 and writes replies and events to fd 4, each message ended by a NUL byte (the transport
+    Puppeteer's ``pipe: true`` uses). No port, no websocket library."""
+
+    def __init__(self, chromium: str, profile: str) -> None:
+        to_chrome_r, self.to_chrome = os.pipe()
+        self.from_chrome, from_chrome_w = os.pipe()
+        # Chromium's ends go to fds >= 10 first, so that bash can then map them onto 3 and 4 without one
+        # redirection overwriting the other's source (dash only takes one-digit fds: hence bash).
+        child = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (to_chrome_r, from_chrome_w)]
+        for fd in (to_chrome_r, from_chrome_w):
+            os.close(fd)
+        script = f'exec "$0" "$@" 3<&{child[0]} 4>&{child[1]} {child[0]}<&- {child[1]}>&-'
+        self.proc = subprocess.Popen(
+            ["/bin/bash", "-c", script, chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+             "--remote-debugging-pipe", "about:blank"],
+            pass_fds=child, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        for fd in child:
+            os.close(fd)
+        self.buffer, self.next_id, self.events = b"", 0, []
+
+    def send(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 20) -> dict:
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params or {}}
+        if session:
+            message["sessionId"] = session
+        os.write(self.to_chrome, json.dumps(message).encode() + b"\0")
+        deadline = time.monotonic() + timeout
+        while True:
+            reply = self._read(deadline)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+            self.events.append(reply)
+
+    def wait_event(self, method: str, timeout: float = 20) -> dict:
+        deadline = time.monotonic() + timeout
+        for i, event in enumerate(self.events):
+            if event.get("method") == method:
+                return self.events.pop(i)
+        while True:
+            event = self._read(deadline)
+            if event.get("method") == method:
+                return event
+            self.events.append(event)
+
+    def _read(self, deadline: float) -> dict:
+        while b"\0" not in self.buffer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.from_chrome], [], [], left)[0]:
+                raise TimeoutError("no answer from Chromium over the DevTools pipe")
+            chunk = os.read(self.from_chrome, 1 << 20)
+            if not chunk:
+                raise RuntimeError("Chromium closed the DevTools pipe: "
+                                   + self.proc.stderr.read().decode(errors="replace")[-2000:])
+            self.buffer += chunk
+        message, self.buffer = self.buffer.split(b"\0", 1)
+        return json.loads(message)
+
+    def close(self) -> None:
+        try:
+            os.write(self.to_chrome, json.dumps({"id": 0, "method": "Browser.close"}).encode() + b"\0")
+            self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        finally:
+            os.close(self.to_chrome)
+            os.close(self.from_chrome)
+            self.proc.stderr.close()
+
+
+# Runs in the page after it loaded: each image decoded (HTMLImageElement.decode() rejects a broken image)
+# and has a natural size.
+IMAGES_CHECK = """(async () => {
+  const images = Array.from(document.images);
+  const decoded = await Promise.all(images.map(img => img.decode().then(() => true, () => false)));
+  return {title: document.title, readyState: document.readyState,
+          h2: Array.from(document.querySelectorAll("h2")).map(h => h.textContent),
+          images: images.map((img, i) => ({alt: img.alt, decoded: decoded[i], complete: img.complete,
+                                           width: img.naturalWidth, height: img.naturalHeight,
+                                           data: img.src.startsWith("data:image/png;base64,")})),
+          scripts: document.scripts.length,
+          overflowing: Array.from(document.querySelectorAll(".scroll"))
+                            .filter(box => box.scrollWidth > box.clientWidth).length,
+          bodyWidth: document.body.scrollWidth, tables: document.querySelectorAll("table").length};
+})()"""
+
+
+def open_in_chromium(page: Path) -> tuple[dict, list[dict]]:
+    """Load ``page`` headless; return the in-page check's result and the errors seen (exceptions, console
+    or log errors, failed or non-local requests)."""
+    chromium = chromium_binary()
+    with tempfile.TemporaryDirectory() as profile:
+        cdp = DevToolsPipe(chromium, profile)
+        try:
+            target = cdp.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+            session = cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+            for domain in ("Page", "Runtime", "Log", "Network"):
+                cdp.send(f"{domain}.enable", session=session)
+            cdp.send("Emulation.setDeviceMetricsOverride",
+                     {"width": 1280, "height": 900, "deviceScaleFactor": 1, "mobile": False}, session=session)
+            nav = cdp.send("Page.navigate", {"url": page.resolve().as_uri()}, session=session)
+            assert "errorText" not in nav, nav
+            cdp.wait_event("Page.loadEventFired")
+            result = cdp.send("Runtime.evaluate", {"expression": IMAGES_CHECK, "awaitPromise": True,
+                                                   "returnByValue": True}, session=session)
+            assert "exceptionDetails" not in result, result
+            errors = []
+            for event in cdp.events:
+                method, params = event.get("method"), event.get("params", {})
+                if (method in ("Runtime.exceptionThrown", "Network.loadingFailed")
+                        or (method == "Log.entryAdded" and params["entry"]["level"] == "error")
+                        or (method == "Runtime.consoleAPICalled" and params.get("type") == "error")
+                        or (method == "Network.requestWillBeSent"
+                            and not params["request"]["url"].startswith(("file:", "data:")))):
+                    errors.append(event)
+            return result["result"]["value"], errors
+        finally:
+            cdp.close()
+
+
+# CI installs Chromium and sets ARCHIFACTORY_REQUIRE_CHROMIUM=1, so there the test fails instead of skipping.
+@pytest.mark.skipif(
+    chromium_binary() is None and not os.environ.get("ARCHIFACTORY_REQUIRE_CHROMIUM"),
+    reason="Chromium is not installed (Debian: apt-get install chromium)",
+)
+def test_report_page_loads_in_headless_chromium(tmp_path):
+    build_sweep(tmp_path)
+    html_path, _ = write_report(tmp_path)
+    result, errors = open_in_chromium(html_path)
+    assert errors == []
+    assert result["title"] == "Sweep report: demo <sweep>" and result["readyState"] == "complete"
+    assert result["scripts"] == 0 and result["tables"] >= 5
+    assert result["h2"] == ["Results", "Plots", "What each variant changes", "Failed and unfinished runs",
+                            "Fairness", "Environment"]
+    assert len(result["images"]) == 5
+    for image in result["images"]:
+        assert image["data"] and image["complete"] and image["decoded"], image
+        assert image["width"] > 400 and image["height"] > 200, image
+    assert result["bodyWidth"] <= 1280, "the page scrolls sideways: a table or image overflows"
+    assert result["overflowing"] == 0, "a table is wider than the page at 1280 px"
