@@ -7,7 +7,7 @@ TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: install test info demo clean
+.PHONY: install test info demo demo-train clean
 
 # Install the pinned torch wheel first: an unpinned requirement would pull a multi-GB CUDA build.
 $(BIN)/.installed: pyproject.toml
@@ -24,10 +24,16 @@ install: $(BIN)/.installed
 test: install
 	$(BIN)/python -m pytest -q -n 2 $(PYTEST_ARGS)
 
-# The main job: train the `tiny` preset on the embedded Shakespeare corpus (a few minutes on 2 CPU cores),
-# with a progress bar, then sample from it.
-DEMO_RUN ?= runs/shakespeare-tiny
+# The main job: a small ablation sweep (the `tiny` preset on the embedded Shakespeare corpus; a baseline
+# and two one-change variants x two seeds at equal tokens), its report, and samples from the baseline.
+DEMO_SWEEP ?= sweeps/demo
 demo: install
+	$(BIN)/archifactory sweep configs/sweeps/demo.yaml --dir $(DEMO_SWEEP)
+	$(BIN)/archifactory generate $(DEMO_SWEEP)/runs/baseline-s0 --prompt "ROMEO." --max-new-tokens 100
+
+# One training run of the `tiny` preset on Shakespeare with a progress bar, then samples from it.
+DEMO_RUN ?= runs/shakespeare-tiny
+demo-train: install
 	$(BIN)/archifactory train configs/runs/shakespeare-tiny.yaml --set out_dir=$(DEMO_RUN)
 	$(BIN)/archifactory generate $(DEMO_RUN) --prompt "ROMEO." --max-new-tokens 120 --samples 2
 

@@ -3,6 +3,7 @@
 ```yaml
 name: positions
 base: configs/runs/shakespeare-tiny.yaml   # a run config path, or the run mapping inline
+base_overrides: [train.eval_every=50]       # optional: settings for every run of this sweep
 seeds: [0, 1, 2]
 budget: {tokens: 2.0e6}                     # or {flops: 1.0e13} or {seconds: 300}
 match_params: false                         # resize each variant's FFN to the base's parameter count
@@ -64,6 +65,8 @@ class Variant(Strict):
 class SweepSpec(Strict):
     name: str
     base: str | dict[str, Any]
+    base_overrides: list[str] = Field(default_factory=list)
+    """Dotted overrides applied to the base before any variant (e.g. a sweep's eval cadence)."""
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     budget: Budget
     variants: dict[str, Variant] = Field(default_factory=dict)
@@ -118,7 +121,7 @@ def base_data(spec: SweepSpec, root: Path) -> dict:
 
 def plan(spec: SweepSpec, root: Path, sweep_dir: Path) -> list[PlannedRun]:
     """Every (variant, seed[, lr]) run with its resolved config; raises ConfigError naming the variant."""
-    base = expand_run_data(base_data(spec, root))
+    base = apply_overrides(expand_run_data(base_data(spec, root)), spec.base_overrides)
     base_cfg = _resolve(base, [], f"{spec.name}/baseline")
     base_params = _params(base_cfg) if spec.match_params else None
     runs: list[PlannedRun] = []
