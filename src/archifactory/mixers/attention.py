@@ -17,7 +17,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.positions import ALiBi, Rotary
 from archifactory.registry import register_mixer
@@ -51,13 +51,7 @@ class AttentionConfig(MixerConfig):
         return self.head_dim or d_model // self.n_heads
 
     def check(self, ctx: BuildContext) -> None:
-        if self.head_dim is None and ctx.d_model % self.n_heads:
-            valid = [h for h in range(1, ctx.d_model + 1) if ctx.d_model % h == 0 and h <= 64]
-            raise FieldError(
-                "n_heads",
-                f"n_heads={self.n_heads} does not divide d_model={ctx.d_model}; choose one of {valid} "
-                f"or set head_dim explicitly",
-            )
+        check_heads_divide(self.n_heads, ctx.d_model, self.head_dim)
         if self.n_heads % self.kv_heads:
             valid = [h for h in range(1, self.n_heads + 1) if self.n_heads % h == 0]
             raise FieldError(

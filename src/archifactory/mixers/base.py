@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from archifactory.config import BuildContext, Component
+from archifactory.config import BuildContext, Component, FieldError
 
 
 class MixerConfig(Component):
@@ -56,3 +56,13 @@ class Mixer(nn.Module):
 def linear_flops(*layers: nn.Linear) -> int:
     """Multiply-adds of ``layers`` on one token, counted as 2 FLOPs each."""
     return sum(2 * layer.in_features * layer.out_features for layer in layers)
+
+
+def check_heads_divide(n_heads: int, d_model: int, explicit_head_dim: int | None = None) -> None:
+    """``n_heads`` must split ``d_model`` evenly unless the head size is given explicitly."""
+    if explicit_head_dim is None and d_model % n_heads:
+        valid = [h for h in range(1, min(d_model, 64) + 1) if d_model % h == 0]
+        raise FieldError(
+            "n_heads",
+            f"n_heads={n_heads} does not divide d_model={d_model}; choose one of {valid} or set head_dim explicitly",
+        )

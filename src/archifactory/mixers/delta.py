@@ -45,7 +45,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
@@ -259,13 +259,7 @@ class _DeltaRuleConfig(MixerConfig):
         return round(self.expand_v * self.resolved_head_dim(d_model))
 
     def check(self, ctx: BuildContext) -> None:
-        if self.head_dim is None and ctx.d_model % self.n_heads:
-            valid = [h for h in range(1, ctx.d_model + 1) if ctx.d_model % h == 0 and h <= 64]
-            raise FieldError(
-                "n_heads",
-                f"n_heads={self.n_heads} does not divide d_model={ctx.d_model}; choose one of {valid} "
-                f"or set head_dim explicitly",
-            )
+        check_heads_divide(self.n_heads, ctx.d_model, self.head_dim)
         head_dim, v_head_dim = self.resolved_head_dim(ctx.d_model), self.value_head_dim(ctx.d_model)
         if v_head_dim < 1 or not math.isclose(self.expand_v * head_dim, v_head_dim):
             raise FieldError(

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext, FieldError
-from archifactory.mixers.base import MixerConfig, linear_flops
+from archifactory.config import BuildContext
+from archifactory.mixers.base import MixerConfig, check_heads_divide, linear_flops
 from archifactory.mixers.kernels import Backend
 from archifactory.mixers.linear import GatedLinearMixer, HeadNormKind
 from archifactory.mixers.ops_gla import HeadNorm, compute_dtype
@@ -53,11 +53,7 @@ class RWKV6Config(MixerConfig):
     backend: Backend = "auto"
 
     def check(self, ctx: BuildContext) -> None:
-        if ctx.d_model % self.n_heads:
-            valid = [h for h in range(1, 65) if ctx.d_model % h == 0]
-            raise FieldError(
-                "n_heads", f"n_heads={self.n_heads} does not divide d_model={ctx.d_model}; choose one of {valid}"
-            )
+        check_heads_divide(self.n_heads, ctx.d_model)
 
     def build(self, ctx: BuildContext) -> "RWKV6TimeMix":
         return RWKV6TimeMix(self, ctx)

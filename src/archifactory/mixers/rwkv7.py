@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
+from archifactory.config import BuildContext
+from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
 from archifactory.mixers.delta import compute_dtype
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
@@ -213,13 +213,7 @@ class RWKV7Config(MixerConfig):
         return self.decay_rank or lora, self.iclr_rank or lora, self.gate_rank or gate
 
     def check(self, ctx: BuildContext) -> None:
-        if self.head_dim is None and ctx.d_model % self.n_heads:
-            valid = [h for h in range(1, ctx.d_model + 1) if ctx.d_model % h == 0 and h <= 64]
-            raise FieldError(
-                "n_heads",
-                f"n_heads={self.n_heads} does not divide d_model={ctx.d_model}; choose one of {valid} "
-                f"or set head_dim explicitly",
-            )
+        check_heads_divide(self.n_heads, ctx.d_model, self.head_dim)
 
     def build(self, ctx: BuildContext) -> RWKV7:
         return RWKV7(self, ctx)
