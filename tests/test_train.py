@@ -271,3 +271,25 @@ def test_fsdp2_two_processes_match_one_process_and_resume(tmp_path):
     assert [a[s] for s in sorted(a)] == pytest.approx([b[s] for s in sorted(a)], abs=1e-5)
     model = af.CausalLM.from_pretrained(tmp_path / "fsdp" / "model")
     assert model.num_params() == af.CausalLM.from_pretrained(tmp_path / "single" / "model").num_params()
+
+
+def test_bf16_fp16_and_compile_paths_train(tmp_path):
+    eager = train(load_run_config(run_config(tmp_path, "eager", max_steps=3, eval_every=1000)))
+    compiled = train(load_run_config(run_config(tmp_path, "compiled", max_steps=3, eval_every=1000, compile=True)))
+    a = _losses(tmp_path / "eager" / "metrics.jsonl")
+    b = _losses(tmp_path / "compiled" / "metrics.jsonl")
+    assert [a[s] for s in (1, 2, 3)] == pytest.approx([b[s] for s in (1, 2, 3)], abs=1e-4)
+    assert eager["tokens"] == compiled["tokens"]
+    for precision in ("bf16", "fp16"):
+        summary = train(load_run_config(run_config(tmp_path, precision, max_steps=3, precision=precision)))
+        losses = _losses(tmp_path / precision / "metrics.jsonl")
+        assert all(math.isfinite(v) for v in losses.values()) and math.isfinite(summary["val_loss"])
+        assert abs(losses[1] - a[1]) < 0.05  # the same first batch and init, lower precision
+
+
+def test_wall_time_budget_stops_and_schedules_by_time(tmp_path):
+    summary = train(load_run_config(run_config(tmp_path, "timed", max_steps=None, max_time_s=3.0, eval_every=1000)))
+    records = [r for r in read_metrics(tmp_path / "timed" / "metrics.jsonl") if r["kind"] == "train"]
+    assert summary["steps"] == len(records) >= 2
+    assert 3.0 <= summary["elapsed_s"] < 10.0
+    assert records[-1]["lr"] < records[len(records) // 2]["lr"]  # the cosine follows elapsed time
