@@ -116,3 +116,15 @@ def test_shipped_sweeps_plan(tmp_path):
         runs = plan(spec_, where, tmp_path / path.stem)
         assert len({r.variant for r in runs}) >= 3, path
         assert len(spec_.seeds) >= 2, path
+
+
+def test_submitit_executor_hands_runs_to_a_scheduler(tmp_path):
+    pytest.importorskip("submitit")
+    s = spec(tmp_path, seeds=[0], variants={}, executor="submitit",
+             submitit={"cluster": "local", "timeout_min": 10})
+    sweep_dir = tmp_path / "sweep"
+    counts = SweepRunner(s, tmp_path, sweep_dir).run()
+    assert counts["done"] == 1
+    assert any((sweep_dir / "submitit").iterdir())  # the scheduler's job folder
+    final = Store(sweep_dir / "results.sqlite").finals()[0]
+    assert final["run_id"] == "baseline-s0" and final["tokens"] == 8 * 32 * 6

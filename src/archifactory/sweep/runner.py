@@ -41,10 +41,34 @@ def environment() -> dict:
             "hostname": platform.node()}
 
 
+def train_subprocess(cmd: list[str], env: dict[str, str], log: str) -> int:
+    """Run one training command with its output appended to ``log``; returns the exit code. Module-level
+    so that a scheduler (submitit) can pickle it and run it on another machine."""
+    with open(log, "a") as out:
+        return subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env}).returncode
+
+
+def submitit_executor(spec: SweepSpec, sweep_dir: Path):
+    """An existing scheduler, through submitit (``pip install 'archifactory[sweep]'``)."""
+    try:
+        import submitit
+    except ImportError:
+        raise ImportError("executor: submitit needs the submitit package: pip install 'archifactory[sweep]'") from None
+    settings = dict(spec.submitit)
+    folder = settings.pop("folder", str(sweep_dir / "submitit"))
+    cluster = settings.pop("cluster", None)
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    settings.setdefault("cpus_per_task", spec.threads_per_run)
+    executor.update_parameters(**settings)
+    return executor
+
+
 def slots(spec: SweepSpec) -> list[dict[str, str]]:
     """One environment per concurrent run."""
     threads = str(spec.threads_per_run)
     base = {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+    if spec.executor == "submitit":  # the scheduler places the jobs: submit them all at once
+        return [dict(base) for _ in range(spec.parallel or 64)]
     if torch.cuda.is_available():
         n = spec.parallel or torch.cuda.device_count()
         return [{**base, "CUDA_VISIBLE_DEVICES": str(i % torch.cuda.device_count())} for i in range(n)]
@@ -57,6 +81,7 @@ class SweepRunner:
         self.spec, self.root, self.sweep_dir = spec, Path(root), Path(sweep_dir)
         self.console = console
         self.store = Store(self.sweep_dir / "results.sqlite")
+        self.executor = submitit_executor(spec, self.sweep_dir) if spec.executor == "submitit" else None
 
     def plan(self) -> list[PlannedRun]:
         runs = plan(self.spec, self.root, self.sweep_dir)
@@ -117,11 +142,18 @@ class SweepRunner:
         self.store.mark(run.run_id, "running")
         log = run_dir / "train.log"
         cmd = [sys.executable, "-m", "archifactory.cli", "train", str(config_path), "--set", "train.progress=false"]
-        with open(log, "a") as out:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
-        if proc.returncode != 0:
-            tail = log.read_text(errors="replace")[-3000:]
-            self.store.mark(run.run_id, "failed", f"exit code {proc.returncode}\n{tail}")
+        if self.executor is None:
+            code = train_subprocess(cmd, env, str(log))
+        else:
+            job = self.executor.submit(train_subprocess, cmd, env, str(log))
+            try:
+                code = job.result()
+            except Exception as err:  # the scheduler lost the job (timeout, preemption, node failure)
+                self.store.mark(run.run_id, "failed", f"scheduler job {job.job_id} failed: {err}")
+                return "failed"
+        if code != 0:
+            tail = log.read_text(errors="replace")[-3000:] if log.is_file() else ""
+            self.store.mark(run.run_id, "failed", f"exit code {code}\n{tail}")
             return "failed"
         try:
             summary = json.loads((run_dir / "summary.json").read_text())

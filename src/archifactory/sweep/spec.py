@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -75,6 +75,12 @@ class SweepSpec(Strict):
     parallel: int | None = Field(None, ge=1)
     """Runs at once; ``None``: one per GPU, or on CPU as many as the cores allow at ``threads_per_run``."""
     threads_per_run: int = Field(1, ge=1)
+    executor: Literal["local", "submitit"] = "local"
+    """``local``: subprocesses on this machine. ``submitit``: each run becomes a job of an existing
+    scheduler through submitit (SLURM, or ``cluster: local`` for a dry run), with ``submitit`` settings."""
+    submitit: dict[str, Any] = Field(default_factory=dict)
+    """``folder`` (job logs), ``cluster`` (slurm | local | debug; default: detected) and any
+    ``AutoExecutor.update_parameters`` keys, e.g. ``slurm_partition``, ``timeout_min``, ``gpus_per_node``."""
 
     @field_validator("variants", mode="before")
     @classmethod
