@@ -143,6 +143,7 @@ class Attention(Mixer):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        k, v = self.transform_kv(k, v, cache)
         start = cache.pos if cache is not None else 0
         q_pos = torch.arange(start, start + T, device=x.device)
         if self.rotary is not None:
@@ -153,6 +154,11 @@ class Attention(Mixer):
             k_pos = q_pos
         y = self.attend(q, k, v, q_pos, k_pos).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return (y if self.o_proj is None else self.o_proj(y)), cache
+
+    def transform_kv(self, k: torch.Tensor, v: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook between the key/value projections (after QK-norm) and RoPE; the identity here.
+        KV-shifting attention mixes in the previous token's keys and values."""
+        return k, v
 
     def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
         """``None`` for plain causal attention over a fresh sequence; otherwise a boolean ``(Tq, Tk)``

@@ -87,28 +87,13 @@ class KVShiftAttention(Attention):
         mix = mix.to(x.dtype)
         return mix[:, 0, None, None] * x + mix[:, 1, None, None] * before
 
-    def forward(self, x: torch.Tensor, cache: ShiftKVCache | None = None) -> tuple[torch.Tensor, ShiftKVCache | None]:
-        B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+    def transform_kv(self, k: torch.Tensor, v: torch.Tensor, cache: ShiftKVCache | None):
+        """Mix each head's raw key/value with the previous token's (before RoPE, as in the paper's code)."""
         prev_k = prev_v = None
         if cache is not None:
             prev_k, prev_v = cache.prev_k, cache.prev_v
             cache.prev_k, cache.prev_v = k[:, :, -1:], v[:, :, -1:]
-        k, v = self._shift(k, prev_k, self.k_shift), self._shift(v, prev_v, self.v_shift)
-        start = cache.pos if cache is not None else 0
-        q_pos = torch.arange(start, start + T, device=x.device)
-        if self.rotary is not None:
-            q, k = self.rotary(q, k, q_pos)
-        if cache is not None:
-            k, v, k_pos = cache.update(k, v)
-        else:
-            k_pos = q_pos
-        y = self.attend(q, k, v, q_pos, k_pos)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)), cache
+        return self._shift(k, prev_k, self.k_shift), self._shift(v, prev_v, self.v_shift)
 
     def flops_per_token(self, seq_len: int) -> int:
         # Attention's, plus the mix: 2 multiplies and 1 add per channel of k and of v.
