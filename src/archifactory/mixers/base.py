@@ -66,3 +66,8 @@ def check_heads_divide(n_heads: int, d_model: int, explicit_head_dim: int | None
             "n_heads",
             f"n_heads={n_heads} does not divide d_model={d_model}; choose one of {valid} or set head_dim explicitly",
         )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision recurrences run and keep their state in: at least fp32 (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)

@@ -45,18 +45,13 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, compute_dtype, linear_flops
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
 from archifactory.registry import register_mixer
 
 # ------------------------------------------------------------------------------------ the recurrence
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the recurrence runs and its state is kept in: at least fp32."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def recurrent_delta_rule(

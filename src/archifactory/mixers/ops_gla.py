@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from archifactory.mixers.base import compute_dtype
+
 CHUNK_SIZE = 32
 """Tokens per chunk of the training form with no decay or one decay per head (in-chunk work is a matmul)."""
 CHUNK_SIZE_PER_CHANNEL = 8
@@ -53,11 +55,6 @@ Chunk sizes change speed and memory, not results (a test checks that)."""
 
 def default_chunk_size(per_channel: bool) -> int:
     return CHUNK_SIZE_PER_CHANNEL if per_channel else CHUNK_SIZE
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision of the recurrence and its state: fp32, or fp64 when the inputs are fp64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _to_chunks(x: torch.Tensor, n_chunks: int, chunk: int, dtype: torch.dtype) -> torch.Tensor:

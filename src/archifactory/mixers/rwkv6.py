@@ -28,10 +28,10 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext
-from archifactory.mixers.base import MixerConfig, check_heads_divide, linear_flops
+from archifactory.mixers.base import MixerConfig, check_heads_divide, compute_dtype, linear_flops
 from archifactory.mixers.kernels import Backend
 from archifactory.mixers.linear import GatedLinearMixer, HeadNormKind
-from archifactory.mixers.ops_gla import HeadNorm, compute_dtype
+from archifactory.mixers.ops_gla import HeadNorm
 from archifactory.nn.init import init_linear
 from archifactory.registry import register_mixer
 

@@ -40,8 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext
-from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
-from archifactory.mixers.delta import compute_dtype
+from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, compute_dtype, linear_flops
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
 from archifactory.registry import register_mixer
