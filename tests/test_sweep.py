@@ -128,3 +128,22 @@ def test_submitit_executor_hands_runs_to_a_scheduler(tmp_path):
     assert any((sweep_dir / "submitit").iterdir())  # the scheduler's job folder
     final = Store(sweep_dir / "results.sqlite").finals()[0]
     assert final["run_id"] == "baseline-s0" and final["tokens"] == 8 * 32 * 6
+
+
+def test_rerun_resumes_an_interrupted_run_from_its_checkpoint(tmp_path):
+    from archifactory.train import train
+
+    s = spec(tmp_path, seeds=[0], variants={})
+    sweep_dir = tmp_path / "sweep"
+    runner = SweepRunner(s, tmp_path, sweep_dir)
+    (run,) = runner.plan()
+    # the sweep was killed after this run's checkpoint at step 4 (of 6): the run directory holds it
+    partial = run.config.model_copy(deep=True)
+    partial.train = partial.train.model_copy(update={"max_tokens": None, "max_steps": 4, "progress": False})
+    train(partial)
+    runner.store.mark(run.run_id, "running")
+    counts = SweepRunner(s, tmp_path, sweep_dir).run()
+    assert counts["done"] == 1
+    assert "resumed from" in (sweep_dir / "runs" / "baseline-s0" / "train.log").read_text()
+    final = Store(sweep_dir / "results.sqlite").finals()[0]
+    assert final["tokens"] == 8 * 32 * 6
