@@ -82,6 +82,7 @@ class SweepRunner:
         self.console = console
         self.store = Store(self.sweep_dir / "results.sqlite")
         self.executor = submitit_executor(spec, self.sweep_dir) if spec.executor == "submitit" else None
+        self._finished_shown: set[str] = set()  # runs whose progress line is final
 
     def plan(self) -> list[PlannedRun]:
         runs = plan(self.spec, self.root, self.sweep_dir)
@@ -164,7 +165,12 @@ class SweepRunner:
         return "done"
 
     def _update(self, progress, tasks, todo, results) -> None:
+        """Refresh each run's line from its metrics file; a finished run is read one last time only."""
         for run in todo:
+            if run.run_id in self._finished_shown:
+                continue
+            if run.run_id in results:
+                self._finished_shown.add(run.run_id)
             task = tasks[run.run_id]
             records = [r for r in read_metrics(Path(run.config.out_dir) / "metrics.jsonl") if r.get("kind") == "train"]
             status = results.get(run.run_id, "running" if records else "queued")
