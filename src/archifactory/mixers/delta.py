@@ -325,6 +325,7 @@ class DeltaNet(Mixer):
         self.scale = self.head_dim**-0.5  # fla's default query scale, applied after the L2 norm
         self.beta_scale = 2.0 if cfg.allow_neg_eigval else 1.0
         self.chunk_size, self.backend = cfg.chunk_size, cfg.backend
+        self.fla_op = "chunk_gated_delta_rule" if self.gated else "chunk_delta_rule"  # for select_backend
 
         # q, k and v in one matmul (and one conv): (B, T, 2 H d_k + H d_v)
         self.qkv_proj = nn.Linear(d, 2 * self.key_dim + self.value_dim, bias=False)
@@ -395,7 +396,7 @@ class DeltaNet(Mixer):
             g = -self.A_log.to(fp).exp() * F.softplus(self.a_proj(x).to(fp) + self.dt_bias.to(fp))  # (B, T, H)
 
         initial = cache.state if cache is not None else None
-        if select_backend(self.backend, x.device) == "fla":
+        if select_backend(self.backend, x.device, self.fla_op) == "fla":
             o, state = self._fla(q, k, v, beta, g, initial)
         else:
             o, state = chunk_delta_rule(
@@ -440,5 +441,4 @@ class DeltaNet(Mixer):
         return proj + conv + self.n_heads * chunk_delta_rule_flops(chunk, self.head_dim, self.v_head_dim)
 
     def kernel_path(self) -> str:
-        name = "chunk_gated_delta_rule" if self.gated else "chunk_delta_rule"
-        return f"{select_backend(self.backend, parameter_device(self))}.{name}"
+        return f"{select_backend(self.backend, parameter_device(self), self.fla_op)}.{self.fla_op}"

@@ -129,7 +129,7 @@ class GatedLinearMixer(Mixer):
         from the cached state if any. Both compute the same function (the contract test checks it).
         """
         initial = cache.state if cache is not None else None
-        if select_backend(self.backend, q.device) == "fla":
+        if select_backend(self.backend, q.device, self.fla_op) == "fla":
             out, state = self.fla_core(q, k, v, log_decay, initial, output_final_state=cache is not None)
         elif cache is not None and q.shape[1] == 1:
             out, state = recurrent_gla(q, k, v, log_decay, bonus=bonus, scale=self.scale, initial_state=initial)
@@ -155,7 +155,7 @@ class GatedLinearMixer(Mixer):
         return core_flops_per_token(self.n_heads, self.key_dim, self.value_dim, chunk)
 
     def kernel_path(self) -> str:
-        if select_backend(self.backend, parameter_device(self)) == "fla":
+        if select_backend(self.backend, parameter_device(self), self.fla_op) == "fla":
             return f"fla.{self.fla_op}"
         return "torch.chunk"  # (one-token decoding with a cache runs the recurrent step of the same core)
 

@@ -275,6 +275,7 @@ class Mamba2Heads(nn.Module):
         self.d_inner, self.head_dim, self.d_state = d_inner, cfg.head_dim, cfg.d_state
         self.n_heads, self.n_groups = d_inner // cfg.head_dim, cfg.n_groups
         self.d_conv, self.chunk_size, self.backend = cfg.d_conv, cfg.chunk_size, cfg.backend
+        self.fla_op = "chunk_simple_gla"  # SSD as scalar-decay GLA (ssd_fla), for select_backend
         self.dt_min, self.dt_max = cfg.dt_min, cfg.dt_max
         self.conv_dim = d_inner + 2 * cfg.n_groups * cfg.d_state  # conv runs over (x, B, C)
         # One projection for [z | x, B, C | dt], in the reference's order (so weights copy across).
@@ -330,7 +331,7 @@ class Mamba2Heads(nn.Module):
             y = y[:, None]
         else:
             initial = cache.ssm if cache is not None else None
-            if select_backend(self.backend, x.device) == "fla":
+            if select_backend(self.backend, x.device, self.fla_op) == "fla":
                 y, state = ssd_fla(xs, dt, A, B, C, initial, output_final_state=cache is not None)
             else:
                 y, state = ssd_chunked(xs, dt, A, B, C, self.chunk_size, initial)
@@ -371,8 +372,8 @@ class Mamba2Heads(nn.Module):
         return elements * torch.finfo(dtype).bits // 8
 
     def kernel_path(self) -> str:
-        on_fla = select_backend(self.backend, parameter_device(self)) == "fla"
-        return "fla.chunk_simple_gla" if on_fla else "torch.chunk"
+        on_fla = select_backend(self.backend, parameter_device(self), self.fla_op) == "fla"
+        return f"fla.{self.fla_op}" if on_fla else "torch.chunk"
 
 
 class Mamba2(Mixer):

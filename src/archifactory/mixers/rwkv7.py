@@ -263,6 +263,7 @@ class RWKV7(Mixer):
         self.inner = H * self.head_dim
         decay_rank, iclr_rank, gate_rank = cfg.ranks(d)
         self.chunk_size, self.backend = cfg.chunk_size, cfg.backend
+        self.fla_op = "chunk_rwkv7"  # for select_backend
         self.layer_idx, self.n_layers = ctx.layer_idx, ctx.n_layers
 
         # x_t + (x_{t-1} - x_t) * mix, one row per input (MIXES): (6, D)
@@ -354,7 +355,7 @@ class RWKV7(Mixer):
 
         r, k, v, iclr, log_w = (t.view(B, T, H, hd) for t in (r, k, v, iclr, log_w))  # (B, T, H, d) each
         initial = cache.state if cache is not None else None
-        if select_backend(self.backend, x.device) == "fla":
+        if select_backend(self.backend, x.device, self.fla_op) == "fla":
             o, state = self._fla(r, log_w, k, v, kappa, iclr, initial)
         else:
             o, state = chunk_dplr(
@@ -391,5 +392,5 @@ class RWKV7(Mixer):
         return proj + lora + self.n_heads * chunk_dplr_flops(chunk, self.head_dim, self.head_dim)
 
     def kernel_path(self) -> str:
-        backend = select_backend(self.backend, parameter_device(self))
-        return "fla.chunk_rwkv7" if backend == "fla" else "torch.chunk_dplr"
+        backend = select_backend(self.backend, parameter_device(self), self.fla_op)
+        return f"fla.{self.fla_op}" if backend == "fla" else "torch.chunk_dplr"
