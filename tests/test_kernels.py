@@ -31,3 +31,23 @@ def test_explicit_fla_needs_cuda_and_fla():
 
 def test_verified_and_rejected_are_disjoint():
     assert not set(kernels.FLA_VERIFIED) & set(kernels.FLA_REJECTED)
+
+
+def test_every_fla_kernel_a_mixer_calls_has_a_recorded_verdict():
+    """A mixer that gains an fla path must say whether the GPU test verified it (kernels.py)."""
+    from archifactory.config import BuildContext
+    from archifactory.nn.init import InitConfig
+    from archifactory.nn.norms import RMSNormConfig
+    from archifactory.nn.positions import RoPEConfig
+    from archifactory.registry import MIXERS
+
+    ctx = BuildContext(d_model=32, n_layers=2, layer_idx=0, max_seq_len=16, norm=RMSNormConfig(),
+                       position=RoPEConfig(), init=InitConfig())
+    ops = set()
+    for kind, cls in MIXERS.items():
+        if "backend" in cls.model_fields:
+            mixer = cls.contract_examples(32)[0].build(ctx)
+            ops |= {m.fla_op for m in mixer.modules() if getattr(m, "fla_op", "")}
+    assert ops, "no mixer declares an fla kernel"
+    assert ops <= set(kernels.FLA_VERIFIED) | set(kernels.FLA_REJECTED), ops - set(kernels.FLA_VERIFIED)
+    assert all(kernels.FLA_VERIFIED.values()) and all(kernels.FLA_REJECTED.values())

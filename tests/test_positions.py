@@ -369,3 +369,13 @@ def test_learned_positions_are_the_table_rows():
     model = learned_model(8)
     positions = torch.tensor([0, 3, 7])
     assert torch.equal(model.pos_embed(positions), model.pos_embed.weight[positions])
+
+
+def test_absolute_positions_trace_without_graph_breaks():
+    """The range check uses Python ints: no ``positions.max()`` read, so no device sync per step and no
+    graph break under torch.compile (which cost gpt2-124m's compiled training on a GPU a split graph)."""
+    torch.manual_seed(7)
+    model = learned_model(8)
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    traced = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: a graph break raises
+    torch.testing.assert_close(traced(ids).logits, model(ids).logits)

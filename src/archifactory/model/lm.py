@@ -103,6 +103,11 @@ class CausalLM(nn.Module):
             x = x * torch.tensor(self.embedding_scale, dtype=x.dtype)
         start = cache.pos if cache is not None else 0
         if self.pos_embed is not None:
+            if start + T > self.config.max_seq_len:  # Python ints: no device sync, no graph break
+                raise ValueError(
+                    f"position {start + T - 1} is beyond the absolute position table's "
+                    f"max_seq_len={self.config.max_seq_len}; use shorter inputs or a larger model.max_seq_len"
+                )
             x = x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device)).to(x.dtype)
         aux: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):

@@ -52,10 +52,9 @@ class LearnedPositions(nn.Module):
         nn.init.normal_(self.weight, std=self.std)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        if positions.numel() and int(positions.max()) >= self.weight.shape[0]:
-            raise ValueError(
-                f"position {int(positions.max())} is beyond the learned table's max_seq_len={self.weight.shape[0]}"
-            )
+        """(T,) positions -> (T, d_model). The range is checked by the caller, from Python ints
+        (``CausalLM.hidden_states``): reading ``positions.max()`` here would synchronise the device on
+        every step and break ``torch.compile``'s graph."""
         return self.weight[positions]
 
 
@@ -85,8 +84,7 @@ class SinusoidalPositions(nn.Module):
         self.register_buffer("table", sinusoidal_table(max_seq_len, d_model, base), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> torch.Tensor:
-        if positions.numel() and int(positions.max()) >= self.table.shape[0]:
-            raise ValueError(f"position {int(positions.max())} is beyond max_seq_len={self.table.shape[0]}")
+        """(T,) positions -> (T, d_model); the range is checked by the caller (see LearnedPositions)."""
         return self.table[positions]
 
 
