@@ -8,7 +8,9 @@ the kernel computes in (Triton's ``tl.dot`` takes fp32 inputs as tf32, unit roun
 bf16's is 2^-8 ~ 3.9e-3). Cases: fp32 and bf16 autocast; sequence lengths that are and are not multiples
 of the chunk size (64); a batch of 1; a second chunk that starts from the first one's state.
 
-Skipped without CUDA and flash-linear-attention. ``FLA_KERNEL_REPORT=path.jsonl`` writes every measured
+Skipped without CUDA and flash-linear-attention. The first run autotunes fla's Triton kernels, which took
+minutes per kernel family on an H200 (cached afterwards, ``FLA_CACHE_RESULTS``); run it with
+``-n 8 --dist loadgroup`` so each mixer's cases share one worker and the families compile in parallel. ``FLA_KERNEL_REPORT=path.jsonl`` writes every measured
 error, one JSON line per case (the figures quoted in ``mixers/kernels.py``).
 """
 
