@@ -8,7 +8,7 @@ import pytest
 
 from archifactory.config import ConfigError, validate
 from archifactory.data.corpora import FilesCorpus, HubCorpus, ShakespeareCorpus, TinyStoriesCorpus
-from archifactory.data.loader import PackedLoader, eval_batches
+from archifactory.data.loader import PackedLoader, eval_batches, eval_targets
 from archifactory.data.shards import build_shards
 from archifactory.data.tokenizer import BPETokenizerConfig, ByteTokenizerConfig, HFTokenizerConfig, Tokenizer
 
@@ -107,7 +107,6 @@ def test_bpe_trains_to_size_round_trips_and_is_cached(cache):
     ids = tok.encode(text)
     assert tok.decode(ids) == text  # byte-level: lossless, even for unseen characters
     assert len(ids) < len(text.encode())  # merges compress
-    assert int(tok.token_bytes()[ids].sum()) == len(text.encode("utf-8"))
     files = list((cache / "tokenizers").glob("*.json"))
     mtimes = [f.stat().st_mtime_ns for f in files]
     again = BPETokenizerConfig().load_or_train(corpus, cache, 512)
@@ -208,8 +207,117 @@ def test_ranks_split_the_global_batch():
 
 def test_eval_batches_are_fixed_and_bounded():
     tokens = np.arange(1000, dtype=np.uint16)
-    batches = list(eval_batches(tokens, 10, 4, max_tokens=95))
-    assert sum(x.numel() for x, _ in batches) == 90
+    ones = np.ones(1000, dtype=np.uint32)
+    batches = list(eval_batches(tokens, ones, 10, 4, max_tokens=95))  # capped: whole windows only
+    assert sum(x.numel() for x, _, _ in batches) == 90 == eval_targets(1000, 10, 95)
     assert int(batches[0][0][0, 0]) == 0 and int(batches[0][1][0, 0]) == 1
     with pytest.raises(ValueError, match="too few"):
         PackedLoader(np.arange(5, dtype=np.uint16), 16, 1, seed=0)
+
+
+def test_eval_batches_score_every_target_of_a_short_split_final_window_included():
+    tokens = np.arange(1000, dtype=np.uint16)
+    bytes_ = np.arange(1000, dtype=np.uint32) % 7
+    batches = list(eval_batches(tokens, bytes_, 64, 4, max_tokens=10**6))
+    targets = np.concatenate([y.flatten().numpy() for _, y, _ in batches])
+    assert (targets == tokens[1:]).all()  # 15 whole windows, then the last 39 targets in one shorter window
+    assert batches[-1][1].shape == (1, 999 - 15 * 64)
+    for x, y, b in batches:
+        assert (y == x + 1).all() and (b.numpy() == bytes_[y.numpy()]).all()
+    # a split shorter than one window is one shorter window; fewer than two tokens cannot be evaluated
+    ((x, y, b),) = eval_batches(tokens[:20], bytes_[:20], 64, 4, max_tokens=4096)
+    assert x.shape == y.shape == b.shape == (1, 19)
+    for n in (0, 1):
+        with pytest.raises(ValueError, match=f"validation split has {n} token.*seq_len=64"):
+            list(eval_batches(tokens[:n], bytes_[:n], 64, 4, max_tokens=4096))
+
+
+# ------------------------------------------------------------------------------------- bits per byte
+
+MIXED_TEXT = ("Once upon a time, Zoë and Ångström met a naïve café owner — «très bien» 😀🎉👩‍👩‍👧!\n"
+              "  Two  spaces, a tab\there; 日本語のテキストと中文。 Ελληνικά, кириллица, emoji at the end 🚀")
+
+
+def sentencepiece_style(docs: list[str], layout: str, vocab_size: int = 600):
+    """A SentencePiece-style BPE with byte fallback, built locally with ``tokenizers`` (no hub): the 256
+    ``<0xXX>`` pieces are in the model's vocabulary, unknown characters fall back to them. ``layout``:
+    ``llama2`` (normalizer prepends ``▁`` and replaces spaces, decoder strips the first space, as
+    Llama-2/Mistral's tokenizer.json) or ``metaspace`` (Metaspace pre-tokenizer and decoder, as the
+    newer conversions of those and Gemma-style files)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    plain = HFTokenizer(models.BPE())
+    plain.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    plain.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=vocab_size - 259, show_progress=False))
+    learned = json.loads(plain.to_str())["model"]
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)])}
+    for token in sorted(learned["vocab"], key=learned["vocab"].get):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
+    backend = HFTokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.add_special_tokens(specials)
+    if layout == "llama2":
+        backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                             decoders.Strip(" ", 1, 0)])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        backend.decoder = decoders.Sequence([decoders.Metaspace(replacement="▁", prepend_scheme="first"),
+                                             decoders.ByteFallback(), decoders.Fuse()])
+    return Tokenizer(backend, backend.token_to_id("</s>"), f"sp-{layout}")
+
+
+@pytest.fixture(scope="module")
+def tokenizers_under_test(cache):
+    corpus = TinyStoriesCorpus(path=str(TINYSTORIES), max_documents=300)
+    docs = list(corpus.split("train"))
+    return {
+        "bytes": ByteTokenizerConfig().load_or_train(corpus, cache, 257),
+        "bpe": BPETokenizerConfig().load_or_train(corpus, cache, 512),
+        "sp-llama2": sentencepiece_style(docs, "llama2"),
+        "sp-metaspace": sentencepiece_style(docs, "metaspace"),
+    }
+
+
+@pytest.mark.parametrize("name", ["bytes", "bpe", "sp-llama2", "sp-metaspace"])
+def test_token_bytes_follow_the_text_each_token_covers(tokenizers_under_test, name):
+    """Checked against the tokenizer's own decoder: the bytes of the first i tokens equal the UTF-8
+    length of ``decode(ids[:i])`` wherever that prefix ends on a whole character."""
+    tok = tokenizers_under_test[name]
+    for text in (MIXED_TEXT, "Zoë's café", "Hello world", "end with spaces   "):
+        ((ids, counts),) = tok.encode_batch_with_bytes([text])
+        assert tok.decode(ids) == text  # lossless: byte-level, or byte fallback for unseen characters
+        assert len(counts) == len(ids) and (counts >= 0).all()
+        if name.startswith("sp") and text == MIXED_TEXT:
+            assert any(tok.backend.id_to_token(i).startswith("<0x") for i in ids)  # byte fallback in use
+        cumulative = np.cumsum(counts)
+        checked = 0
+        for i in range(1, len(ids) + 1):
+            prefix = tok.decode(ids[:i])
+            if "\ufffd" not in prefix and text.startswith(prefix):
+                assert cumulative[i - 1] == len(prefix.encode("utf-8")), (name, i, prefix)
+                checked += 1
+        assert checked > len(ids) // 3
+        assert int(counts.sum()) <= len(text.encode("utf-8"))
+
+
+@pytest.mark.parametrize("name", ["bytes", "bpe", "sp-llama2", "sp-metaspace"])
+def test_bytes_summed_over_evaluated_targets_equal_the_text_they_cover(tokenizers_under_test, tmp_path, name):
+    tok = tokenizers_under_test[name]
+    docs = ["Zoë's café", MIXED_TEXT, "日本語 😀 ok", "trailing space "]
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in [*docs, "a training document"]))
+    # a split seed that puts these documents in the validation split and the last one in training
+    corpus = next(c for c in (FilesCorpus(paths=[str(path)], val_fraction=0.5, split_seed=k) for k in range(1000))
+                  if list(c.split("val")) == docs)
+    shards = build_shards(corpus, tok, tmp_path / "cache")
+    tokens, counts = shards.tokens("val"), shards.token_bytes("val")
+    total = sum(len(d.encode("utf-8")) for d in docs)
+    assert shards.manifest["splits"]["val"]["bytes"] == total == int(counts.sum())
+    first = tok.decode(tokens[:1])  # "Zoë's" or a piece of it: the one token that is never a target
+    assert "Zoë's café".startswith(first)
+    for seq_len in (7, 16, 1000):
+        scored = sum(int(b.sum()) for _, _, b in eval_batches(tokens, counts, seq_len, 3, max_tokens=10**6))
+        assert scored == total - len(first.encode("utf-8"))

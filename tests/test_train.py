@@ -105,6 +105,37 @@ def test_every_optimizer_reduces_the_loss(name):
 # ---------------------------------------------------------------------------------------------- trainer
 
 
+def test_an_empty_validation_split_is_an_error_at_setup(tmp_path):
+    cfg = run_config(tmp_path)
+    cfg["data"]["corpus"]["val_fraction"] = 0.0
+    with pytest.raises(af.ConfigError, match=r"validation split has 0 tokens .*seq_len=32.*val_fraction above 0.0"):
+        Trainer(load_run_config(cfg)).setup()
+
+
+def test_a_validation_split_shorter_than_one_window_is_scored_whole(tmp_path):
+    from archifactory.data.corpora import FilesCorpus
+
+    path = tmp_path / "docs.jsonl"
+    train_docs = [json.dumps({"text": f"Story {i}: once upon a time there was a small cat who liked fish."})
+                  for i in range(60)]
+    corpus = FilesCorpus(paths=[str(path)], val_fraction=0.05)
+    short = next(t for t in (f"Val {k}: the end." for k in range(1000)) if corpus.is_validation(t))
+    train_docs = [d for d in train_docs if not corpus.is_validation(json.loads(d)["text"])]
+    path.write_text("\n".join([*train_docs, json.dumps({"text": short})]) + "\n")
+    cfg = run_config(tmp_path, max_steps=2, eval_every=2)
+    cfg["data"]["corpus"] = {"kind": "files", "paths": [str(path)], "val_fraction": 0.05}
+    summary = train(load_run_config(cfg))
+    # bytes tokenizer: the split is the document and its end-of-document id, 1 + len targets, 32 > len
+    n = len(short.encode()) + 1
+    assert n - 1 < 32 and math.isfinite(summary["val_loss"])
+    model = af.CausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    ids = torch.tensor([list(short.encode()) + [256]])
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(ids[:, :-1]).logits[0], ids[0, 1:])
+    assert summary["val_loss"] == pytest.approx(float(ref), rel=1e-5)
+    assert summary["val_bpb"] == pytest.approx(float(ref) * (n - 1) / (n - 2) / math.log(2), rel=1e-5)
+
+
 def test_train_run_writes_everything(tmp_path):
     cfg = load_run_config(run_config(tmp_path))
     summary = train(cfg)
@@ -126,8 +157,10 @@ def test_train_run_writes_everything(tmp_path):
 
     shards = ShardSet(Path(json.loads((run / "data.json").read_text())["shards"]), {})
     shards.manifest = json.loads((shards.directory / "manifest.json").read_text())
-    targets = torch.cat([y.flatten() for _, y in eval_batches(shards.tokens("val"), 32, 8, 2048)])
+    batches = list(eval_batches(shards.tokens("val"), shards.token_bytes("val"), 32, 8, 2048))
+    targets = torch.cat([y.flatten() for _, y, _ in batches])
     n_bytes = int((targets != 256).sum())
+    assert n_bytes == sum(int(b.sum()) for _, _, b in batches)
     assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] * targets.numel() / n_bytes / math.log(2), rel=1e-9)
     assert summary["steps"] == 12 and summary["stream_hash"] and summary["kernel_paths"] == {"0": "torch.sdpa", "1": "torch.sdpa"}
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())

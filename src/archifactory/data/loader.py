@@ -63,11 +63,36 @@ class PackedLoader:
         return h.hexdigest()[:16]
 
 
-def eval_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int):
-    """Consecutive windows from the start of ``tokens`` (the validation split), at most ``max_tokens``
-    target tokens, in fixed order."""
-    n_windows = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
-    for start in range(0, n_windows, batch_size):
-        rows = [tokens[w * seq_len : w * seq_len + seq_len + 1] for w in range(start, min(start + batch_size, n_windows))]
-        data = torch.from_numpy(np.stack(rows).astype(np.int64))
-        yield data[:, :-1], data[:, 1:]
+def eval_targets(n_tokens: int, seq_len: int, max_tokens: int) -> int:
+    """How many target tokens :func:`eval_batches` scores in a split of ``n_tokens`` tokens: all
+    ``n_tokens - 1`` when they fit in ``max_tokens`` (the last window then may be shorter than
+    ``seq_len``), else ``max_tokens`` rounded down to whole windows (at least one)."""
+    if n_tokens < 2:
+        raise ValueError(f"the validation split has {n_tokens} token(s): evaluation needs at least 2 (one input and "
+                         f"one target; seq_len={seq_len})")
+    cap = max(seq_len, max_tokens // seq_len * seq_len)
+    return min(n_tokens - 1, cap)
+
+
+def eval_batches(tokens: np.ndarray, token_bytes: np.ndarray, seq_len: int, batch_size: int, max_tokens: int):
+    """Consecutive windows from the start of ``tokens`` (the validation split), in fixed order, over the
+    first :func:`eval_targets` targets: whole windows of ``seq_len`` in batches of ``batch_size``, then
+    the split's final partial window (fewer targets, same start-of-window context rule) as a batch of
+    its own, so every token of a short split counts. Yields ``(inputs, targets, target_bytes)``, each
+    (B, T) int64; ``target_bytes`` are the UTF-8 bytes each target covers (``token_bytes`` aligned with
+    ``tokens``, see :meth:`ShardSet.token_bytes`)."""
+    if len(token_bytes) != len(tokens):
+        raise ValueError(f"token_bytes has {len(token_bytes)} entries for {len(tokens)} tokens")
+    n_targets = eval_targets(len(tokens), seq_len, max_tokens)
+    n_full, rest = divmod(n_targets, seq_len)
+
+    def rows(windows, length):
+        x = np.stack([tokens[w * seq_len : w * seq_len + length + 1] for w in windows]).astype(np.int64)
+        b = np.stack([token_bytes[w * seq_len + 1 : w * seq_len + length + 1] for w in windows]).astype(np.int64)
+        x, b = torch.from_numpy(x), torch.from_numpy(b)
+        return x[:, :-1], x[:, 1:], b
+
+    for start in range(0, n_full, batch_size):
+        yield rows(range(start, min(start + batch_size, n_full)), seq_len)
+    if rest:
+        yield rows([n_full], rest)

@@ -1,7 +1,12 @@
 """Token shards: each split's documents encoded in batches and written as one flat memmap of token ids
 (uint16 when the vocabulary fits, else uint32), an end-of-document id after every document, with a
 manifest (corpus fingerprint, tokenizer hash, counts). A second run with the same corpus and tokenizer
-reuses them."""
+reuses them.
+
+Beside each split's tokens, ``SPLIT_bytes.bin`` (uint32, one per token) holds the UTF-8 bytes of the text
+each token covers, counted from the token's span in the document (:meth:`Tokenizer.encode_batch_with_bytes`);
+bits per byte divides by these. The end-of-document id covers no text (0 bytes, or the trailing bytes
+no token covered), so the counts of a split sum to its UTF-8 length (``manifest.splits.SPLIT.bytes``)."""
 
 from __future__ import annotations
 
@@ -16,10 +21,11 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from archifactory.data.tokenizer import Tokenizer
+from archifactory.data.tokenizer import Tokenizer, trailing_bytes
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: per-token byte counts (SPLIT_bytes.bin)
 ENCODE_BATCH = 256
+BYTES_DTYPE = np.uint32
 
 
 @dataclasses.dataclass
@@ -32,6 +38,12 @@ class ShardSet:
         if info["tokens"] == 0:
             return np.zeros(0, dtype=self.manifest["dtype"])
         return np.memmap(self.directory / f"{split}.bin", dtype=self.manifest["dtype"], mode="r")
+
+    def token_bytes(self, split: str) -> np.ndarray:
+        """UTF-8 bytes of text each token of ``split`` covers, aligned with :meth:`tokens` (uint32)."""
+        if self.manifest["splits"][split]["tokens"] == 0:
+            return np.zeros(0, dtype=BYTES_DTYPE)
+        return np.memmap(self.directory / f"{split}_bytes.bin", dtype=BYTES_DTYPE, mode="r")
 
     def doc_starts(self, split: str) -> np.ndarray:
         return np.load(self.directory / f"{split}_doc_starts.npy")
@@ -98,17 +110,23 @@ def build_shards(
 def _write_split(docs: Iterator[str], tokenizer: Tokenizer, directory: Path, split: str, dtype, content, progress):
     n_tokens = n_docs = n_bytes = 0
     starts: list[int] = []
-    with open(directory / f"{split}.bin", "wb") as out:
+    with open(directory / f"{split}.bin", "wb") as out, open(directory / f"{split}_bytes.bin", "wb") as out_bytes:
         batch: list[str] = []
 
         def flush():
             nonlocal n_tokens, n_docs, n_bytes
-            for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+            for text, (ids, counts) in zip(batch, tokenizer.encode_batch_with_bytes(batch)):
                 starts.append(n_tokens)
-                ids.append(tokenizer.eos_id)
+                ids = [*ids, tokenizer.eos_id]
+                counts = np.append(counts, trailing_bytes(text, counts))
+                doc_bytes = len(text.encode("utf-8"))
+                if counts[-1] < 0:  # offsets past the end of the text
+                    raise RuntimeError(f"tokenizer {tokenizer.name}: token spans reach past the end of {split} "
+                                       f"document {len(starts) - 1} ({doc_bytes} bytes); its offsets are inconsistent")
                 np.asarray(ids, dtype=dtype).tofile(out)
+                counts.astype(BYTES_DTYPE).tofile(out_bytes)
                 n_tokens += len(ids)
-                n_bytes += len(text.encode("utf-8"))
+                n_bytes += doc_bytes
                 content.update(hashlib.sha1(text.encode()).digest())
             n_docs += len(batch)
             batch.clear()

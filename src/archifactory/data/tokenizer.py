@@ -24,7 +24,7 @@ EOS_TOKEN = "<|endoftext|>"
 
 
 class Tokenizer:
-    """A trained or loaded tokenizer: batch encoding, decoding, and bytes per token."""
+    """A trained or loaded tokenizer: batch encoding (with the bytes each token covers) and decoding."""
 
     def __init__(self, backend, eos_id: int, name: str) -> None:
         self.backend = backend  # tokenizers.Tokenizer, or None for bytes
@@ -49,22 +49,17 @@ class Tokenizer:
             return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
         return self.backend.decode(ids, skip_special_tokens=False)
 
-    def token_bytes(self) -> np.ndarray:
-        """UTF-8 bytes each id stands for (0 for special tokens), for bits per byte."""
+    def encode_batch_with_bytes(self, texts: list[str]) -> list[tuple[list[int], np.ndarray]]:
+        """Token ids of each text and, per token, the UTF-8 bytes of the text it stands for, counted from the
+        token's span in the text (the tokenizer's offsets), never by decoding the token alone: a lone
+        SentencePiece piece decodes without its word-initial space and a lone byte-fallback piece to
+        U+FFFD (3 bytes for 1). See :func:`span_bytes` for how the bytes are shared out; each text's
+        counts sum to its UTF-8 length minus :func:`trailing_bytes` (the end-of-document id's share).
+        """
         if self.backend is None:
-            out = np.ones(257, dtype=np.int64)
-            out[256] = 0
-            return out
-        specials = {t.content for t in self.backend.get_added_tokens_decoder().values()}
-        # Byte-level BPE spells each byte as one character of its alphabet, so a token's length in
-        # characters is its length in bytes (decoding a lone token could split a UTF-8 sequence).
-        byte_level = type(self.backend.decoder).__name__ == "ByteLevel"
-        out = np.zeros(self.vocab_size, dtype=np.int64)
-        for token, i in self.backend.get_vocab().items():
-            if token in specials:
-                continue
-            out[i] = len(token) if byte_level else len(self.backend.decode([i]).encode("utf-8"))
-        return out
+            return [(list(raw), np.ones(len(raw), dtype=np.int64)) for raw in (t.encode("utf-8") for t in texts)]
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        return [(e.ids, span_bytes(text, e.offsets)) for text, e in zip(texts, encodings)]
 
     def fingerprint(self) -> str:
         text = "bytes-v1" if self.backend is None else self.backend.to_str()
@@ -98,6 +93,42 @@ def _eos_id(backend, where) -> int:
         if i is not None:
             return i
     raise ValueError(f"tokenizer {where} has no end-of-document token (looked for {EOS_TOKEN!r}, '</s>', '<eos>')")
+
+
+def utf8_positions(text: str) -> np.ndarray:
+    """Byte offset of each character boundary of ``text`` in its UTF-8 encoding: ``out[i]`` is the byte
+    where character ``i`` starts (``out[len(text)]`` is the text's UTF-8 length); shape (len(text) + 1,)."""
+    code_points = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    widths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)  # RFC 3629, table 3.6
+    return np.concatenate([[0], np.cumsum(widths, dtype=np.int64)])
+
+
+def span_bytes(text: str, offsets) -> np.ndarray:
+    """UTF-8 bytes of ``text`` each token covers, from the tokens' character ``offsets`` (start, end).
+
+    Each byte is counted once, for the last token whose span holds it: token ``i`` owns the bytes from
+    the previous token's boundary up to where a later token starts (its own end, for the last token).
+    So when several tokens spell one character (byte-level BPE, or byte fallback writing a 3-byte
+    character as three ``<0xXX>`` pieces that all carry the character's span) the piece that completes
+    it gets its 3 bytes, a SentencePiece ``▁`` inserted before a document's first word (whose span the
+    tokenizer aligns with that word's first character) gets none, and text between spans (whitespace a
+    pre-tokenizer dropped) goes to the token before it. Returns int64, shape (len(offsets),), summing
+    to the end of the furthest span.
+    """
+    if not len(offsets):
+        return np.zeros(0, dtype=np.int64)
+    positions = utf8_positions(text)
+    spans = positions[np.asarray(offsets, dtype=np.int64)]  # (n, 2) byte offsets
+    later_start = np.minimum.accumulate(spans[::-1, 0])[::-1]  # min start of tokens i.., per i
+    boundary = np.append(later_start[1:], spans[:, 1].max())  # where token i's bytes end
+    return np.diff(boundary, prepend=0)
+
+
+def trailing_bytes(text: str, counts: np.ndarray) -> int:
+    """Bytes at the end of ``text`` that no token covers (e.g. trailing spaces a pre-tokenizer dropped):
+    the end-of-document id after the text is counted for them, so a document's bytes sum to its
+    UTF-8 length."""
+    return len(text.encode("utf-8")) - int(counts.sum())
 
 
 class TokenizerConfig(Component):

@@ -72,6 +72,8 @@ class TrainConfig(Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     eval_every: int = Field(100, ge=1)
     eval_tokens: int = Field(65536, ge=1)
+    """Validation targets scored per evaluation: the split's first ``eval_tokens`` rounded down to whole
+    ``seq_len`` windows, or the whole split when it is shorter (its final window then is shorter)."""
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)

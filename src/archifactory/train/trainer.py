@@ -111,7 +111,8 @@ class Trainer:
         self.loader = PackedLoader(self.shards.tokens("train"), tc.seq_len, micro * world, cfg.data.seed,
                                    self.dist.rank, world)
         self.val_tokens = self.shards.tokens("val")
-        self.token_bytes = torch.from_numpy(self.tokenizer.token_bytes())
+        self.val_bytes = self.shards.token_bytes("val")
+        self._check_validation_split()
         torch.manual_seed(tc.seed)
         self.model = CausalLM(cfg.model).to(self.device)
         self.fsdp = self.dist.enabled and tc.parallel == "fsdp"
@@ -146,6 +147,21 @@ class Trainer:
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         if self.resume:
             self._resume()
+
+    def _check_validation_split(self) -> None:
+        """Evaluation needs a validation split with text in it; one shorter than a window is evaluated as
+        one shorter window (see :func:`eval_batches`)."""
+        tc, n = self.cfg.train, len(self.val_tokens)
+        n_bytes = self.shards.manifest["splits"]["val"]["bytes"]
+        if n < 2 or n_bytes == 0:
+            raise ConfigError(
+                f"data: the validation split has {n} tokens ({n_bytes} bytes of text); evaluation needs at least 2 "
+                f"tokens of text (seq_len={tc.seq_len}). Set data.corpus.val_fraction above "
+                f"{self.cfg.data.corpus.val_fraction} or use a corpus with more documents"
+            )
+        if n - 1 < tc.seq_len:
+            self.log(f"note: the validation split has {n:,} tokens, fewer than one window of seq_len={tc.seq_len} + 1: "
+                     f"it is evaluated as one window of {n - 1} targets")
 
     def _resume(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
@@ -246,26 +262,26 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token), perplexity and bits per byte over ``eval_tokens`` tokens."""
+        """Validation loss (nats/token), perplexity and bits per byte over the validation split's first
+        ``eval_tokens`` targets (all of a shorter split, its final partial window included)."""
         tc = self.cfg.train
         self.model.eval()
         if hasattr(self.optimizer, "eval"):
             self.optimizer.eval()  # schedule-free optimizers evaluate at their averaged weights
         nats, tokens, nbytes = 0.0, 0, 0
         micro = max(1, self.loader.batch_size // self.dist.world_size)
-        for x, y in eval_batches(self.val_tokens, tc.seq_len, micro, tc.eval_tokens):
+        for x, y, target_bytes in eval_batches(self.val_tokens, self.val_bytes, tc.seq_len, micro, tc.eval_tokens):
             x, y = x.to(self.device), y.to(self.device)
             with self.autocast():
                 logits = self.model(x).logits
             nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
             nats += float(nll)
             tokens += y.numel()
-            nbytes += int(self.token_bytes[y.cpu()].sum())
+            nbytes += int(target_bytes.sum())
         if hasattr(self.optimizer, "train"):
             self.optimizer.train()
-        if tokens == 0:
-            return {}
         loss = nats / tokens
+        # bits per byte: the scored targets' nats over the UTF-8 bytes of the text they cover (their spans)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_bpb": nats / math.log(2) / max(nbytes, 1)}
 
     def full_model(self) -> CausalLM:
