@@ -17,6 +17,7 @@ import argparse
 import datetime
 import json
 import math
+import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -57,6 +58,7 @@ def main() -> None:
     torch.set_num_threads(1)
     corpus = ShakespeareCorpus()
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+               "command": "python " + " ".join(sys.argv), "device": f"cpu ({platform.machine()}, 1 thread)",
                "corpus": "shakespeare (val split)", "vocab": args.vocab, "tokenizers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

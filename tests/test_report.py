@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
+from statsmodels.stats.multitest import multipletests
 
 from archifactory.sweep import stats as st
 from archifactory.sweep.report import write_report
@@ -251,6 +252,11 @@ def test_report_numbers_match_scipy(tmp_path):
     results = table_with(md_tables(markdown), "variant", "val loss (95% CI)")
     rows = {r[0]: dict(zip(results[0], r)) for r in results[1:]}
     assert list(rows) == ["baseline", "gqa", "moe"]  # baseline first, then the runner's order
+    tests = {v: scipy_stats.ttest_rel([finals[(v, s)]["val_loss"] for s in SEEDS if (v, s) in finals],
+                                      [finals[("baseline", s)]["val_loss"] for s in SEEDS if (v, s) in finals])
+             for v in VARIANTS if v != "baseline"}
+    rejected, holm, _, _ = multipletests([t.pvalue for t in tests.values()], alpha=0.05, method="holm")
+    holm = dict(zip(tests, zip(holm, rejected)))
     for variant in VARIANTS:
         seeds = [s for s in SEEDS if (variant, s) in finals]
         row = rows[variant]
@@ -268,7 +274,8 @@ def test_report_numbers_match_scipy(tmp_path):
         delta = f"{np.mean(np.subtract(a, b)):+.4f} [{ci.low:+.4f}, {ci.high:+.4f}]"
         assert row["Δ loss vs baseline [95% CI]"] == delta
         assert row["p (paired t)"] == f"{ref.pvalue:.4f}"
-        assert row["significant"] == ("yes" if ref.pvalue < 0.05 else "no")
+        assert row["p (Holm)"] == f"{holm[variant][0]:.4f}"
+        assert row["significant (Holm)"] == ("yes" if holm[variant][1] else "no")
     comparison = table_with(md_tables(markdown), "variant", "Δ bits/byte")
     for row in comparison[1:]:
         variant = row[0]
@@ -278,7 +285,7 @@ def test_report_numbers_match_scipy(tmp_path):
         ref = scipy_stats.ttest_rel(a, b)
         ci = ref.confidence_interval(0.95)
         mean_diff = np.mean(np.subtract(a, b))
-        assert row[7:10] == [f"{mean_diff:+.4f}", f"[{ci.low:+.4f}, {ci.high:+.4f}]", f"{ref.pvalue:.4f}"]
+        assert row[8:11] == [f"{mean_diff:+.4f}", f"[{ci.low:+.4f}, {ci.high:+.4f}]", f"{ref.pvalue:.4f}"]
     assert rows["moe"]["params"] == "1.65M" and rows["gqa"]["state bytes (T=128)"] == "128 KiB"
     assert rows["baseline"]["peak memory"] == "—"
 
@@ -312,29 +319,92 @@ def html_escape_text(text: str) -> str:
     return html.escape(text, quote=True)
 
 
-def test_report_with_an_lr_grid_and_no_finished_variant(tmp_path):
+def _grid_store(tmp_path, rows: dict) -> Store:
     store = Store(tmp_path / "results.sqlite")
     store.set_sweep("grid", "name: grid\n", {})
-    rows = {("baseline", None): [3.2, 3.3], ("v", 1e-3): [3.25, 3.35], ("v", 3e-3): [3.1, 3.15]}
-    for (variant, lr), losses in rows.items():
-        for seed, loss in enumerate(losses):
+    for (variant, lr, purpose), losses in rows.items():
+        for seed, loss in losses.items():
             run_id = f"{variant}-{lr}-s{seed}"
             store.add_run(run_id, variant, seed, lr, variant == "baseline", run_config("baseline", seed),
-                          {"overrides": [] if lr is None else [f"optimizer.lr={lr}"], "match_params": None}, run_id)
+                          {"overrides": [] if lr is None else [f"optimizer.lr={lr}"], "match_params": None}, run_id,
+                          purpose)
             store.record_results(run_id, [{"kind": "eval", "step": 0, "tokens": 0, "val_loss": 7.0},
                                           {"kind": "eval", "step": 10, "tokens": 2048, "elapsed_s": 1.0,
                                            "val_loss": loss}], {"val_loss": loss, "tokens": 2048})
+    return store
+
+
+def test_report_with_an_lr_grid_chosen_on_the_compared_seeds_warns_and_no_finished_variant(tmp_path):
+    """A store from before lr-selection seeds: the grid ran on the compared seeds; the report still picks
+    the lowest mean, but says the choice is biased."""
+    store = _grid_store(tmp_path, {("baseline", None, "compare"): {0: 3.2, 1: 3.3},
+                                   ("v", 1e-3, "compare"): {0: 3.25, 1: 3.35}, ("v", 3e-3, "compare"): {0: 3.1, 1: 3.15}})
     store.add_run("w-s0", "w", 0, None, False, run_config("gqa", 0), {"overrides": ["x=1"]}, "w-s0")
     store.mark("w-s0", "failed", None)
     _, md_path = write_report(tmp_path)
     markdown = md_path.read_text()
     lr = table_with(md_tables(markdown), "variant", "kept")
-    assert ["v", "0.003", "2", "3.1250", "✓ lowest"] in lr and ["v", "0.001", "2", "3.3000", ""] in lr
+    assert ["v", "0.003", "2", "0, 1 (the compared seeds)", "3.1250", "✓ lowest"] in lr
+    assert ["v", "0.001", "2", "0, 1 (the compared seeds)", "3.3000", ""] in lr
+    assert "Warning: v chose the lr on the very seeds the report compares" in markdown
+    assert "✗ **learning-rate choice**: v chose the lr on the compared seeds" in markdown
     results = table_with(md_tables(markdown), "variant", "val loss (95% CI)")
     v = next(r for r in results if r[0] == "v")
     assert v[3] == "0.003" and v[4].startswith("3.1250 ± ")
     assert next(r for r in results if r[0] == "w")[2] == "0 / 1"
     assert "(no error text recorded)" in markdown
+
+
+def test_report_takes_the_lr_chosen_on_held_out_seeds(tmp_path):
+    """The lr-selection runs (seeds 10, 11) choose 1e-3, although 3e-3 did better on the compared seeds
+    0, 1: the comparison uses 1e-3, and the selection runs enter no comparison."""
+    _grid_store(tmp_path, {("baseline", None, "compare"): {0: 3.2, 1: 3.3},
+                           ("v", 1e-3, "lr_selection"): {10: 3.0, 11: 3.05},
+                           ("v", 3e-3, "lr_selection"): {10: 3.2, 11: 3.25},
+                           ("v", 1e-3, "compare"): {0: 3.3, 1: 3.35},
+                           ("v", 3e-3, "compare"): {0: 3.1, 1: 3.15}})  # e.g. left from an earlier choice
+    _, md_path = write_report(tmp_path)
+    markdown = md_path.read_text()
+    lr = table_with(md_tables(markdown), "variant", "kept")
+    assert lr[1:] == [["v", "0.001", "2", "10, 11", "3.0250", "✓ lowest"], ["v", "0.003", "2", "10, 11", "3.2250", ""]]
+    assert "ran it on the lr-selection seeds 10, 11" in markdown and "Warning" not in markdown
+    assert "✓ **learning-rate choice**: on held-out seeds 10, 11" in markdown
+    results = table_with(md_tables(markdown), "variant", "val loss (95% CI)")
+    v = dict(zip(results[0], next(r for r in results if r[0] == "v")))
+    assert v["lr"] == "0.001" and v["seeds"] == "2 / 4" and v["val loss (95% CI)"].startswith("3.3250 ± ")
+    seeds = table_with(md_tables(markdown), "variant", "stream hash")
+    assert sorted((r[0], r[1]) for r in seeds[1:]) == [("baseline", "0"), ("baseline", "1"), ("v", "0"), ("v", "1")]
+
+
+def test_holm_adjusted_p_values_match_statsmodels():
+    rng = np.random.default_rng(0)
+    for m in (1, 2, 3, 7, 20):
+        p = rng.uniform(0, 0.2, m)
+        p[rng.integers(0, m)] = p[0]  # a tie
+        ref = multipletests(p, alpha=0.05, method="holm")[1]
+        np.testing.assert_allclose(st.holm_adjust(p), ref, rtol=0, atol=1e-15)
+    assert st.holm_adjust([]) == []
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        st.holm_adjust([0.5, 1.5])
+
+
+def test_significance_across_variants_is_decided_by_the_holm_corrected_p():
+    base = {0: 3.20, 1: 3.26, 2: 3.22, 3: 3.31}
+    finals = _rows("baseline", base, baseline=True)
+    shifts = {"a": [-0.03, -0.028, -0.031, -0.029], "b": [-0.02, -0.025, -0.004, -0.03], "c": [0.01, -0.01, 0.0, 0.02]}
+    for variant, shift in shifts.items():
+        finals += _rows(variant, {s: base[s] + d for s, d in zip(base, shift)})
+    finals += _rows("single", {0: 3.0})  # one pair: no test, not part of the family
+    diffs = st.compare_to_baseline(finals)
+    raw = [scipy_stats.ttest_rel([base[s] + d for s, d in zip(base, shifts[v])], list(base.values())).pvalue
+           for v in shifts]
+    rejected, holm, _, _ = multipletests(raw, alpha=0.05, method="holm")
+    for (variant, d), p, q, reject in zip(diffs.items(), raw, holm, rejected):
+        assert d.p_value == pytest.approx(p, rel=1e-10) and d.p_adjusted == pytest.approx(q, rel=1e-10)
+        assert d.n_compared == 3 and d.significant == bool(reject)
+    assert diffs["b"].p_value < 0.05 and not diffs["b"].significant  # significant only before the correction
+    assert diffs["a"].significant
+    assert diffs["single"].p_adjusted is None and diffs["single"].significant is None
 
 
 # ---------------------------------------------------------------------- the page in headless Chromium

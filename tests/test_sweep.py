@@ -73,11 +73,25 @@ def test_match_params_resizes_ffn_within_tolerance(tmp_path):
     assert runs["mlp"].config.model.ffn.hidden != 32
 
 
-def test_lr_grid_and_bad_variants(tmp_path):
-    s = spec(tmp_path, variants={"mqa": {"overrides": ["model.mixer.n_kv_heads=1"], "lr": [1e-3, 3e-3]}})
-    ids = [r.run_id for r in plan(s, tmp_path, tmp_path / "sweep")]
-    assert "mqa-lr0.001-s0" in ids and "mqa-lr0.003-s1" in ids
-    assert [r.config.optimizer.lr for r in plan(s, tmp_path, tmp_path / "s") if r.variant == "mqa"] == [1e-3, 1e-3, 3e-3, 3e-3]
+def test_lr_grid_is_chosen_on_seeds_the_comparison_does_not_use_and_bad_variants(tmp_path):
+    grid = {"mqa": {"overrides": ["model.mixer.n_kv_heads=1"], "lr": [1e-3, 3e-3]}}
+    with pytest.raises(ConfigError, match=r"variants.mqa.lr: an lr grid needs lr_selection_seeds"):
+        spec(tmp_path, variants=grid)
+    with pytest.raises(ConfigError, match=r"lr_selection_seeds: seed\(s\) \[1\] are also compared"):
+        spec(tmp_path, variants=grid, lr_selection_seeds=[1, 10])
+    s = spec(tmp_path, variants=grid, lr_selection_seeds=[10, 11])
+    runs = plan(s, tmp_path, tmp_path / "sweep")  # before the choice: the grid on the selection seeds only
+    mqa = [(r.run_id, r.seed, r.config.optimizer.lr, r.purpose) for r in runs if r.variant == "mqa"]
+    assert mqa == [("mqa-lr0.001-s10", 10, 1e-3, "lr_selection"), ("mqa-lr0.001-s11", 11, 1e-3, "lr_selection"),
+                   ("mqa-lr0.003-s10", 10, 3e-3, "lr_selection"), ("mqa-lr0.003-s11", 11, 3e-3, "lr_selection")]
+    assert {(r.variant, r.seed, r.purpose) for r in runs if r.variant != "mqa"} == {("baseline", 0, "compare"),
+                                                                                     ("baseline", 1, "compare")}
+    after = plan(s, tmp_path, tmp_path / "sweep", chosen_lrs={"mqa": 3e-3})
+    compared = [(r.run_id, r.seed, r.config.optimizer.lr) for r in after if r.variant == "mqa" and r.purpose == "compare"]
+    assert compared == [("mqa-lr0.003-s0", 0, 3e-3), ("mqa-lr0.003-s1", 1, 3e-3)]
+    single = spec(tmp_path, variants={"slow": {"overrides": [], "lr": [1e-4]}})  # one lr: no grid, no selection
+    assert [(r.run_id, r.purpose) for r in plan(single, tmp_path, tmp_path / "s") if r.variant == "slow"] == [
+        ("slow-lr0.0001-s0", "compare"), ("slow-lr0.0001-s1", "compare")]
     with pytest.raises(ConfigError, match=r"(?s)variant .typo.: .*model.mixer.nheads: unknown key"):
         plan(spec(tmp_path, variants={"typo": ["model.mixer.nheads=2"]}), tmp_path, tmp_path / "s")
     with pytest.raises(ConfigError, match="exactly one of tokens, flops or seconds"):
@@ -105,6 +119,25 @@ def test_runner_records_results_failures_and_skips_finished_runs(tmp_path):
     before = log.read_text()
     counts = SweepRunner(s, tmp_path, sweep_dir).run()  # finished runs are skipped, failed ones retried
     assert log.read_text() == before and counts["done"] == 4
+
+
+def test_runner_chooses_the_lr_on_selection_seeds_then_runs_it_on_the_compared_seeds(tmp_path):
+    s = spec(tmp_path, seeds=[0], lr_selection_seeds=[5],
+             variants={"mqa": {"overrides": ["model.mixer.n_kv_heads=1"], "lr": [1e-4, 3e-3]}})
+    sweep_dir = tmp_path / "sweep"
+    counts = SweepRunner(s, tmp_path, sweep_dir).run()
+    assert counts == {"done": 4, "failed": 0}
+    store = Store(sweep_dir / "results.sqlite")
+    finals = {f["run_id"]: f for f in store.finals()}
+    assert {r: f["purpose"] for r, f in finals.items()} == {
+        "baseline-s0": "compare", "mqa-lr0.0001-s5": "lr_selection", "mqa-lr0.003-s5": "lr_selection",
+        "mqa-lr0.003-s0": "compare"}
+    # the higher lr trains further in 6 steps: lower selection loss, so it is the one run on seed 0
+    assert finals["mqa-lr0.003-s5"]["val_loss"] < finals["mqa-lr0.0001-s5"]["val_loss"]
+    from archifactory.sweep.report import write_report
+
+    _, md = write_report(sweep_dir)
+    assert "on held-out seeds 5, not among the compared ones" in md.read_text()
 
 
 def test_shipped_sweeps_plan(tmp_path):

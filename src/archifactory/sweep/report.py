@@ -65,8 +65,14 @@ class SweepData:
     eval_curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     train_curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
-    def runs_of(self, variant: str) -> list[dict[str, Any]]:
-        return [r for r in self.runs if r["variant"] == variant]
+    def runs_of(self, variant: str, lr_selection: bool = False) -> list[dict[str, Any]]:
+        """The variant's compared runs (with ``lr_selection``: its lr-selection runs as well)."""
+        return [r for r in self.runs if r["variant"] == variant and (lr_selection or not st.is_selection_run(r))]
+
+    def n_compared(self, metric: str = "val_loss") -> int:
+        """How many tested comparisons with the baseline the Holm correction spans."""
+        diffs = self.diff_loss if metric == "val_loss" else self.diff_bpb
+        return max((d.n_compared for d in diffs.values() if d.tested), default=0)
 
     def color(self, variant: str) -> str:
         if variant == self.baseline:
@@ -284,31 +290,33 @@ def stats_table(data: SweepData) -> Table:
     with_lr = any(r.get("lr") is not None for r in data.all_finals)
     # a line break in a header is a space in Markdown, and so is a no-break space
     header = ["variant", "seeds", "val loss\n(95%\u00a0CI)", "bits/byte\n(95%\u00a0CI)",
-              "Δ loss vs baseline\n[95%\u00a0CI]", "p\n(paired\u00a0t)", "significant", "params", "active\nparams",
+              "Δ loss vs baseline\n[95%\u00a0CI]", "p\n(paired\u00a0t)", "p\n(Holm)", "significant\n(Holm)", "params",
+              "active\nparams",
               "FLOPs/token\n(train)", "tokens/s", "peak\nmemory",
               f"state bytes\n(T={seq_len})" if seq_len else "state\nbytes"]
     if with_lr:
         header.insert(2, "lr")
-    table = Table(header, [], numeric={i for i, h in enumerate(header) if h not in ("variant", "significant")},
+    table = Table(header, [], numeric={i for i, h in enumerate(header) if h not in ("variant", "significant\n(Holm)")},
                   notes_header="changes")
     for variant in data.order:
         s = data.stats.get(variant)
         n_runs = len(data.runs_of(variant))
         diff = data.diff_loss.get(variant)
         if variant == data.baseline:
-            delta, p, sig = "(baseline)", "", ""
+            delta, p, p_holm, sig = "(baseline)", "", "", ""
         elif diff is None:
-            delta, p, sig = "—", "—", "no baseline run" if data.baseline else "no baseline"
+            delta, p, p_holm, sig = "—", "—", "—", "no baseline run" if data.baseline else "no baseline"
         else:
             delta = f"{fmt_signed(diff.mean_diff)}\n{fmt_interval(diff.ci_low, diff.ci_high)}".strip()
             p = fmt_p(diff.p_value) if diff.tested else diff.note.split(" ")[0]
+            p_holm = fmt_p(diff.p_adjusted) if diff.tested else "—"
             sig = ("yes" if diff.significant else "no") if diff.tested else diff.note
         if s is None:
-            row = [variant, f"0 / {n_runs}", "—", "—", delta, p, sig] + ["—"] * 6
+            row = [variant, f"0 / {n_runs}", "—", "—", delta, p, p_holm, sig] + ["—"] * 6
         else:
             c = s.costs
             row = [variant, f"{s.n_seeds} / {n_runs}", fmt_ci(s.val_loss),
-                   fmt_ci(s.val_bpb), delta, p, sig, fmt_count(c["params"]), fmt_count(c["active_params"]),
+                   fmt_ci(s.val_bpb), delta, p, p_holm, sig, fmt_count(c["params"]), fmt_count(c["active_params"]),
                    fmt_count(c["flops_per_token"]), fmt_count(c["tokens_per_s"]), fmt_bytes(c["peak_mem_bytes"]),
                    fmt_bytes(c["state_bytes"])]
         if with_lr:
@@ -323,23 +331,23 @@ def stats_table(data: SweepData) -> Table:
 
 
 def comparison_table(data: SweepData) -> Table:
-    header = ["variant", "pairs (seeds)", "Δ val loss", "95% CI", "t", "p", "significant (α=0.05)", "Δ bits/byte",
-              "95% CI", "p", "significant (α=0.05)"]
-    table = Table(header, [], numeric={1, 2, 3, 4, 5, 7, 8, 9})
+    header = ["variant", "pairs (seeds)", "Δ val loss", "95% CI", "t", "p", "p (Holm)", "significant (Holm, α=0.05)",
+              "Δ bits/byte", "95% CI", "p", "p (Holm)", "significant (Holm, α=0.05)"]
+    table = Table(header, [], numeric={1, 2, 3, 4, 5, 6, 8, 9, 10, 11})
     for variant in data.order:
         if variant == data.baseline or variant not in data.diff_loss:
             continue
         row = [variant]
         for i, diff in enumerate((data.diff_loss[variant], data.diff_bpb.get(variant))):
             if diff is None:
-                row += ["—"] * (5 if i == 0 else 4)
+                row += ["—"] * (6 if i == 0 else 5)
                 continue
             if i == 0:
                 row.append(f"{diff.n_pairs} ({', '.join(map(str, diff.seeds))})")
             row += [fmt_signed(diff.mean_diff), fmt_interval(diff.ci_low, diff.ci_high)]
             if i == 0:
                 row.append("—" if diff.t_statistic is None else f"{diff.t_statistic:+.3f}")
-            row += [fmt_p(diff.p_value) if diff.tested else "—",
+            row += [fmt_p(diff.p_value) if diff.tested else "—", fmt_p(diff.p_adjusted) if diff.tested else "—",
                     (("yes" if diff.significant else "no") if diff.tested else diff.note)]
         table.rows.append(row)
         d = data.diff_loss[variant]
@@ -365,17 +373,36 @@ def seeds_table(data: SweepData) -> Table:
 def lr_table(data: SweepData) -> Table | None:
     if not data.lr_choices:
         return None
-    table = Table(["variant", "lr", "seeds", "mean final val loss", "kept"], [], numeric={1, 2, 3})
+    table = Table(["variant", "lr", "runs", "chosen on seeds", "mean final val loss", "kept"], [], numeric={1, 2, 4})
     for variant in data.order:
         choice = data.lr_choices.get(variant)
         if choice is None:
             continue
+        seeds = ", ".join(map(str, choice.selection_seeds))
+        where = seeds if choice.held_out else f"{seeds} (the compared seeds)"
         for lr in sorted(choice.mean_val_loss_by_lr, key=lambda v: (v is None, v or 0.0)):
             kept = "✓ lowest" if lr == choice.chosen_lr else ""
-            table.rows.append([variant, fmt_lr(lr), str(choice.n_seeds_by_lr[lr]),
+            table.rows.append([variant, fmt_lr(lr), str(choice.n_seeds_by_lr[lr]), where,
                                fmt_loss(choice.mean_val_loss_by_lr[lr]), kept])
             table.row_classes.append("chosen" if lr == choice.chosen_lr else "")
     return table
+
+
+def lr_choice_text(data: SweepData) -> str:
+    """How the learning rates were chosen, in words (plain text)."""
+    held_out = sorted(v for v, c in data.lr_choices.items() if c.held_out)
+    not_held_out = sorted(v for v, c in data.lr_choices.items() if not c.held_out)
+    text = []
+    if held_out:
+        seeds = sorted({s for v in held_out for s in data.lr_choices[v].selection_seeds})
+        text.append(f"Variants with a learning-rate grid ({', '.join(held_out)}) ran it on the lr-selection seeds "
+                    f"{', '.join(map(str, seeds))}; the lr with the lowest mean final validation loss there was then "
+                    "run on the compared seeds, and only those runs enter the comparison above.")
+    if not_held_out:
+        text.append(f"Warning: {', '.join(not_held_out)} chose the lr on the very seeds the report compares (this "
+                    "sweep has no lr-selection runs), which biases the comparison in the tuned variant's favour; set "
+                    "lr_selection_seeds in the sweep spec.")
+    return " ".join(text)
 
 
 def config_diffs(data: SweepData) -> list[tuple[str, Changes, list[tuple[str, Any, Any]] | None]]:
@@ -438,6 +465,15 @@ def fairness_rows(data: SweepData) -> list[tuple[str, str, bool | None]]:
                  ("identical: " if f.budgets_identical else "differs: ") + budget_text, f.budgets_identical))
     if f.spec_budget is not None:
         rows.append(("sweep budget (spec)", describe_budget(f.spec_budget), None))
+    if data.lr_choices:
+        biased = sorted(v for v, c in data.lr_choices.items() if not c.held_out)
+        if biased:
+            rows.append(("learning-rate choice", f"{', '.join(biased)} chose the lr on the compared seeds "
+                                                 "(no lr-selection runs): biased in their favour", False))
+        else:
+            seeds = sorted({s for c in data.lr_choices.values() for s in c.selection_seeds})
+            rows.append(("learning-rate choice", f"on held-out seeds {', '.join(map(str, seeds))}, not among the "
+                                                 "compared ones", True))
     return rows
 
 
@@ -498,7 +534,8 @@ def headline(data: SweepData) -> list[str]:
         text = f"{variant}: val loss {abs(d.mean_diff):.4f} {word} than the baseline over {d.n_pairs} paired seed(s)"
         if d.tested:
             verdict = "significant" if d.significant else "not significant"
-            text += f", p = {fmt_p(d.p_value)} ({verdict} at α = {d.alpha:g})."
+            text += (f", p = {fmt_p(d.p_value)}, Holm-corrected over {d.n_compared} comparison(s) "
+                     f"p = {fmt_p(d.p_adjusted)} ({verdict} at α = {d.alpha:g}).")
         else:
             text += f"; {d.note}."
         lines.append(text)
@@ -634,7 +671,7 @@ def _count_formatter():
 
 def final_figure(data: SweepData) -> bytes | None:
     """Final val loss and bits per byte per variant (mean, 95% CI, each seed as a dot), and the paired
-    difference to the baseline with its 95% CI (a bar that misses zero is significant at 5%)."""
+    difference to the baseline with its 95% CI (uncorrected) and Holm-corrected p-value (``*``: significant)."""
     variants = [v for v in data.order if v in data.stats]
     if not variants:
         return None
@@ -671,7 +708,8 @@ def final_figure(data: SweepData) -> bytes | None:
             color = data.color(v)
             err = None if d.ci_low is None else [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]]
             ax.errorbar([d.mean_diff], [ypos[v]], xerr=err, fmt="o", color=color, capsize=4, linewidth=1.6)
-            tag = (f"p={fmt_p(d.p_value)}" + (" *" if d.significant else "")) if d.tested else d.note.split(" ")[0]
+            tag = (f"p_Holm={fmt_p(d.p_adjusted)}" + (" *" if d.significant else "")) if d.tested \
+                else d.note.split(" ")[0]
             ax.annotate(tag, (d.mean_diff, ypos[v]), xytext=(0, 7), textcoords="offset points", ha="center",
                         fontsize=7.5, color=color)
         ax.set_yticks(list(ypos.values()), ["" for _ in ypos])
@@ -699,7 +737,8 @@ def make_figures(data: SweepData) -> list[ReportFigure]:
     specs = [
         ("final", "Final validation loss per variant",
          ("Mean and 95% Student-t interval over seeds, each seed a dot; the right panel is the paired difference "
-          "to the baseline (an interval that misses zero is significant at 5%)."),
+          "to the baseline with its 95% interval, not corrected for multiple comparisons; * marks a Holm-corrected "
+          "p below 0.05."),
          lambda: final_figure(data)),
         ("val_loss_vs_tokens", "Validation loss vs tokens", f"Evaluations during training; {band}.",
          lambda: _curve_figure(data, data.eval_curves, "tokens", "val_loss", "tokens", "val loss",
@@ -857,8 +896,9 @@ def render_html(data: SweepData, figures: Sequence[ReportFigure]) -> str:
     table = stats_table(data)
     add(html_table(table))
     add('<p class="legend">Mean ± half width of the 95% Student-t interval over seeds. Δ is variant − baseline, '
-        "paired by seed (negative: lower loss than the baseline); p from a two-sided paired t-test; "
-        "significant at α = 0.05. Seeds: finished / registered runs. Costs are means over seeds; "
+        "paired by seed (negative: lower loss than the baseline); p from a two-sided paired t-test, and Holm-corrected "
+        f"over the {data.n_compared()} variant(s) tested against the baseline; significant when the corrected p is below "
+        "α = 0.05. Seeds: finished / registered runs. Costs are means over seeds; "
         "a green (red) left edge marks a significantly lower (higher) loss.</p>\n")
 
     comparison = comparison_table(data)
@@ -874,8 +914,7 @@ def render_html(data: SweepData, figures: Sequence[ReportFigure]) -> str:
 
     lrs = lr_table(data)
     if lrs is not None:
-        add("<h2>Learning-rate choice</h2>\n<p>Variants that ran several learning rates are reported at the lr "
-            "with the lowest mean final validation loss over seeds.</p>\n")
+        add(f"<h2>Learning-rate choice</h2>\n<p>{e(lr_choice_text(data))}</p>\n")
         add(html_table(lrs, fit=True))
 
     add("<h2>What each variant changes</h2>\n")
@@ -998,7 +1037,9 @@ def render_markdown(data: SweepData, image_paths: dict[str, str], figures: Seque
     add("\n## Results\n\n")
     add(md_table(stats_table(data)))
     add("\nMean ± half width of the 95% Student-t interval over seeds. Δ is variant − baseline, paired by seed "
-        "(negative: lower loss); p from a two-sided paired t-test; significant at α = 0.05. "
+        "(negative: lower loss); p from a two-sided paired t-test, and Holm-corrected over the "
+        f"{data.n_compared()} variant(s) tested against the baseline; significant when the corrected p is below "
+        "α = 0.05. "
         "Seeds: finished / registered runs.\n")
     comparison = comparison_table(data)
     if comparison.rows:
@@ -1008,8 +1049,7 @@ def render_markdown(data: SweepData, image_paths: dict[str, str], figures: Seque
         add(f"![{md_cell(fig.title)}]({image_paths[fig.name]})\n\n*{md_cell(fig.title)}. {md_cell(fig.caption)}*\n\n")
     lrs = lr_table(data)
     if lrs is not None:
-        add("## Learning-rate choice\n\nVariants that ran several learning rates are reported at the lr with the "
-            "lowest mean final validation loss over seeds.\n\n" + md_table(lrs))
+        add(f"## Learning-rate choice\n\n{md_cell(lr_choice_text(data))}\n\n" + md_table(lrs))
     add("\n## What each variant changes\n\n")
     diffs = config_diffs(data)
     if not diffs:

@@ -1,5 +1,9 @@
 """Running a sweep: every (variant, seed[, lr]) in its own subprocess, several at once.
 
+A variant with an lr grid runs in two waves: its lr-selection runs (the grid on ``lr_selection_seeds``)
+go with the first wave, beside every other run; once they have finished, the lr they choose
+(:func:`archifactory.sweep.stats.choose_lrs`) is run on the compared ``seeds`` in a second wave.
+
 On CPU the runs share the cores (``threads_per_run`` threads each); with GPUs each run gets one
 (``CUDA_VISIBLE_DEVICES``). Re-running skips finished runs and resumes interrupted ones from their
 checkpoints (the trainer resumes by itself); a failing run is recorded with its error and the others go
@@ -21,7 +25,8 @@ import torch
 import yaml
 
 from archifactory.config import dump_config
-from archifactory.sweep.spec import BASELINE, PlannedRun, SweepSpec, plan, spec_yaml
+from archifactory.sweep.spec import BASELINE, PURPOSE_LR_SELECTION, PlannedRun, SweepSpec, plan, spec_yaml
+from archifactory.sweep.stats import choose_lrs, is_selection_run
 from archifactory.sweep.store import Store
 from archifactory.train.metrics import read_metrics
 
@@ -84,12 +89,17 @@ class SweepRunner:
         self.executor = submitit_executor(spec, self.sweep_dir) if spec.executor == "submitit" else None
         self._finished_shown: set[str] = set()  # runs whose progress line is final
 
+    def chosen_lrs(self) -> dict[str, float]:
+        """The lr each grid variant's finished lr-selection runs choose (variants with none yet: absent)."""
+        selection = [r for r in self.store.finals() if is_selection_run(r)]
+        return {v: c.chosen_lr for v, c in choose_lrs(selection).items()}
+
     def plan(self) -> list[PlannedRun]:
-        runs = plan(self.spec, self.root, self.sweep_dir)
+        runs = plan(self.spec, self.root, self.sweep_dir, self.chosen_lrs())
         self.store.set_sweep(self.spec.name, spec_yaml(self.spec), environment())
         for run in runs:
             self.store.add_run(run.run_id, run.variant, run.seed, run.lr, run.variant == BASELINE,
-                               run.config.model_dump(mode="json"), run.changes, run.config.out_dir)
+                               run.config.model_dump(mode="json"), run.changes, run.config.out_dir, run.purpose)
         return runs
 
     def pending(self, runs: list[PlannedRun]) -> list[PlannedRun]:
@@ -97,13 +107,35 @@ class SweepRunner:
         return [r for r in runs if r.run_id not in done]
 
     def run(self) -> dict[str, int]:
-        runs = self.plan()
-        todo = self.pending(runs)
+        attempted: set[str] = set()
+        wave = 0
+        while True:  # wave 2: the compared runs at the lr that the finished lr-selection runs chose
+            runs = self.plan()
+            todo = [r for r in self.pending(runs) if r.run_id not in attempted]
+            if wave and not todo:
+                break
+            self._run_wave(runs, todo, wave)
+            attempted |= {r.run_id for r in todo}
+            wave += 1
+        counts = {"done": 0, "failed": 0}
+        for r in self.store.runs():
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        self._print(f"sweep finished: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed")
+        return counts
+
+    def _run_wave(self, runs: list[PlannedRun], todo: list[PlannedRun], wave: int) -> None:
         environments = slots(self.spec)
-        self._print(
-            f"sweep {self.spec.name!r}: {len(runs)} runs ({len(runs) - len(todo)} already done), "
-            f"{len(environments)} at a time, budget {self.spec.budget.describe()} -> {self.sweep_dir}"
-        )
+        if wave == 0:
+            message = (f"sweep {self.spec.name!r}: {len(runs)} runs ({len(runs) - len(todo)} already done), "
+                       f"{len(environments)} at a time, budget {self.spec.budget.describe()} -> {self.sweep_dir}")
+        else:
+            message = f"sweep {self.spec.name!r}: {len(todo)} more runs at the learning rates chosen"
+        waiting = sorted(name for name, variant in self.spec.variants.items() if variant.has_lr_grid
+                         and not any(r.variant == name and r.purpose != PURPOSE_LR_SELECTION for r in runs))
+        if waiting:
+            message += (f"\n  lr grids of {', '.join(waiting)} run on seeds {self.spec.lr_selection_seeds}; the chosen "
+                        f"lr then runs on the compared seeds {self.spec.seeds}")
+        self._print(message)
         free = list(range(len(environments)))
         lock = threading.Lock()
         results: dict[str, str] = {}
@@ -129,11 +161,6 @@ class SweepRunner:
                 for f in futures:
                     f.result()
             self._update(progress, tasks, todo, results)
-        counts = {"done": 0, "failed": 0}
-        for r in self.store.runs():
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-        self._print(f"sweep finished: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed")
-        return counts
 
     def _execute(self, run: PlannedRun, env: dict[str, str]) -> str:
         run_dir = Path(run.config.out_dir)
@@ -213,6 +240,11 @@ def describe_plan(spec: SweepSpec, root: Path, sweep_dir: Path) -> str:
     lines = []
     for run in plan(spec, root, sweep_dir):
         lines.append(yaml.safe_dump({run.run_id: {"variant": run.variant, "seed": run.seed, "lr": run.lr,
+                                                  "purpose": run.purpose,
                                                   "max_tokens": run.config.train.max_tokens,
                                                   "changes": run.changes}}, sort_keys=False).rstrip())
+    for name, variant in spec.variants.items():
+        if variant.has_lr_grid:
+            lines.append(f"# then {name} on seeds {spec.seeds} at the lr (of {variant.lr}) with the lowest mean "
+                         f"final val loss on seeds {spec.lr_selection_seeds}")
     return "\n".join(lines)

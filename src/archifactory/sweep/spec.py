@@ -4,7 +4,8 @@
 name: positions
 base: configs/runs/shakespeare-tiny.yaml   # a run config path, or the run mapping inline
 base_overrides: [train.eval_every=50]       # optional: settings for every run of this sweep
-seeds: [0, 1, 2]
+seeds: [0, 1, 2]                            # the seeds the report compares
+lr_selection_seeds: [100, 101]              # where lr grids are run to choose each variant's lr
 budget: {tokens: 2.0e6}                     # or {flops: 1.0e13} or {seconds: 300}
 match_params: false                         # resize each variant's FFN to the base's parameter count
 variants:
@@ -15,6 +16,11 @@ variants:
 
 The baseline (the base unchanged) is always run, as the variant named ``baseline``. Every run reads the
 same token stream (the base's data config and ``data.seed``); the seed changes model initialisation.
+
+A variant with a learning-rate grid (``lr`` with several values) runs the grid on ``lr_selection_seeds``
+first (runs of purpose ``lr_selection``, named ``VARIANT-lrLR-sSEED``); the lr with the lowest mean final
+validation loss there is then run on ``seeds``, and only those runs enter the report's comparison. The
+two seed lists must not overlap, so the compared results are not the ones that chose the lr.
 """
 
 from __future__ import annotations
@@ -58,8 +64,13 @@ class Budget(Strict):
 class Variant(Strict):
     overrides: list[str] = Field(default_factory=list)
     description: str = ""
-    lr: list[float] | None = None
-    """Learning rates to try; the best (lowest mean validation loss over seeds) is reported."""
+    lr: list[float] | None = Field(None, min_length=1)
+    """Learning rates to try on the sweep's ``lr_selection_seeds``; the best (lowest mean final validation
+    loss there) is run on ``seeds`` and reported. A single value just sets this variant's lr."""
+
+    @property
+    def has_lr_grid(self) -> bool:
+        return self.lr is not None and len(self.lr) > 1
 
 
 class SweepSpec(Strict):
@@ -68,6 +79,10 @@ class SweepSpec(Strict):
     base_overrides: list[str] = Field(default_factory=list)
     """Dotted overrides applied to the base before any variant (e.g. a sweep's eval cadence)."""
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    """The seeds whose runs the report compares (paired by seed across variants)."""
+    lr_selection_seeds: list[int] = Field(default_factory=list)
+    """Seeds on which variants with an lr grid choose their lr; disjoint from ``seeds``. Required when a
+    variant has a grid."""
     budget: Budget
     variants: dict[str, Variant] = Field(default_factory=dict)
     match_params: bool = False
@@ -96,7 +111,22 @@ class SweepSpec(Strict):
                 raise ValueError(f"variants: {name!r} is not a usable variant name (no slashes or surrounding spaces)")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: {self.seeds} repeats a seed")
+        if len(set(self.lr_selection_seeds)) != len(self.lr_selection_seeds):
+            raise ValueError(f"lr_selection_seeds: {self.lr_selection_seeds} repeats a seed")
+        shared = sorted(set(self.seeds) & set(self.lr_selection_seeds))
+        if shared:
+            raise ValueError(f"lr_selection_seeds: seed(s) {shared} are also compared (seeds: {self.seeds}); the lr "
+                             "must be chosen on other seeds than those whose results the report compares")
+        grids = [name for name, v in self.variants.items() if v.has_lr_grid]
+        if grids and not self.lr_selection_seeds:
+            raise ValueError(f"variants.{grids[0]}.lr: an lr grid needs lr_selection_seeds (seeds not in "
+                             f"seeds: {self.seeds}) to choose the lr on, e.g. lr_selection_seeds: "
+                             f"{[max(self.seeds) + 100 + i for i in range(2)]}")
         return self
+
+
+PURPOSE_COMPARE = "compare"
+PURPOSE_LR_SELECTION = "lr_selection"
 
 
 @dataclasses.dataclass
@@ -107,6 +137,8 @@ class PlannedRun:
     lr: float | None
     config: RunConfig
     changes: dict
+    purpose: str = PURPOSE_COMPARE
+    """``compare`` (a result the report compares) or ``lr_selection`` (only chooses the variant's lr)."""
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple = ()) -> tuple[SweepSpec, Path]:
@@ -125,8 +157,12 @@ def base_data(spec: SweepSpec, root: Path) -> dict:
     return load_yaml(path)
 
 
-def plan(spec: SweepSpec, root: Path, sweep_dir: Path) -> list[PlannedRun]:
-    """Every (variant, seed[, lr]) run with its resolved config; raises ConfigError naming the variant."""
+def plan(spec: SweepSpec, root: Path, sweep_dir: Path,
+         chosen_lrs: dict[str, float] | None = None) -> list[PlannedRun]:
+    """Every run with its resolved config: (variant, seed) for each compared seed, and for a variant with
+    an lr grid, (variant, lr, seed) for each lr-selection seed, then its compared runs at the lr in
+    ``chosen_lrs`` once chosen (absent until then). Raises ConfigError naming the variant."""
+    chosen_lrs = chosen_lrs or {}
     base = apply_overrides(expand_run_data(base_data(spec, root)), spec.base_overrides)
     base_cfg = _resolve(base, [], f"{spec.name}/baseline")
     base_params = _params(base_cfg) if spec.match_params else None
@@ -140,17 +176,22 @@ def plan(spec: SweepSpec, root: Path, sweep_dir: Path) -> list[PlannedRun]:
                                    "match_params": None}
         if spec.match_params and name != BASELINE:
             cfg, changes["match_params"] = match_params(cfg, base_params, spec.match_tolerance, name)
-        for lr in variant.lr or [None]:
-            for seed in spec.seeds:
-                run_id = f"{name}-s{seed}" if lr is None else f"{name}-lr{lr:g}-s{seed}"
-                run = cfg.model_copy(deep=True)
-                run.name = run_id
-                run.out_dir = str(sweep_dir / "runs" / run_id)
-                run.train.seed = seed
-                if lr is not None:
-                    run.optimizer.lr = lr
-                _apply_budget(run, spec.budget)
-                runs.append(PlannedRun(run_id, name, seed, lr, run, changes))
+        if variant.has_lr_grid:
+            grid = [(lr, seed, PURPOSE_LR_SELECTION) for lr in variant.lr for seed in spec.lr_selection_seeds]
+            if name in chosen_lrs:
+                grid += [(chosen_lrs[name], seed, PURPOSE_COMPARE) for seed in spec.seeds]
+        else:
+            grid = [(variant.lr[0] if variant.lr else None, seed, PURPOSE_COMPARE) for seed in spec.seeds]
+        for lr, seed, purpose in grid:
+            run_id = f"{name}-s{seed}" if lr is None else f"{name}-lr{lr:g}-s{seed}"
+            run = cfg.model_copy(deep=True)
+            run.name = run_id
+            run.out_dir = str(sweep_dir / "runs" / run_id)
+            run.train.seed = seed
+            if lr is not None:
+                run.optimizer.lr = lr
+            _apply_budget(run, spec.budget)
+            runs.append(PlannedRun(run_id, name, seed, lr, run, changes, purpose))
     return runs
 
 

@@ -14,14 +14,24 @@ returns (every run, with ``status``, ``error``, ``config_json``, ``changes_json`
   and its 95% interval. Fewer than two pairs, or differences with no spread, give no test and say why.
   See e.g. NIST/SEMATECH e-Handbook of Statistical Methods, section 7.3.1 (two-sample and paired t);
   Dror et al., "The Hitchhiker's Guide to Testing Statistical Significance in NLP" (ACL 2018).
-- A learning-rate grid: :func:`best_lr_runs` keeps, per variant, the lr with the lowest mean final
-  validation loss over seeds (each variant gets its own best lr, as in a fair tuned comparison).
+- Several variants against one baseline: the paired tests' p-values are also given with Holm's
+  step-down correction for the number of variants compared (:func:`holm_adjust`; Holm, "A simple
+  sequentially rejective multiple test procedure", Scand. J. Statist. 6, 1979), and a difference is
+  called significant by the corrected value, which keeps the chance of any false "significant" in the
+  sweep at most alpha.
+- A learning-rate grid: :func:`choose_lrs` picks, per variant, the lr with the lowest mean final
+  validation loss over the *lr-selection* runs (``purpose = "lr_selection"``: the spec's
+  ``lr_selection_seeds``), and only the chosen lr is then run on the compared seeds; choosing on the
+  compared seeds themselves would carry the luck of those seeds into the comparison (a selection bias
+  in the tuned variant's favour). :func:`best_lr_runs` handles stores of sweeps that did exactly that
+  (no selection runs), and records that the choice was not held out.
 - Fairness: whether every run read the identical token stream (``stream_hash``), the tokens each run
   saw, and the budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import Counter, defaultdict
@@ -87,6 +97,15 @@ def mean_ci(values: Iterable[float | None], confidence: float = CONFIDENCE) -> M
 # ---------------------------------------------------------------------------------------- lr choice
 
 
+LR_SELECTION = "lr_selection"
+"""``runs.purpose`` of a run that only serves to choose its variant's learning rate."""
+COMPARE = "compare"
+
+
+def is_selection_run(row: Row) -> bool:
+    return row.get("purpose") == LR_SELECTION
+
+
 @dataclass(frozen=True)
 class LrChoice:
     """The learning rate kept for a variant that ran several, and the mean final loss of each."""
@@ -95,33 +114,67 @@ class LrChoice:
     chosen_lr: float | None
     mean_val_loss_by_lr: dict[float | None, float]
     n_seeds_by_lr: dict[float | None, int]
+    selection_seeds: list[int] = field(default_factory=list)
+    """The seeds whose runs chose the lr."""
+    held_out: bool = True
+    """``True``: the selection seeds are not among the compared ones. ``False``: the lr was chosen on the
+    very runs the report compares (a store written before lr-selection seeds existed)."""
+
+
+def _lowest_mean(variant: str, by_lr: Mapping[float | None, Sequence[Row]], metric: str) -> tuple[float | None, dict]:
+    means = {lr: mean_ci(r.get(metric) for r in rows).mean for lr, rows in by_lr.items()}
+    finite = {lr: m for lr, m in means.items() if not math.isnan(m)}
+    if not finite:
+        raise ValueError(f"variant {variant!r}: no run of any lr has a final {metric}; cannot choose an lr")
+    # ties go to the smaller lr (a deterministic rule)
+    return min(finite, key=lambda lr: (finite[lr], math.inf if lr is None else lr)), means
+
+
+def choose_lrs(selection_finals: Sequence[Row], metric: str = "val_loss") -> dict[str, LrChoice]:
+    """Per variant, the lr whose lr-selection runs have the lowest mean final ``metric`` over seeds (a
+    run without the metric, e.g. one that diverged, does not count towards its lr's mean; an lr with no
+    such run cannot be chosen). ``selection_finals``: finished runs with ``purpose = "lr_selection"``."""
+    by_variant: dict[str, dict[float | None, list[Row]]] = defaultdict(lambda: defaultdict(list))
+    for row in selection_finals:
+        by_variant[row["variant"]][row.get("lr")].append(row)
+    choices = {}
+    for variant, by_lr in by_variant.items():
+        if not any(r.get(metric) is not None for rows in by_lr.values() for r in rows):
+            continue  # nothing to choose from yet
+        best, means = _lowest_mean(variant, by_lr, metric)
+        seeds = sorted({r["seed"] for rows in by_lr.values() for r in rows})
+        choices[variant] = LrChoice(variant, best, means, {lr: len(rows) for lr, rows in by_lr.items()}, seeds, True)
+    return choices
 
 
 def best_lr_runs(finals: Sequence[Row], metric: str = "val_loss") -> tuple[list[dict], dict[str, LrChoice]]:
-    """Per variant that ran several learning rates, keep the runs of the lr whose mean final ``metric``
-    over seeds is lowest; variants with a single lr pass through unchanged.
+    """The compared runs, one lr per variant, and how each variant's lr was chosen.
 
-    Returns the kept rows (in the input order) and, for each variant that had a choice, the
-    :class:`LrChoice` that records it. Ties go to the smaller lr (a deterministic rule). A run whose
-    ``metric`` is missing does not count towards its lr's mean.
+    A variant with lr-selection runs (``purpose = "lr_selection"``) keeps its compared runs, which ran
+    at the lr :func:`choose_lrs` picked on the selection seeds; its :class:`LrChoice` is ``held_out``.
+    A variant whose compared runs hold several lrs (a sweep stored before lr-selection seeds) keeps the
+    runs of the lr with the lowest mean final ``metric`` over those same seeds, and its choice is
+    recorded with ``held_out=False``. Variants with a single lr pass through unchanged. Returns the kept
+    rows (in the input order, selection runs left out) and the choices.
     """
+    compared = [r for r in finals if not is_selection_run(r)]
+    choices = choose_lrs([r for r in finals if is_selection_run(r)], metric)
     by_variant: dict[str, dict[float | None, list[Row]]] = defaultdict(lambda: defaultdict(list))
-    for row in finals:
+    for row in compared:
         by_variant[row["variant"]][row.get("lr")].append(row)
     chosen: dict[str, float | None] = {}
-    choices: dict[str, LrChoice] = {}
     for variant, by_lr in by_variant.items():
-        if len(by_lr) == 1:
+        if variant in choices:
+            chosen[variant] = choices[variant].chosen_lr
+        elif len(by_lr) == 1:
             chosen[variant] = next(iter(by_lr))
-            continue
-        means = {lr: mean_ci(r.get(metric) for r in rows).mean for lr, rows in by_lr.items()}
-        finite = {lr: m for lr, m in means.items() if not math.isnan(m)}
-        if not finite:
-            raise ValueError(f"variant {variant!r}: no run of any lr has a final {metric}; cannot choose an lr")
-        best = min(finite, key=lambda lr: (finite[lr], math.inf if lr is None else lr))
-        chosen[variant] = best
-        choices[variant] = LrChoice(variant, best, means, {lr: len(rows) for lr, rows in by_lr.items()})
-    kept = [dict(row) for row in finals if row.get("lr") == chosen[row["variant"]]]
+        else:
+            best, means = _lowest_mean(variant, by_lr, metric)
+            chosen[variant] = best
+            seeds = sorted({r["seed"] for rows in by_lr.values() for r in rows})
+            choices[variant] = LrChoice(variant, best, means, {lr: len(rows) for lr, rows in by_lr.items()}, seeds,
+                                        held_out=False)
+    kept = [dict(row) for row in compared if row.get("lr") == chosen[row["variant"]]]
     return kept, choices
 
 
@@ -200,6 +253,27 @@ def baseline_variant(rows: Sequence[Row]) -> str | None:
     return flagged[0] if flagged else None
 
 
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the input order.
+
+    With the ``m`` p-values sorted ascending, ``p̃_(i) = min(1, max_{j <= i} (m - j + 1) · p_(j))``
+    (i = 1..m); rejecting where ``p̃ < alpha`` controls the family-wise error rate at ``alpha`` under any
+    dependence between the tests (Holm 1979). Agrees with statsmodels'
+    ``multipletests(method="holm")``.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    m = len(p)
+    if m == 0:
+        return []
+    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
+        raise ValueError(f"p-values must lie in [0, 1]: {p.tolist()}")
+    order = np.argsort(p, kind="stable")
+    stepped = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    adjusted = np.empty(m)
+    adjusted[order] = np.minimum(stepped, 1.0)
+    return adjusted.tolist()
+
+
 @dataclass(frozen=True)
 class PairedDifference:
     """``variant − baseline`` of a final metric, paired by seed (negative: the variant's loss is lower)."""
@@ -216,10 +290,15 @@ class PairedDifference:
     t_statistic: float | None
     p_value: float | None
     significant: bool | None
-    """``p_value < alpha``; ``None`` when there is no test."""
+    """``p_adjusted < alpha``: by the multiplicity-corrected p-value; ``None`` when there is no test."""
     alpha: float = ALPHA
     note: str = ""
     """Why there is no test (``"n<2"`` ...), empty when there is one."""
+    p_adjusted: float | None = None
+    """Holm-adjusted p-value over the ``n_compared`` variants tested against the same baseline (equal to
+    ``p_value`` for a single comparison); ``None`` when there is no test."""
+    n_compared: int = 1
+    """How many tested comparisons the correction spans."""
 
     @property
     def tested(self) -> bool:
@@ -263,23 +342,29 @@ def paired_difference(variant_rows: Sequence[Row], baseline_rows: Sequence[Row],
     ci = mean_ci(diffs, confidence)
     p = float(test.pvalue)
     return PairedDifference(**common, mean_diff=mean_diff, ci_low=ci.low, ci_high=ci.high,
-                            t_statistic=float(test.statistic), p_value=p, significant=bool(p < alpha))
+                            t_statistic=float(test.statistic), p_value=p, significant=bool(p < alpha), p_adjusted=p)
 
 
 def compare_to_baseline(finals: Sequence[Row], metric: str = "val_loss", alpha: float = ALPHA,
                         confidence: float = CONFIDENCE, baseline: str | None = None) -> dict[str, PairedDifference]:
     """:func:`paired_difference` of every non-baseline variant in ``finals`` against the baseline
-    (the variant flagged ``is_baseline``, or ``baseline`` when given). Empty if the baseline has no
-    finished run."""
+    (the variant flagged ``is_baseline``, or ``baseline`` when given), with the p-values of the tested
+    comparisons Holm-adjusted together (:func:`holm_adjust`) and significance decided by the adjusted
+    value. Empty if the baseline has no finished run."""
     baseline = baseline or baseline_variant(finals)
     groups = group_by_variant(finals)
     if baseline is None or baseline not in groups:
         return {}
-    return {
+    diffs = {
         variant: paired_difference(rows, groups[baseline], metric, alpha, confidence)
         for variant, rows in groups.items()
         if variant != baseline
     }
+    tested = [v for v, d in diffs.items() if d.tested]
+    for variant, p in zip(tested, holm_adjust([diffs[v].p_value for v in tested])):
+        diffs[variant] = dataclasses.replace(diffs[variant], p_adjusted=p, n_compared=len(tested),
+                                             significant=bool(p < alpha))
+    return diffs
 
 
 # ------------------------------------------------------------------------------------------ fairness

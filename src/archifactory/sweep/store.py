@@ -4,7 +4,8 @@ Tables:
 - ``sweep``: one row: name, the spec as YAML, creation time, environment (git SHA, torch, device).
 - ``runs``: one row per (variant, seed[, lr]): status (pending | running | done | failed), error text,
   the resolved run config (JSON), the variant's changes against the base (JSON), run directory,
-  environment (JSON, with kernel paths), start/finish times.
+  environment (JSON, with kernel paths), start/finish times, and its purpose: ``compare`` (a result the
+  report compares) or ``lr_selection`` (a run of an lr grid that only chooses the variant's lr).
 - ``metrics``: per-step training and evaluation records of every run.
 - ``final``: one row per finished run: final validation loss / bits per byte / perplexity, parameters,
   FLOPs per token, tokens/s, peak memory, cache bytes, tokens, wall time, the token-stream hash.
@@ -42,7 +43,8 @@ CREATE TABLE IF NOT EXISTS runs (
     run_dir TEXT NOT NULL,
     env_json TEXT,
     started_at REAL,
-    finished_at REAL
+    finished_at REAL,
+    purpose TEXT NOT NULL DEFAULT 'compare'
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -88,6 +90,12 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.transaction() as db:
             db.executescript(SCHEMA)
+            if not self._has_purpose(db):  # a store written before lr-selection runs existed
+                db.execute("ALTER TABLE runs ADD COLUMN purpose TEXT NOT NULL DEFAULT 'compare'")
+
+    @staticmethod
+    def _has_purpose(db: sqlite3.Connection) -> bool:
+        return any(row[1] == "purpose" for row in db.execute("PRAGMA table_info(runs)"))
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -118,14 +126,16 @@ class Store:
             )
 
     def add_run(self, run_id: str, variant: str, seed: int, lr: float | None, is_baseline: bool, config: dict,
-                changes: dict, run_dir: str) -> None:
+                changes: dict, run_dir: str, purpose: str = "compare") -> None:
         """Register a run; an existing run keeps its status and results."""
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO runs (run_id, variant, seed, lr, is_baseline, config_json, changes_json, run_dir) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET config_json=excluded.config_json, "
-                "changes_json=excluded.changes_json, run_dir=excluded.run_dir, is_baseline=excluded.is_baseline",
-                (run_id, variant, seed, lr, int(is_baseline), json.dumps(config), json.dumps(changes), run_dir),
+                "INSERT INTO runs (run_id, variant, seed, lr, is_baseline, config_json, changes_json, run_dir, purpose) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET config_json=excluded.config_json, "
+                "changes_json=excluded.changes_json, run_dir=excluded.run_dir, is_baseline=excluded.is_baseline, "
+                "purpose=excluded.purpose",
+                (run_id, variant, seed, lr, int(is_baseline), json.dumps(config), json.dumps(changes), run_dir,
+                 purpose),
             )
 
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
@@ -174,13 +184,19 @@ class Store:
 
     def runs(self) -> list[dict[str, Any]]:
         with self.connect() as db:
-            return [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY variant, seed, lr")]
+            rows = [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY variant, seed, lr")]
+        for row in rows:
+            row.setdefault("purpose", "compare")
+        return rows
 
     def finals(self) -> list[dict[str, Any]]:
+        """Finished runs' final figures with ``variant``, ``seed``, ``lr``, ``is_baseline`` and ``purpose``
+        (``compare`` in a store written before lr-selection runs existed)."""
         with self.connect() as db:
+            purpose = "purpose" if self._has_purpose(db) else "'compare' AS purpose"
             return [dict(r) for r in db.execute(
-                "SELECT runs.run_id, variant, seed, lr, is_baseline, final.* FROM final JOIN runs USING (run_id) "
-                "WHERE runs.status='done' ORDER BY variant, seed"
+                f"SELECT runs.run_id, variant, seed, lr, is_baseline, {purpose}, final.* FROM final "
+                "JOIN runs USING (run_id) WHERE runs.status='done' ORDER BY variant, seed"
             )]
 
     def metrics(self, run_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
