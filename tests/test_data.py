@@ -321,3 +321,15 @@ def test_bytes_summed_over_evaluated_targets_equal_the_text_they_cover(tokenizer
     for seq_len in (7, 16, 1000):
         scored = sum(int(b.sum()) for _, _, b in eval_batches(tokens, counts, seq_len, 3, max_tokens=10**6))
         assert scored == total - len(first.encode("utf-8"))
+
+
+def test_a_tokenizer_file_with_truncation_still_encodes_whole_documents(tokenizers_under_test, tmp_path):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    backend = HFTokenizer.from_str(tokenizers_under_test["sp-llama2"].backend.to_str())  # a copy
+    backend.enable_truncation(max_length=4)
+    backend.enable_padding(length=64)
+    backend.save(str(tmp_path / "tokenizer.json"))
+    loaded = HFTokenizerConfig(name_or_path=str(tmp_path / "tokenizer.json")).load_or_train(None, tmp_path, 10**6)
+    ((ids, counts),) = loaded.encode_batch_with_bytes([MIXED_TEXT])
+    assert loaded.decode(ids) == MIXED_TEXT and int(counts.sum()) == len(MIXED_TEXT.encode("utf-8"))

@@ -27,6 +27,9 @@ class Tokenizer:
     """A trained or loaded tokenizer: batch encoding (with the bytes each token covers) and decoding."""
 
     def __init__(self, backend, eos_id: int, name: str) -> None:
+        if backend is not None:  # a tokenizer.json may carry settings that would cut or pad documents
+            backend.no_truncation()
+            backend.no_padding()
         self.backend = backend  # tokenizers.Tokenizer, or None for bytes
         self.eos_id = eos_id
         self.name = name
