@@ -25,8 +25,8 @@ import torch
 import yaml
 
 from archifactory.config import dump_config
-from archifactory.sweep.spec import BASELINE, PURPOSE_LR_SELECTION, PlannedRun, SweepSpec, plan, spec_yaml
-from archifactory.sweep.stats import choose_lrs, is_selection_run
+from archifactory.sweep.spec import BASELINE, PlannedRun, SweepSpec, plan, spec_yaml
+from archifactory.sweep.stats import LR_SELECTION, choose_lrs, is_selection_run
 from archifactory.sweep.store import Store
 from archifactory.train.metrics import read_metrics
 
@@ -131,7 +131,7 @@ class SweepRunner:
         else:
             message = f"sweep {self.spec.name!r}: {len(todo)} more runs at the learning rates chosen"
         waiting = sorted(name for name, variant in self.spec.variants.items() if variant.has_lr_grid
-                         and not any(r.variant == name and r.purpose != PURPOSE_LR_SELECTION for r in runs))
+                         and not any(r.variant == name and r.purpose != LR_SELECTION for r in runs))
         if waiting:
             message += (f"\n  lr grids of {', '.join(waiting)} run on seeds {self.spec.lr_selection_seeds}; the chosen "
                         f"lr then runs on the compared seeds {self.spec.seeds}")

@@ -34,6 +34,7 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from archifactory.config import ConfigError, Strict, apply_overrides, load_yaml, validate
+from archifactory.sweep.stats import COMPARE, LR_SELECTION
 from archifactory.train.config import RunConfig, expand_run_data
 
 BASELINE = "baseline"
@@ -125,10 +126,6 @@ class SweepSpec(Strict):
         return self
 
 
-PURPOSE_COMPARE = "compare"
-PURPOSE_LR_SELECTION = "lr_selection"
-
-
 @dataclasses.dataclass
 class PlannedRun:
     run_id: str
@@ -137,7 +134,7 @@ class PlannedRun:
     lr: float | None
     config: RunConfig
     changes: dict
-    purpose: str = PURPOSE_COMPARE
+    purpose: str = COMPARE
     """``compare`` (a result the report compares) or ``lr_selection`` (only chooses the variant's lr)."""
 
 
@@ -177,11 +174,11 @@ def plan(spec: SweepSpec, root: Path, sweep_dir: Path,
         if spec.match_params and name != BASELINE:
             cfg, changes["match_params"] = match_params(cfg, base_params, spec.match_tolerance, name)
         if variant.has_lr_grid:
-            grid = [(lr, seed, PURPOSE_LR_SELECTION) for lr in variant.lr for seed in spec.lr_selection_seeds]
+            grid = [(lr, seed, LR_SELECTION) for lr in variant.lr for seed in spec.lr_selection_seeds]
             if name in chosen_lrs:
-                grid += [(chosen_lrs[name], seed, PURPOSE_COMPARE) for seed in spec.seeds]
+                grid += [(chosen_lrs[name], seed, COMPARE) for seed in spec.seeds]
         else:
-            grid = [(variant.lr[0] if variant.lr else None, seed, PURPOSE_COMPARE) for seed in spec.seeds]
+            grid = [(variant.lr[0] if variant.lr else None, seed, COMPARE) for seed in spec.seeds]
         for lr, seed, purpose in grid:
             run_id = f"{name}-s{seed}" if lr is None else f"{name}-lr{lr:g}-s{seed}"
             run = cfg.model_copy(deep=True)

@@ -100,6 +100,7 @@ def mean_ci(values: Iterable[float | None], confidence: float = CONFIDENCE) -> M
 LR_SELECTION = "lr_selection"
 """``runs.purpose`` of a run that only serves to choose its variant's learning rate."""
 COMPARE = "compare"
+"""``runs.purpose`` of a run whose result the report compares."""
 
 
 def is_selection_run(row: Row) -> bool:
