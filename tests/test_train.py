@@ -16,10 +16,9 @@ import yaml
 
 import archifactory as af
 from archifactory.train import NonFiniteLossError, Trainer, load_run_config, train
-from archifactory.train.config import OptimizerConfig, ScheduleConfig
 from archifactory.train.metrics import read_metrics
-from archifactory.train.optim import build_optimizer, split_decay
-from archifactory.train.schedule import lr_multiplier
+from archifactory.train.optim import build_optimizer, optimizer_config
+from archifactory.train.schedule import ConstantSchedule, CosineSchedule, LinearSchedule, WSDSchedule, lr_multiplier
 
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "train.txt"
 MODEL = {"vocab_size": 257, "d_model": 32, "n_layers": 2, "max_seq_len": 64,
@@ -44,7 +43,7 @@ def run_config(tmp_path, name="run", **train):
 
 
 def test_cosine_schedule_values_in_optimizer_steps():
-    cfg = ScheduleConfig(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    cfg = CosineSchedule(warmup_steps=10, min_lr_ratio=0.1)
     assert lr_multiplier(cfg, 0, 110) == pytest.approx(1 / 11)
     assert lr_multiplier(cfg, 9, 110) == pytest.approx(10 / 11)
     assert lr_multiplier(cfg, 10, 110) == pytest.approx(1.0)
@@ -54,30 +53,32 @@ def test_cosine_schedule_values_in_optimizer_steps():
 
 
 def test_linear_wsd_constant_and_warmup_fraction():
-    lin = ScheduleConfig(kind="linear", warmup_steps=0, min_lr_ratio=0.0)
+    lin = LinearSchedule(warmup_steps=0, min_lr_ratio=0.0)
     assert [lr_multiplier(lin, s, 100) for s in (0, 50, 100)] == pytest.approx([1.0, 0.5, 0.0])
-    wsd = ScheduleConfig(kind="wsd", warmup_steps=0, decay_fraction=0.2, min_lr_ratio=0.1)
+    wsd = WSDSchedule(warmup_steps=0, decay_fraction=0.2, min_lr_ratio=0.1)
     assert lr_multiplier(wsd, 79, 100) == 1.0
     assert lr_multiplier(wsd, 90, 100) == pytest.approx(1 - 0.9 * 0.5)
     assert lr_multiplier(wsd, 100, 100) == pytest.approx(0.1)
-    const = ScheduleConfig(kind="constant", warmup_fraction=0.1)
+    const = ConstantSchedule(warmup_fraction=0.1)
     assert lr_multiplier(const, 4, 100) == pytest.approx(5 / 11) and lr_multiplier(const, 50, 100) == 1.0
 
 
 # -------------------------------------------------------------------------------------------- optimizers
 
 
-def test_weight_decay_only_on_matrices():
-    model = af.CausalLM(af.load_model_config({**MODEL, "mixer": {"kind": "attention", "n_heads": 2, "qkv_bias": True}}))
-    decay, no_decay = split_decay(model, decay_embeddings=False)
+def test_weight_decay_follows_declared_roles():
+    model = af.CausalLM(af.load_model_config({**MODEL, "mixer": {"kind": "attention", "n_heads": 2, "qkv_bias": True},
+                                              "tie_embeddings": False}))
     names = {id(p): n for n, p in model.named_parameters()}
-    assert all(p.dim() == 2 for p in decay)
-    assert "embed.weight" in {names[id(p)] for p in no_decay}
-    assert {names[id(p)] for p in no_decay if p.dim() == 1} >= {"blocks.0.mixer.q_proj.bias", "final_norm.weight"}
-    decay2, _ = split_decay(model, decay_embeddings=True)
-    assert "embed.weight" in {names[id(p)] for p in decay2}
-    opt = build_optimizer(model, OptimizerConfig(weight_decay=0.1))
-    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+
+    def decayed(opt):
+        return {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+
+    plain = decayed(build_optimizer(model, optimizer_config({"name": "adamw", "weight_decay": 0.1})))
+    assert "blocks.0.mixer.q_proj.weight" in plain and "lm_head.weight" in plain
+    assert not plain & {"embed.weight", "blocks.0.mixer.q_proj.bias", "final_norm.weight"}
+    with_tables = decayed(build_optimizer(model, optimizer_config({"name": "adamw", "decay_embeddings": True})))
+    assert with_tables == plain | {"embed.weight"}
 
 
 @pytest.mark.parametrize("name", ["adamw", "adam", "sgd", "muon", "lion", "soap", "ademamix", "adopt", "mars",
@@ -86,7 +87,7 @@ def test_every_optimizer_reduces_the_loss(name):
     torch.manual_seed(0)
     model = af.CausalLM(af.load_model_config(MODEL))
     lr = {"sgd": 0.3, "lion": 3e-4, "muon": 1e-2, "schedulefree_adamw": 1e-2}.get(name, 3e-3)
-    opt = build_optimizer(model, OptimizerConfig(name=name, lr=lr))
+    opt = build_optimizer(model, optimizer_config({"name": name, "lr": lr}))
     if hasattr(opt, "train"):
         opt.train()
     ids = torch.randint(0, 257, (4, 33))

@@ -12,7 +12,7 @@ import copy
 import re
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, WrapValidator
@@ -48,6 +48,7 @@ class Strict(BaseModel):
 class Component(Strict):
     """A registered, buildable part of the model. Subclasses define ``kind: Literal[...]`` and ``build``."""
 
+    registry_key: ClassVar[str] = "kind"
     kind: str
 
     def build(self, ctx: "BuildContext"):  # pragma: no cover - abstract
@@ -73,37 +74,40 @@ class BuildContext:
 def component_field(registry: Registry) -> Any:
     """A field type that validates a mapping into the config class registered under its ``kind``."""
 
+    key = registry.key
+
     def dispatch(value: Any, handler: Any, info: Any) -> Any:
-        if isinstance(value, Component):
-            if value.kind not in registry or not isinstance(value, registry.get(value.kind)):
+        if isinstance(value, BaseModel):
+            kind = getattr(value, key, None)
+            if kind not in registry or not isinstance(value, registry.get(kind)):
                 raise PydanticCustomError(
                     "unknown_kind",
-                    "{name} kind '{kind}' is not registered; valid kinds: {valid}",
-                    {"name": registry.name, "kind": value.kind, "valid": ", ".join(registry.kinds())},
+                    "{name} {key} '{kind}' is not registered; valid {key}s: {valid}",
+                    {"name": registry.name, "key": key, "kind": kind, "valid": ", ".join(registry.kinds())},
                 )
             return value
-        if isinstance(value, str):  # shorthand: `norm: rmsnorm`
-            value = {"kind": value}
+        if isinstance(value, str):  # shorthand: `norm: rmsnorm`, `optimizer: adamw`
+            value = {key: value}
         if not isinstance(value, dict):
             raise PydanticCustomError(
-                "component_type", "expected a mapping with a `kind` key for a {name}", {"name": registry.name}
+                "component_type", "expected a mapping with a `{key}` key for a {name}", {"name": registry.name, "key": key}
             )
-        kind = value.get("kind")
+        kind = value.get(key)
         if kind is None:
             raise PydanticCustomError(
                 "missing_kind",
-                "a {name} needs a `kind`; valid kinds: {valid}",
-                {"name": registry.name, "valid": ", ".join(registry.kinds())},
+                "a {name} needs a `{key}`; valid {key}s: {valid}",
+                {"name": registry.name, "key": key, "valid": ", ".join(registry.kinds())},
             )
         if kind not in registry:
             raise PydanticCustomError(
                 "unknown_kind",
-                "unknown {name} kind '{kind}'; valid kinds: {valid}",
-                {"name": registry.name, "kind": kind, "valid": ", ".join(registry.kinds())},
+                "unknown {name} {key} '{kind}'; valid {key}s: {valid}",
+                {"name": registry.name, "key": key, "kind": kind, "valid": ", ".join(registry.kinds())},
             )
         return registry.get(kind).model_validate(value)
 
-    return Annotated[SerializeAsAny[Component], WrapValidator(dispatch)]
+    return Annotated[SerializeAsAny[BaseModel], WrapValidator(dispatch)]
 
 
 def format_validation_error(err: ValidationError, root: str = "") -> str:
@@ -150,11 +154,12 @@ def _valid_keys_by_path(cls: type[BaseModel], data: Any, path: tuple = ()) -> di
     out: dict[tuple, list[str]] = {}
     if not isinstance(data, dict):
         return out
-    if issubclass(cls, Component) and isinstance(data.get("kind"), str):
-        for r in (reg.MIXERS, reg.FFNS, reg.NORMS, reg.POSITIONS, reg.CORPORA, reg.TOKENIZERS):
-            if data["kind"] in r and issubclass(r.get(data["kind"]), cls):
-                cls = r.get(data["kind"])
-                break
+    for r in (reg.MIXERS, reg.FFNS, reg.NORMS, reg.POSITIONS, reg.CORPORA, reg.TOKENIZERS, reg.OPTIMIZERS,
+              reg.SCHEDULES):
+        kind = data.get(r.key)
+        if isinstance(kind, str) and kind in r and issubclass(r.get(kind), cls):
+            cls = r.get(kind)
+            break
     out[path] = sorted(cls.model_fields)
     for name, field in cls.model_fields.items():
         if name not in data:
@@ -274,8 +279,9 @@ def with_default_kinds(cls: type[BaseModel], data: dict) -> dict:
         if name in data or field.default_factory is None:
             continue
         default = field.default_factory()
-        if isinstance(default, Component):
-            data[name] = {"kind": default.kind}
+        key = getattr(default, "registry_key", None)  # "kind" for components, "name" for optimizers
+        if key is not None:
+            data[name] = {key: getattr(default, key)}
     return data
 
 

@@ -16,15 +16,17 @@ T = TypeVar("T", bound=type)
 class Registry(Generic[T]):
     """A named table of component config classes, keyed by their ``kind`` literal."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, key: str = "kind") -> None:
         self.name = name
+        self.key = key
+        """The field whose value names the class (``kind``; ``name`` for optimizers, as in their YAML)."""
         self._classes: dict[str, T] = {}
 
     def register(self, cls: T) -> T:
-        """Class decorator: register ``cls`` under the default value of its ``kind`` field."""
-        kind = cls.model_fields["kind"].default
+        """Class decorator: register ``cls`` under the default value of its ``kind`` (or ``key``) field."""
+        kind = cls.model_fields[self.key].default
         if not isinstance(kind, str):
-            raise TypeError(f"{cls.__name__} needs a string default for its `kind` field")
+            raise TypeError(f"{cls.__name__} needs a string default for its `{self.key}` field")
         if kind in self._classes and self._classes[kind] is not cls:
             raise ValueError(f"{self.name} kind {kind!r} is already registered to {self._classes[kind].__name__}")
         self._classes[kind] = cls
@@ -58,6 +60,8 @@ NORMS: Registry = Registry("norm")
 POSITIONS: Registry = Registry("position")
 CORPORA: Registry = Registry("corpus")
 TOKENIZERS: Registry = Registry("tokenizer")
+OPTIMIZERS: Registry = Registry("optimizer", key="name")
+SCHEDULES: Registry = Registry("schedule")
 
 register_mixer: Callable = MIXERS.register
 register_ffn: Callable = FFNS.register
@@ -65,3 +69,5 @@ register_norm: Callable = NORMS.register
 register_position: Callable = POSITIONS.register
 register_corpus: Callable = CORPORA.register
 register_tokenizer: Callable = TOKENIZERS.register
+register_optimizer: Callable = OPTIMIZERS.register
+register_schedule: Callable = SCHEDULES.register

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archifactory.config import BuildContext, Component
+from archifactory.nn.roles import ParamRole
 
 AuxLosses = dict[str, torch.Tensor]
 
@@ -28,6 +29,12 @@ class FFN(nn.Module):
 
     def flops_per_token(self) -> int:  # pragma: no cover
         raise NotImplementedError
+
+    def param_roles(self) -> dict[str, ParamRole]:
+        """Optimizer roles of the parameters this module registers itself (``nn.Parameter`` attributes),
+        and of sub-layers' parameters it wants trained otherwise than their default, by dotted name.
+        Plain ``nn.Linear`` / norm sub-layers need no entry. See :mod:`archifactory.nn.roles`."""
+        return {}
 
     def active_params(self) -> int:
         """Parameters one token uses (all of them, except in a mixture of experts)."""

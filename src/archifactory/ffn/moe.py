@@ -26,6 +26,7 @@ from archifactory.config import BuildContext
 from archifactory.ffn.base import ACTIVATIONS, FFN, AuxLosses, FFNConfig, glu_hidden
 from archifactory.ffn.mlp import GLU, MLP, Activation
 from archifactory.nn.init import init_linear, normal_
+from archifactory.nn.roles import EXPERTS
 from archifactory.registry import register_ffn
 
 
@@ -88,6 +89,12 @@ class MoE(FFN):
         self.register_buffer("total_load", torch.zeros(E, dtype=torch.long), persistent=False)
         self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
         self.reset_parameters()
+
+    def param_roles(self):
+        # Stacked expert matrices (E, out, in): decayed like the dense FFN's matrices (Mixtral, DeepSeek-MoE
+        # train them with AdamW); torch's Muon orthogonalises single 2-D matrices only, so AdamW.
+        # The router is an nn.Linear matrix.
+        return {"w_gate": EXPERTS, "w_up": EXPERTS, "w_down": EXPERTS}
 
     def reset_parameters(self) -> None:
         init_linear(self.router, self.std)

@@ -28,6 +28,7 @@ from torch import nn
 from archifactory.config import BuildContext
 from archifactory.ffn.base import FFN, AuxLosses, FFNConfig
 from archifactory.nn.init import init_linear
+from archifactory.nn.roles import VECTOR
 from archifactory.registry import register_ffn
 
 
@@ -64,6 +65,11 @@ class RWKV6ChannelMix(FFN):
         self.receptance = nn.Linear(d, d, bias=False)  # W_R
         self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
         self.reset_parameters()
+
+    def param_roles(self):
+        # RWKV-LM: time_maa_k / time_maa_r are undecayed coefficients; key/value/receptance are nn.Linear
+        # matrices (decayed there, Muon here).
+        return {"mu_k": VECTOR, "mu_r": VECTOR}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

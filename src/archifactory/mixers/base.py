@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from archifactory.config import BuildContext, Component, FieldError
+from archifactory.nn.roles import ParamRole
 
 
 class MixerConfig(Component):
@@ -47,6 +48,12 @@ class Mixer(nn.Module):
 
     def reset_parameters(self) -> None:  # pragma: no cover
         raise NotImplementedError
+
+    def param_roles(self) -> dict[str, ParamRole]:
+        """Optimizer roles of the parameters this module registers itself (``nn.Parameter`` attributes),
+        and of sub-layers' parameters it wants trained otherwise than their default, by dotted name.
+        Plain ``nn.Linear`` / norm sub-layers need no entry. See :mod:`archifactory.nn.roles`."""
+        return {}
 
     def kernel_path(self) -> str:
         """Which implementation ``forward`` runs (recorded by runs and benchmarks)."""

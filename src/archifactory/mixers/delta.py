@@ -49,6 +49,7 @@ from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, com
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
+from archifactory.nn.roles import FILTER, VECTOR
 from archifactory.registry import register_mixer
 
 # ------------------------------------------------------------------------------------ the recurrence
@@ -201,6 +202,11 @@ class ShortConv(nn.Module):
         self.channels, self.kernel_size = channels, kernel_size
         self.weight = nn.Parameter(torch.empty(kernel_size, channels))  # (K, C): tap j looks K-1-j tokens back
 
+    def param_roles(self):
+        # fla's ShortConvolution is a plain depthwise nn.Conv1d, decayed by flame's AdamW like every weight;
+        # per-channel taps are not a matrix, so never Muon.
+        return {"weight": FILTER}
+
     def reset_parameters(self) -> None:
         # nn.Conv1d's default for a depthwise filter: fan_in = kernel_size
         bound = 1 / math.sqrt(self.kernel_size)
@@ -341,6 +347,11 @@ class DeltaNet(Mixer):
         self.o_proj = nn.Linear(self.value_dim, d, bias=False)
         self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
         self.reset_parameters()
+
+    def param_roles(self):
+        # fla's GatedDeltaNet marks A_log and dt_bias `_no_weight_decay` (Mamba-2's decay parameters);
+        # the projections are nn.Linear matrices, the short convs and the output norm declare their own.
+        return {"A_log": VECTOR, "dt_bias": VECTOR} if self.gated else {}
 
     def reset_parameters(self) -> None:
         for proj in (self.qkv_proj, self.b_proj, self.a_proj, self.g_proj):

@@ -25,6 +25,7 @@ from torch import nn
 
 from archifactory.config import BuildContext
 from archifactory.mixers.attention import Attention, AttentionConfig, KVCache
+from archifactory.nn.roles import VECTOR
 from archifactory.registry import register_mixer
 
 
@@ -62,6 +63,11 @@ class KVShiftAttention(Attention):
         self.k_shift = nn.Parameter(torch.empty(self.n_kv_heads, 2))
         self.v_shift = nn.Parameter(torch.empty(self.n_kv_heads, 2))
         self._reset_shift()
+
+    def param_roles(self):
+        # Two mixing coefficients per KV head (Xu et al. 2024, KV shifting attention): coefficients like
+        # RWKV's token-shift mix, which RWKV-LM's configure_optimizers leaves undecayed; not matrices.
+        return {**super().param_roles(), "k_shift": VECTOR, "v_shift": VECTOR}
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

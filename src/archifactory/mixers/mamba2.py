@@ -51,6 +51,7 @@ from archifactory.config import BuildContext, FieldError
 from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
+from archifactory.nn.roles import FILTER, VECTOR
 from archifactory.registry import register_mixer
 
 
@@ -261,6 +262,9 @@ class GatedRMSNorm(nn.Module):
         h = F.rms_norm(h, (self.group_size,), eps=self.eps).flatten(-2)
         return h.to(y.dtype) * self.weight.to(y.dtype)
 
+    def param_roles(self):
+        return {"weight": VECTOR}
+
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
 
@@ -293,6 +297,12 @@ class Mamba2Heads(nn.Module):
         )
         self.std = ctx.init.std
         self.reset_parameters()
+
+    def param_roles(self):
+        # Mamba's reference (mamba_ssm Mamba2) marks dt_bias, A_log and D `_no_weight_decay`; the depthwise
+        # conv kernel is decayed there (only biases and norms are exempt in the paper's AdamW recipe) but
+        # it is a bank of per-channel filters, not a matrix to orthogonalise.
+        return {"dt_bias": VECTOR, "A_log": VECTOR, "D": VECTOR, "conv1d.weight": FILTER, "conv1d.bias": VECTOR}
 
     def reset_parameters(self) -> None:
         init_linear(self.in_proj, self.std)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archifactory.mixers.base import compute_dtype
+from archifactory.nn.roles import VECTOR
 
 CHUNK_SIZE = 32
 """Tokens per chunk of the training form with no decay or one decay per head (in-chunk work is a matmul)."""
@@ -196,6 +197,9 @@ class HeadNorm(nn.Module):
         self.center = kind == "groupnorm"  # subtract each head's mean (and learn a bias)
         self.weight = nn.Parameter(torch.ones(n_heads * head_dim))
         self.bias = nn.Parameter(torch.zeros(n_heads * head_dim)) if self.center else None
+
+    def param_roles(self):
+        return {"weight": VECTOR, "bias": VECTOR}
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

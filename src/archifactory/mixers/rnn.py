@@ -36,6 +36,7 @@ from torch import nn
 from archifactory.config import BuildContext
 from archifactory.mixers.base import Mixer, MixerConfig
 from archifactory.nn.init import init_linear, normal_
+from archifactory.nn.roles import MATRIX, VECTOR
 from archifactory.registry import register_mixer
 
 
@@ -104,6 +105,16 @@ class RecurrentMixer(Mixer):
         self.out_proj = nn.Linear(self.hidden, ctx.d_model, bias=False)
         self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
         self.reset_parameters()
+
+    def param_roles(self):
+        # torch's LSTM/GRU/RNN: input-to-hidden and hidden-to-hidden matrices (gate blocks stacked), and
+        # biases. The output projection is an nn.Linear matrix.
+        roles = {}
+        for layer in range(self.n_layers):
+            roles[f"rnn.weight_ih_l{layer}"] = roles[f"rnn.weight_hh_l{layer}"] = MATRIX
+            if self.rnn.bias:
+                roles[f"rnn.bias_ih_l{layer}"] = roles[f"rnn.bias_hh_l{layer}"] = VECTOR
+        return roles
 
     def reset_parameters(self) -> None:
         H = self.hidden

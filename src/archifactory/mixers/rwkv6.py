@@ -33,6 +33,7 @@ from archifactory.mixers.kernels import Backend
 from archifactory.mixers.linear import GatedLinearMixer, HeadNormKind
 from archifactory.mixers.ops_gla import HeadNorm
 from archifactory.nn.init import init_linear
+from archifactory.nn.roles import VECTOR
 from archifactory.registry import register_mixer
 
 N_LERPS = 5  # w, k, v, r, g: the five data-dependent interpolations, in the official code's order
@@ -97,6 +98,14 @@ class RWKV6TimeMix(GatedLinearMixer):
         self.g_proj = nn.Linear(d, d, bias=False)  # W_G
         self.norm = HeadNorm(self.n_heads, self.value_dim, cfg.head_norm, cfg.norm_eps)
         self.reset_parameters()
+
+    def param_roles(self):
+        # RWKV-LM (RWKV-v5/src/model.py, configure_optimizers for x060): time_maa_* and time_decay (the
+        # lambdas), time_faaaa (the bonus u) and the low-rank factors time_maa_w1/w2, time_decay_w1/w2 go
+        # to the undecayed lr groups; only the `.weight` matrices (r, k, v, o, g) are decayed.
+        undecayed = ("mu_x", "lerp_lambda", "lerp_up", "decay_lambda", "bonus", "lerp_down.weight",
+                     "decay_down.weight", "decay_up.weight")
+        return {name: VECTOR for name in undecayed}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -43,6 +43,7 @@ from archifactory.config import BuildContext
 from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, compute_dtype, linear_flops
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
+from archifactory.nn.roles import VECTOR
 from archifactory.registry import register_mixer
 
 LOG_DECAY_BOUND = math.exp(-0.5)
@@ -242,6 +243,11 @@ class LowRank(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.activation(self.down(x)))
 
+    def param_roles(self):
+        # RWKV-LM (RWKV-v7/train_temp/src/model.py, configure_optimizers) decays only `.weight` matrices;
+        # the LoRA factors w1/w2, a1/a2, v1/v2, g1/g2 and the offsets w0/a0/v0 are not decayed.
+        return {"down.weight": VECTOR, "up.weight": VECTOR, "up.bias": VECTOR}
+
 
 @dataclasses.dataclass
 class RWKV7Cache:
@@ -283,6 +289,11 @@ class RWKV7(Mixer):
         self.o_proj = nn.Linear(self.inner, d, bias=False)
         self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
         self.reset_parameters()
+
+    def param_roles(self):
+        # RWKV-LM's configure_optimizers (x070): the token-shift mixes x_r..x_g, k_k, k_a, r_k and the
+        # ln_x GroupNorm are undecayed; r/k/v/output `.weight` matrices are decayed.
+        return {name: VECTOR for name in ("token_mix", "k_k", "k_a", "r_k", "norm_weight", "norm_bias")}
 
     @torch.no_grad()
     def reset_parameters(self) -> None:

@@ -16,6 +16,7 @@ from archifactory.model.block import Block
 from archifactory.model.config import ModelConfig, load_model_config
 from archifactory.model.sampling import sample_next
 from archifactory.nn.init import normal_
+from archifactory.nn.roles import EMBEDDING, HEAD, VECTOR, ParamRole
 
 IGNORE_INDEX = -100
 
@@ -78,6 +79,15 @@ class CausalLM(nn.Module):
             block.reset_parameters()
         if hasattr(self.final_norm, "reset_parameters"):
             self.final_norm.reset_parameters()
+
+    def param_roles(self) -> dict[str, ParamRole]:
+        """The token table is an embedding and the vocabulary projection a head: both AdamW, never Muon
+        (Jordan et al. 2024; modded-nanogpt). A tied head is the embedding table. Blocks, norms and
+        position tables declare their own parameters."""
+        roles = {"embed.weight": EMBEDDING, "lm_head.bias": VECTOR}
+        if not self.config.tie_embeddings:
+            roles["lm_head.weight"] = HEAD
+        return roles
 
     @classmethod
     def from_config(cls, source: str | Path | dict | ModelConfig, overrides: Sequence[str] = ()) -> "CausalLM":

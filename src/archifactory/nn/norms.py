@@ -10,6 +10,7 @@ from torch import nn
 
 from archifactory.config import Component
 from archifactory.registry import register_norm
+from archifactory.nn.roles import VECTOR
 
 
 class NormConfig(Component):
@@ -33,6 +34,9 @@ class RMSNorm(nn.Module):
         # fp64 stays fp64.
         compute = torch.promote_types(x.dtype, torch.float32)
         return F.rms_norm(x.to(compute), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight.to(x.dtype)
+
+    def param_roles(self):
+        return {"weight": VECTOR}  # a gain: no weight decay, no Muon
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)

@@ -16,6 +16,7 @@ from torch import nn
 
 from archifactory.config import Component, Strict
 from archifactory.registry import register_position
+from archifactory.nn.roles import EMBEDDING
 
 
 class PositionConfig(Component):
@@ -47,6 +48,9 @@ class LearnedPositions(nn.Module):
         self.std = std
         self.weight = nn.Parameter(torch.empty(max_seq_len, d_model))
         self.reset_parameters()
+
+    def param_roles(self):
+        return {"weight": EMBEDDING}  # a lookup table, like the token embedding (GPT-2's wpe)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=self.std)

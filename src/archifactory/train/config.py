@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Iterable, Literal
 
 from pydantic import Field, model_validator
 
@@ -13,10 +13,9 @@ from archifactory.config import Strict, apply_overrides, component_field, load_y
 from archifactory.data.corpora import ShakespeareCorpus
 from archifactory.data.tokenizer import BPETokenizerConfig
 from archifactory.model.config import ModelConfig
-from archifactory.registry import CORPORA, TOKENIZERS
-
-OPTIMIZERS = ("adamw", "adam", "sgd", "muon", "lion", "soap", "ademamix", "adopt", "mars", "adam_mini", "schedulefree_adamw")
-
+from archifactory.registry import CORPORA, OPTIMIZERS, SCHEDULES, TOKENIZERS
+from archifactory.train.optim import AdamWConfig, OptimizerConfig  # noqa: F401  (re-exported)
+from archifactory.train.schedule import CosineSchedule, ScheduleConfig  # noqa: F401  (re-exported)
 
 class DataConfig(Strict):
     corpus: component_field(CORPORA) = Field(default_factory=ShakespeareCorpus)
@@ -25,35 +24,6 @@ class DataConfig(Strict):
     """Where tokenizers and shards are cached; default ``$ARCHIFACTORY_CACHE`` or ``~/.cache/archifactory``."""
     seed: int = 0
     """Data order seed: the same for every variant of a sweep, so all read the identical stream."""
-
-
-class OptimizerConfig(Strict):
-    name: Literal[OPTIMIZERS] = "adamw"
-    lr: float = Field(3e-3, gt=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.1, ge=0)
-    """Applied to matrices only; norms, biases and embeddings are not decayed unless ``decay_embeddings``."""
-    decay_embeddings: bool = False
-    momentum: float = Field(0.9, ge=0)
-    """SGD momentum, and Muon's."""
-    muon_lr: float | None = Field(None, gt=0)
-    """Muon's learning rate for 2-D hidden matrices (``None``: 0.02); the rest use AdamW at ``lr``."""
-    extra: dict[str, Any] = Field(default_factory=dict)
-    """Further keyword arguments for the optimizer's constructor."""
-
-
-class ScheduleConfig(Strict):
-    """Learning-rate schedule over optimizer steps (not samples or micro-batches)."""
-
-    kind: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
-    warmup_steps: int | None = Field(None, ge=0)
-    """Linear warmup from 0; ``None`` means ``warmup_fraction`` of the run."""
-    warmup_fraction: float = Field(0.05, ge=0, le=1)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    """The floor that cosine / linear / WSD decay to, as a fraction of the peak."""
-    decay_fraction: float = Field(0.2, gt=0, le=1)
-    """WSD: the final fraction of steps that decays (linearly) to the floor."""
 
 
 class TrainConfig(Strict):
@@ -106,8 +76,10 @@ class RunConfig(Strict):
     name: str = "run"
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    optimizer: component_field(OPTIMIZERS) = Field(default_factory=AdamWConfig)
+    """An optimizer registered under ``name`` (``adamw``, ``muon``, ...), with that optimizer's fields."""
+    schedule: component_field(SCHEDULES) = Field(default_factory=CosineSchedule)
+    """A learning-rate schedule registered under ``kind`` (``cosine``, ``wsd``, ...)."""
     train: TrainConfig
     out_dir: str | None = None
     """Run directory; ``None``: ``runs/<name>``."""
@@ -127,6 +99,7 @@ def expand_run_data(data: dict) -> dict:
         model = load_yaml(resolve_model_source(model))
     if isinstance(model, dict):
         data["model"] = with_default_kinds(ModelConfig, model)
+    data = with_default_kinds(RunConfig, data)  # `optimizer.lr=...` refines the default optimizer
     if isinstance(data.get("data"), dict) or "data" not in data:
         data["data"] = with_default_kinds(DataConfig, data.get("data", {}))
     return data

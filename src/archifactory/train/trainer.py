@@ -34,7 +34,7 @@ from archifactory.train import checkpoint as ckpt
 from archifactory.train.config import RunConfig
 from archifactory.train.distributed import all_reduce_mean, barrier, init_distributed, shutdown
 from archifactory.train.metrics import MetricsWriter, device_name, device_peak_flops, peak_memory_bytes
-from archifactory.train.optim import build_optimizer, set_lr
+from archifactory.train.optim import averages_weights, build_optimizer, evaluation_weights, set_lr
 from archifactory.train.schedule import lr_multiplier
 
 
@@ -182,6 +182,10 @@ class Trainer:
         else:
             state = ckpt.load_checkpoint(path, self.model, self.device)
             ckpt.load_optimizer_state(self.optimizer, state["optimizer"])
+        if averages_weights(self.optimizer):
+            # The checkpoint holds the evaluated (averaged) weights, saved in the optimizer's eval mode;
+            # back to the training weights by the very operation the uninterrupted run did after saving.
+            self.optimizer.train()
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
@@ -267,7 +271,7 @@ class Trainer:
         tc = self.cfg.train
         self.model.eval()
         if hasattr(self.optimizer, "eval"):
-            self.optimizer.eval()  # schedule-free optimizers evaluate at their averaged weights
+            self.optimizer.eval()  # schedule-free optimizers evaluate at their averaged weights (also saved)
         nats, tokens, nbytes = 0.0, 0, 0
         micro = max(1, self.loader.batch_size // self.dist.world_size)
         for x, y, target_bytes in eval_batches(self.val_tokens, self.val_bytes, tc.seq_len, micro, tc.eval_tokens):
@@ -308,6 +312,12 @@ class Trainer:
         )
 
     def save(self, elapsed: float) -> None:
+        """Checkpoint the evaluated weights (a schedule-free optimizer's average, with its state in eval
+        mode, from which :meth:`_resume` returns to the training weights exactly)."""
+        with evaluation_weights(self.optimizer):
+            self._save(elapsed)
+
+    def _save(self, elapsed: float) -> None:
         model, optimizer_state = self.full_model(), self.optimizer_state()
         if not self.dist.is_main:
             barrier(self.dist)
@@ -387,9 +397,11 @@ class Trainer:
         if self.step % tc.checkpoint_every != 0:
             self.save(elapsed)
         summary = self._summary(elapsed, last_eval)
-        final = self.full_model()
+        with evaluation_weights(self.optimizer):  # the weights the final evaluation scored
+            final = self.full_model()
+            if self.dist.is_main:
+                final.save_pretrained(self.run_dir / "model")
         if self.dist.is_main:
-            final.save_pretrained(self.run_dir / "model")
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self.log(
                 f"done: step {self.step}, {self.tokens_seen:,} tokens, val loss {last_eval.get('val_loss', float('nan')):.4f}, "
