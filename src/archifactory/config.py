@@ -272,16 +272,21 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 
 
 def with_default_kinds(cls: type[BaseModel], data: dict) -> dict:
-    """Name the ``kind`` of every default component ``data`` leaves out, so that an override such as
-    ``norm.eps=1e-5`` refines the default norm instead of creating a kind-less mapping."""
+    """Name the ``kind`` (``name`` for an optimizer) of every default component ``data`` leaves out or
+    gives without one, so that ``norm.eps=1e-5`` or ``optimizer: {lr: 1e-3}`` refines the default
+    component instead of creating a kind-less mapping."""
     data = dict(data)
     for name, field in cls.model_fields.items():
-        if name in data or field.default_factory is None:
+        if field.default_factory is None or not (name not in data or isinstance(data[name], dict)):
             continue
         default = field.default_factory()
         key = getattr(default, "registry_key", None)  # "kind" for components, "name" for optimizers
-        if key is not None:
+        if key is None:
+            continue
+        if name not in data:
             data[name] = {key: getattr(default, key)}
+        elif key not in data[name]:  # `optimizer: {lr: 1e-3}` refines the default optimizer
+            data[name] = {key: getattr(default, key), **data[name]}
     return data
 
 
