@@ -233,6 +233,19 @@ def test_muon_defaults_and_the_same_values_set_explicitly_give_identical_updates
     assert all(torch.equal(default[n], explicit[n]) for n in default)
 
 
+SMALL = {"vocab_size": 64, "d_model": D, "n_layers": 1, "max_seq_len": 32, "mixer": {"kind": "attention", "n_heads": 4}}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS.kinds())
+def test_every_optimizers_defaults_equal_the_same_values_set_explicitly(name):
+    """A default means one value: spelling every field out (as config.yaml records it) changes nothing."""
+    default = optimizer_config(name)
+    explicit = optimizer_config(json.loads(default.model_dump_json()))
+    a, _, _ = one_step(default, SMALL)
+    b, _, _ = one_step(explicit, SMALL)
+    assert all(torch.equal(a[n], b[n]) for n in a) and any(a[n].abs().max() > 0 for n in a)
+
+
 @pytest.mark.parametrize(("fields", "torch_kwargs"), [
     ({}, {"lr": 0.02, "adjust_lr_fn": None}),  # Jordan et al.'s rate and scaling
     ({"muon_lr": 3e-3, "adjust_lr": "match_rms_adamw"}, {"lr": 3e-3, "adjust_lr_fn": "match_rms_adamw"}),
