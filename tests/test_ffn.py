@@ -4,6 +4,7 @@ load-balancing loss, and the closed forms of the papers (ST-MoE z-loss, DeepSeek
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 
@@ -386,7 +387,7 @@ def overloaded_moe(rate: float = 0.01, **kw) -> MoE:
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-def test_bias_update_after_training_forward(top_k):
+def test_bias_update_once_per_optimizer_step(top_k):
     torch.manual_seed(11)
     rate = 0.01
     moe = overloaded_moe(rate, top_k=top_k).train()
@@ -395,6 +396,8 @@ def test_bias_update_after_training_forward(top_k):
     load = moe.last_load.float()
     assert load[0] == 32  # expert 0 took every token
     bias = moe.routing_bias
+    assert torch.count_nonzero(bias) == 0  # a forward only counts; the step updates
+    moe.after_optimizer_step()
     assert float(bias[0]) == pytest.approx(-rate, abs=1e-9)  # overloaded: down by exactly rate
     # DeepSeek-V3 (Wang et al. 2024): b_i += rate * sign(mean load - load_i)
     expected = rate * torch.sign(load.mean() - load)
@@ -402,10 +405,50 @@ def test_bias_update_after_training_forward(top_k):
     for e in range(1, 4):
         if load[e] < load.mean():
             assert float(bias[e]) == pytest.approx(rate, abs=1e-9)
-    # a second step accumulates
+    # a second step accumulates; a step without a training forward leaves the bias alone
     moe(x)
     load2 = moe.last_load.float()
+    moe.after_optimizer_step()
     torch.testing.assert_close(bias, expected + rate * torch.sign(load2.mean() - load2))
+    before = bias.clone()
+    moe.after_optimizer_step()
+    assert torch.equal(bias, before)
+
+
+def test_bias_update_sums_micro_batches_like_the_full_batch():
+    """Gradient accumulation: the loads of every micro-batch of a step add up before the one update."""
+    torch.manual_seed(14)
+    whole, micro = build_moe(n_experts=6, top_k=2, bias_balancing=True, bias_update_rate=0.1), None
+    with torch.no_grad():
+        whole.router.weight.normal_()
+    micro = copy.deepcopy(whole)
+    x = torch.randn(8, 5, D)
+    whole.train()(x)
+    whole.after_optimizer_step()
+    for part in x.split(2):
+        micro.train()(part)
+    counts = torch.bincount(reference_route(micro, x.reshape(-1, D))[1].reshape(-1), minlength=6).float()
+    micro.after_optimizer_step()
+    expected = 0.1 * torch.sign(counts.mean() - counts)
+    assert torch.count_nonzero(expected) >= 2  # the test data is unbalanced
+    torch.testing.assert_close(micro.routing_bias, expected, rtol=0, atol=0)
+    torch.testing.assert_close(whole.routing_bias, expected, rtol=0, atol=0)
+
+
+def test_model_after_optimizer_step_reaches_every_moe_layer():
+    torch.manual_seed(15)
+    config = ModelConfig(
+        vocab_size=32, d_model=D, n_layers=3, mixer={"kind": "attention", "n_heads": 2}, ffn={"kind": "swiglu", "hidden": 16},
+        layer_overrides=[{"layers": [0, 2], "ffn": {"kind": "moe", "n_experts": 4, "top_k": 1, "expert_hidden": 8,
+                                                    "bias_balancing": True, "bias_update_rate": 0.5}}],
+    )
+    model = CausalLM(config).train()
+    model(torch.randint(0, 32, (2, 7)))
+    loads = {i: model.blocks[i].ffn.step_load.float().clone() for i in (0, 2)}
+    model.after_optimizer_step()
+    for i in (0, 2):
+        torch.testing.assert_close(model.blocks[i].ffn.routing_bias, 0.5 * torch.sign(loads[i].mean() - loads[i]))
+        assert int(model.blocks[i].ffn.step_load.sum()) == 0
 
 
 def test_bias_at_mean_load_is_unchanged():
@@ -416,6 +459,7 @@ def test_bias_at_mean_load_is_unchanged():
     x = torch.zeros(6, D)
     x[:3, 0], x[3:, 0] = 1.0, -1.0  # three tokens each
     moe(x)
+    moe.after_optimizer_step()
     assert moe.last_load.tolist() == [3, 3]
     assert moe.routing_bias.tolist() == [0.0, 0.0]
 
@@ -425,10 +469,12 @@ def test_bias_not_updated_in_eval_or_when_disabled():
     x = torch.rand(3, 5, D) + 0.5
     moe = overloaded_moe(top_k=1).eval()
     moe(x)
+    moe.after_optimizer_step()
     assert moe.last_load[0] == 15
     assert torch.count_nonzero(moe.routing_bias) == 0
     plain = build_moe(n_experts=4, top_k=1, bias_balancing=False, bias_update_rate=0.5).train()
     plain(x)
+    plain.after_optimizer_step()
     assert torch.count_nonzero(plain.routing_bias) == 0
     assert "routing_bias" not in plain.state_dict()  # only persisted when used
     assert "routing_bias" in moe.state_dict()

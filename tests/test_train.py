@@ -327,3 +327,61 @@ def test_wall_time_budget_stops_and_schedules_by_time(tmp_path):
     assert summary["steps"] == len(records) >= 2
     assert 3.0 <= summary["elapsed_s"] < 10.0
     assert records[-1]["lr"] < records[len(records) // 2]["lr"]  # the cosine follows elapsed time
+
+
+# ------------------------------------------------------------------------------ MoE bias balancing per step
+
+MOE_MODEL = {**MODEL, "ffn": {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden": 16,
+                              "balance_loss_weight": 0.0, "bias_balancing": True, "bias_update_rate": 0.02}}
+# trains a run config (argv[1]) and saves every process's routing biases to argv[2]/bias_rank{RANK}.pt
+BIAS_DUMP = """
+import os, sys, torch
+from archifactory.train import Trainer, load_run_config
+trainer = Trainer(load_run_config(sys.argv[1]), resume=False)
+trainer.run()
+biases = {n: b.cpu() for n, b in trainer.model.named_buffers() if n.endswith("routing_bias")}
+torch.save(biases, os.path.join(sys.argv[2], "bias_rank" + os.environ.get("RANK", "0") + ".pt"))
+"""
+
+
+def test_moe_bias_balancing_once_per_step_over_micro_batches_and_processes(tmp_path):
+    """DeepSeek-V3's bias update uses the whole step's expert loads: one process with the full batch,
+    4 accumulated micro-batches, and 2 processes (DDP x 2 micro-batches each, FSDP) end with the same
+    biases on every process and the same losses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "bias_dump.py"
+    script.write_text(BIAS_DUMP)
+    variants = {"full": ({}, 1), "accum": ({"micro_batch_size": 2}, 1),
+                "ddp": ({"micro_batch_size": 2}, 2), "fsdp": ({"parallel": "fsdp"}, 2)}
+    biases, losses = {}, {}
+    for port, (name, (extra, procs)) in enumerate(variants.items(), start=29533):
+        data = run_config(tmp_path, name, max_steps=4, eval_every=1000, checkpoint_every=1000, **extra)
+        data["model"] = MOE_MODEL
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(yaml.safe_dump(data))
+        out = tmp_path / f"{name}-bias"
+        out.mkdir()
+        if procs == 1:  # in this process: the same script, without an interpreter start
+            trainer = Trainer(load_run_config(config), resume=False)
+            trainer.run()
+            torch.save({n: b for n, b in trainer.model.named_buffers() if n.endswith("routing_bias")},
+                       out / "bias_rank0.pt")
+        else:
+            done = subprocess.run(
+                [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={procs}", f"--master_port={port}",
+                 str(script), str(config), str(out)], env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stderr[-3000:]
+        biases[name] = [torch.load(out / f"bias_rank{r}.pt") for r in range(procs)]
+        losses[name] = _losses(tmp_path / name / "metrics.jsonl")
+    reference = biases["full"][0]
+    assert set(reference) == {"blocks.0.ffn.routing_bias", "blocks.1.ffn.routing_bias"}
+    # 4 steps of +-rate (or 0 at exactly mean load): the bias moved, by at most 4 * rate
+    assert all(0 < float(b.abs().max()) <= 4 * 0.02 + 1e-7 for b in reference.values())
+    differ = [f"{name} rank {rank} {key}: {got[key].tolist()} != {reference[key].tolist()}"
+              for name, per_rank in biases.items() for rank, got in enumerate(per_rank) for key in reference
+              if not torch.equal(got[key], reference[key])]
+    assert not differ, "\n".join(differ)
+    for name in variants:
+        assert sorted(losses[name]) == [1, 2, 3, 4]
+        assert [losses[name][s] for s in (1, 2, 3, 4)] == pytest.approx([losses["full"][s] for s in (1, 2, 3, 4)],
+                                                                         abs=1e-5), name

@@ -9,8 +9,12 @@ its k experts, sorted by expert and run as one matmul per expert, no capacity fa
 Balancing: the Switch/Mixtral auxiliary loss ``E * sum_i f_i * P_i`` (f_i: routed assignments to expert i
 per token, P_i: mean router probability), the router z-loss of ST-MoE (Zoph et al. 2022), and the
 auxiliary-loss-free bias of DeepSeek-V3 (Wang et al. 2024): a per-expert bias added to the scores used
-for *selection* only, nudged by ``bias_update_rate`` against each expert's load after every training
-forward.
+for *selection* only, nudged by ``bias_update_rate`` against each expert's load once per optimizer step.
+The load is summed over every training forward of the step (all micro-batches of gradient accumulation)
+and, under ``torch.distributed``, over all processes, so that one step with accumulation or several
+processes moves the bias exactly as one process with the whole batch does (DeepSeek-V3, Sec. 2.1.2:
+"at the end of each step"). The trainer calls :meth:`MoE.after_optimizer_step` through
+``CausalLM.after_optimizer_step``; a hand-written training loop must do the same.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
@@ -87,6 +92,8 @@ class MoE(FFN):
         self.register_buffer("routing_bias", torch.zeros(E), persistent=cfg.bias_balancing)
         self.register_buffer("last_load", torch.zeros(E, dtype=torch.long), persistent=False)
         self.register_buffer("total_load", torch.zeros(E, dtype=torch.long), persistent=False)
+        # routed assignments of the training forwards since the last optimizer step (bias balancing only)
+        self.register_buffer("step_load", torch.zeros(E, dtype=torch.long), persistent=False)
         self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
         self.reset_parameters()
 
@@ -105,6 +112,7 @@ class MoE(FFN):
         if self.shared is not None:
             self.shared.reset_parameters()
         self.routing_bias.zero_()
+        self.step_load.zero_()
         self.reset_load_stats()
 
     def reset_load_stats(self) -> None:
@@ -157,8 +165,22 @@ class MoE(FFN):
             self.last_load.copy_(counts)
             self.total_load.add_(counts)
             if self.training and self.bias_update_rate:
-                self.routing_bias.add_(self.bias_update_rate * torch.sign(counts.float().mean() - counts.float()))
+                self.step_load.add_(counts)
         return y.reshape(shape), self.aux_losses(logits, chosen)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Auxiliary-loss-free balancing (DeepSeek-V3, Wang et al. 2024): ``b_i += rate * sign(mean_j c_j - c_i)``
+        with ``c_i`` the assignments expert i received in this step's training forwards, summed over
+        micro-batches and (all-reduced) over processes; then the count restarts. Collective under
+        ``torch.distributed``: every process must call it once per optimizer step."""
+        if not self.bias_update_rate:
+            return
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.step_load, op=dist.ReduceOp.SUM)
+        load = self.step_load.float()
+        self.routing_bias.add_(self.bias_update_rate * torch.sign(load.mean() - load))
+        self.step_load.zero_()
 
     def aux_losses(self, logits: torch.Tensor, chosen: torch.Tensor) -> AuxLosses:
         aux: AuxLosses = {}

@@ -283,6 +283,15 @@ class CausalLM(nn.Module):
         """Which implementation each layer's mixer runs."""
         return {i: b.mixer.kernel_path() for i, b in enumerate(self.blocks)}
 
+    def after_optimizer_step(self) -> None:
+        """Updates that are not gradient steps and happen once per optimizer step (MoE routing-bias
+        balancing): calls ``after_optimizer_step()`` on every submodule that defines it. Training loops
+        call it right after ``optimizer.step()``; under ``torch.distributed`` it is collective (every
+        process calls it), since such updates reduce their statistics across processes."""
+        for module in self.modules():
+            if module is not self and callable(getattr(module, "after_optimizer_step", None)):
+                module.after_optimizer_step()
+
     def moe_loads(self) -> dict[int, torch.Tensor]:
         """Per MoE layer, the share of routed assignments each expert got since the last reset."""
         return {i: b.ffn.load_fractions() for i, b in enumerate(self.blocks) if hasattr(b.ffn, "load_fractions")}

@@ -126,8 +126,11 @@ class Trainer:
         elif self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
+            # No buffer broadcast: buffers are constants (RoPE, ALiBi tables) or kept equal on every rank by
+            # `after_optimizer_step` (MoE routing bias); rank 0's would overwrite the others' step loads.
             self.train_model = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,
             )
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         if tc.compile:
@@ -242,6 +245,7 @@ class Trainer:
             )
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self.model.after_optimizer_step()  # once per step: MoE bias balancing from the whole step's loads
         self.optimizer.zero_grad(set_to_none=True)
         return float(total), float(grad_norm)
 
