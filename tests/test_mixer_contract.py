@@ -17,11 +17,18 @@ import torch
 from archifactory.config import BuildContext
 from archifactory.nn.init import InitConfig
 from archifactory.nn.norms import RMSNormConfig
-from archifactory.nn.positions import ALiBiConfig, NoPositionConfig, RoPEConfig
+from archifactory.nn.positions import NoPositionConfig
 from archifactory.registry import MIXERS
+from archifactory.registry import POSITIONS as POSITION_REGISTRY
 
 D, B, T = 32, 2, 11
-POSITIONS = {"rope": RoPEConfig(theta=100.0), "alibi": ALiBiConfig(), "nope": NoPositionConfig()}
+# every registered relative encoding (its first contract example), and none: a new one is covered by registering it
+POSITIONS = {
+    kind: cls.contract_examples()[0]
+    for kind, cls in POSITION_REGISTRY.items()
+    if cls.contract_examples()[0].build_relative(8, 4) is not None
+}
+POSITIONS["nope"] = NoPositionConfig()
 CASES = [
     pytest.param(cfg, pos, id=f"{kind}-{i}-{pos}")
     for kind, cls in MIXERS.items()

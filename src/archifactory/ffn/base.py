@@ -15,7 +15,11 @@ AuxLosses = dict[str, torch.Tensor]
 
 
 class FFNConfig(Component):
-    pass
+    @classmethod
+    def contract_examples(cls, d_model: int) -> list["FFNConfig"]:
+        """Small configs the shared FFN contract test (tests/test_ffn_contract.py) builds at ``d_model``;
+        override to cover options."""
+        return [cls()]
 
 
 class FFN(nn.Module):

@@ -30,6 +30,10 @@ class MLPConfig(FFNConfig):
     def build(self, ctx: BuildContext) -> "MLP":
         return MLP(ctx.d_model, self.hidden or 4 * ctx.d_model, self.activation, self.bias, ctx)
 
+    @classmethod
+    def contract_examples(cls, d_model: int) -> list["MLPConfig"]:
+        return [cls(), cls(hidden=24, activation="relu2", bias=True)]
+
 
 class MLP(FFN):
     def __init__(self, d_model: int, hidden: int, activation: str, bias: bool, ctx: BuildContext) -> None:
@@ -67,6 +71,10 @@ class GLUConfig(FFNConfig):
 
     def build(self, ctx: BuildContext) -> "GLU":
         return GLU(ctx.d_model, self.resolved_hidden(ctx.d_model), self.activation, self.bias, ctx)
+
+    @classmethod
+    def contract_examples(cls, d_model: int) -> list["GLUConfig"]:
+        return [cls(hidden=24), cls(hidden=24, bias=True)]
 
 
 @register_ffn

@@ -67,6 +67,14 @@ class MoEConfig(FFNConfig):
     def build(self, ctx: BuildContext) -> "MoE":
         return MoE(self, ctx)
 
+    @classmethod
+    def contract_examples(cls, d_model: int) -> list["MoEConfig"]:
+        return [
+            cls(n_experts=4, top_k=2, expert_hidden=16),
+            cls(n_experts=4, top_k=1, expert_hidden=8, glu=False, activation="gelu", routing="topk_softmax",
+                n_shared_experts=1, bias_balancing=True, router_z_loss_weight=1e-3),
+        ]
+
 
 class MoE(FFN):
     def __init__(self, cfg: MoEConfig, ctx: BuildContext) -> None:

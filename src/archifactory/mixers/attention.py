@@ -19,7 +19,7 @@ from torch import nn
 from archifactory.config import BuildContext, FieldError
 from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
 from archifactory.nn.init import init_linear
-from archifactory.nn.positions import ALiBi, Rotary
+from archifactory.nn.positions import relative_position_parts
 from archifactory.registry import register_mixer
 
 
@@ -117,9 +117,7 @@ class Attention(Mixer):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.out_bias) if output_projection else None
         self.q_norm = ctx.norm.build_for(self.head_dim) if cfg.qk_norm else None
         self.k_norm = ctx.norm.build_for(self.head_dim) if cfg.qk_norm else None
-        relative = ctx.position.build_relative(self.head_dim, self.n_heads)
-        self.rotary = relative if isinstance(relative, Rotary) else None
-        self.alibi = relative if isinstance(relative, ALiBi) else None
+        self.rotary, self.alibi = relative_position_parts(ctx.position, self.head_dim, self.n_heads)
         self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
         self.attend = self._attend_sdpa if self.softcap is None else self._attend_explicit
         self.reset_parameters()
@@ -197,8 +195,12 @@ class Attention(Mixer):
         return probs @ v
 
     def score_flops(self, seq_len: int) -> float:
-        """QK^T and PV per token: query position t attends to min(t + 1, window) keys, 2 FLOPs per
-        multiply-add each, over every head's channels."""
+        """QK^T and PV per token, 2 FLOPs per multiply-add each, over every head's channels. Through SDPA
+        query position t counts the min(t + 1, window) keys it attends to (useful work: fused kernels skip
+        masked blocks, and the count must not depend on which backend ran); the explicit soft-capping path
+        multiplies every (query, key) pair of the sequence before masking, and is counted as computed."""
+        if self.softcap is not None:
+            return 4 * self.n_heads * self.head_dim * seq_len
         w = seq_len if self.window is None else min(self.window, seq_len)
         mean_keys = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len  # sum_t min(t + 1, w) / T
         return 4 * self.n_heads * self.head_dim * mean_keys

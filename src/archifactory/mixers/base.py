@@ -65,6 +65,13 @@ def linear_flops(*layers: nn.Linear) -> int:
     return sum(2 * layer.in_features * layer.out_features for layer in layers)
 
 
+def padded_length(seq_len: int, chunk: int) -> int:
+    """Tokens a chunked form computes for a ``seq_len`` sequence: chunks of ``min(chunk, seq_len)`` tokens,
+    the last one zero-padded to full length. Chunk-form FLOP counts cover the padding, since it is computed."""
+    c = max(1, min(chunk, seq_len))
+    return -(-seq_len // c) * c
+
+
 def check_heads_divide(n_heads: int, d_model: int, explicit_head_dim: int | None = None) -> None:
     """``n_heads`` must split ``d_model`` evenly unless the head size is given explicitly."""
     if explicit_head_dim is None and d_model % n_heads:

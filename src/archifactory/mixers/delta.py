@@ -45,7 +45,14 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, compute_dtype, linear_flops
+from archifactory.mixers.base import (
+    Mixer,
+    MixerConfig,
+    check_heads_divide,
+    compute_dtype,
+    linear_flops,
+    padded_length,
+)
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
@@ -220,12 +227,9 @@ class ShortConv(nn.Module):
             padded = F.pad(x, (0, 0, K - 1, 0))
         else:
             padded = torch.cat([past.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
-        # K shifted multiply-adds, in the (B, T, C) layout the projection produces (F.conv1d would want
-        # (B, C, T) and two transposes)
-        w = self.weight.to(x.dtype)
-        y = padded[:, :T] * w[0]
-        for j in range(1, K):
-            y = y + padded[:, j : j + T] * w[j]
+        # depthwise: channel c is the cross-correlation of padded[:, :, c] with weight[:, c]
+        kernel = self.weight.t()[:, None, :].to(x.dtype)  # (C, 1, K), nn.Conv1d's layout
+        y = F.conv1d(padded.transpose(1, 2), kernel, groups=self.channels).transpose(1, 2)  # (B, T, C)
         return F.silu(y), padded[:, T:]
 
 
@@ -443,13 +447,15 @@ class DeltaNet(Mixer):
 
     def flops_per_token(self, seq_len: int) -> int:
         # Matmul FLOPs (2 per multiply-add) of the projections, plus the chunked recurrence at the chunk
-        # it runs with, min(chunk_size, seq_len) (padding ignored); the conv counts 2 per tap per channel.
-        # Elementwise work (norms, gates, decays) is not counted, as for attention's softmax.
+        # it runs with, min(chunk_size, seq_len), including the zero padding of the last chunk; the conv
+        # counts 2 per tap per channel. Elementwise work (norms, gates, decays) is not counted, as for
+        # attention's softmax.
         layers = (self.qkv_proj, self.b_proj, self.a_proj, self.g_proj, self.o_proj)
         proj = linear_flops(*(layer for layer in layers if layer is not None))
         conv = 0 if self.conv is None else 2 * self.conv.kernel_size * self.conv.channels
         chunk = max(1, min(self.chunk_size, seq_len))
-        return proj + conv + self.n_heads * chunk_delta_rule_flops(chunk, self.head_dim, self.v_head_dim)
+        core = self.n_heads * chunk_delta_rule_flops(chunk, self.head_dim, self.v_head_dim)
+        return int(proj + conv + core * padded_length(seq_len, chunk) / seq_len)
 
     def kernel_path(self) -> str:
         return f"{select_backend(self.backend, parameter_device(self), self.fla_op)}.{self.fla_op}"

@@ -102,8 +102,9 @@ class KVShiftAttention(Attention):
         return self._shift(k, prev_k, self.k_shift), self._shift(v, prev_v, self.v_shift)
 
     def flops_per_token(self, seq_len: int) -> int:
-        # Attention's, plus the mix: 2 multiplies and 1 add per channel of k and of v.
-        return super().flops_per_token(seq_len) + 2 * 3 * self.n_kv_heads * self.head_dim
+        # Attention's: the shift mix (2 multiplies and 1 add per channel of k and of v) is elementwise and,
+        # like softmax and norms, not counted.
+        return super().flops_per_token(seq_len)
 
     def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
         previous = 2 * self.n_kv_heads * self.head_dim * torch.finfo(dtype).bits // 8

@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, linear_flops, padded_length
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.mixers.ops_gla import (
     HeadNorm,
@@ -152,7 +152,8 @@ class GatedLinearMixer(Mixer):
 
     def core_flops(self, seq_len: int) -> int:
         chunk = min(default_chunk_size(self.per_channel_decay), seq_len)
-        return core_flops_per_token(self.n_heads, self.key_dim, self.value_dim, chunk)
+        per_token = core_flops_per_token(self.n_heads, self.key_dim, self.value_dim, chunk)
+        return int(per_token * padded_length(seq_len, chunk) / seq_len)  # the zero-padded last chunk is computed
 
     def kernel_path(self) -> str:
         if select_backend(self.backend, parameter_device(self), self.fla_op) == "fla":

@@ -48,7 +48,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, linear_flops, padded_length
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
 from archifactory.nn.roles import FILTER, VECTOR
@@ -369,13 +369,13 @@ class Mamba2Heads(nn.Module):
 
     def flops_per_token(self, seq_len: int) -> int:
         # Convention: 2 FLOPs per multiply-add of the projection, the depthwise conv, and the chunked SSD
-        # as computed (full L x L blocks, L = min(chunk_size, seq_len)); per token and head: C B^T (per
-        # group) 2 L N, the masked product with dt x 2 L P, the chunk state 2 N P, its read-out 2 N P.
-        # Elementwise work (decays, gates, norm) is not counted.
+        # as computed (full L x L blocks, L = min(chunk_size, seq_len), the last chunk zero-padded); per
+        # token and head: C B^T (per group) 2 L N, the masked product with dt x 2 L P, the chunk state
+        # 2 N P, its read-out 2 N P. Elementwise work (decays, gates, norm) is not counted.
         L = min(self.chunk_size, seq_len)
         H, P, G, N = self.n_heads, self.head_dim, self.n_groups, self.d_state
-        ssd = 2 * L * N * G + 2 * L * P * H + 4 * N * P * H
-        return linear_flops(self.in_proj) + 2 * self.d_conv * self.conv_dim + ssd
+        ssd = (2 * L * N * G + 2 * L * P * H + 4 * N * P * H) * padded_length(seq_len, L) / seq_len
+        return int(linear_flops(self.in_proj) + 2 * self.d_conv * self.conv_dim + ssd)
 
     def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
         elements = self.conv_dim * (self.d_conv - 1) + self.n_heads * self.d_state * self.head_dim

@@ -40,7 +40,7 @@ from archifactory.config import BuildContext, FieldError
 from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
-from archifactory.nn.positions import ALiBi, Rotary
+from archifactory.nn.positions import relative_position_parts
 from archifactory.registry import register_mixer
 
 
@@ -159,9 +159,7 @@ class MultiHeadLatentAttention(Mixer):
         # W_UK and W_UV (eq. 10-11) stacked per head: rows [h * (nope + v), ...) are head h's key then value.
         self.kv_b_proj = nn.Linear(self.kv_rank, H * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(H * self.v_dim, d, bias=cfg.bias)
-        relative = ctx.position.build_relative(self.rope_dim, H)
-        self.rotary = relative if isinstance(relative, Rotary) else None
-        self.alibi = relative if isinstance(relative, ALiBi) else None
+        self.rotary, self.alibi = relative_position_parts(ctx.position, self.rope_dim, H)
         self.scale = cfg.scale if cfg.scale is not None else qk_dim**-0.5
         if cfg.mscale_all_dim:
             mscale = 0.1 * cfg.mscale_all_dim * math.log(ctx.position.scaling.factor) + 1.0

@@ -40,7 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext
-from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, compute_dtype, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, compute_dtype, linear_flops, padded_length
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
 from archifactory.nn.roles import VECTOR
@@ -171,7 +171,7 @@ def chunk_dplr_flops(chunk: int, d_k: int, d_v: int) -> int:
         4 * 2 * chunk * chunk * d_k  # the four pairwise matrices A_qk, A_qb, A_ak, A_ab
         + 3 * 2 * chunk * chunk * d_v  # A_ak V, A_qk V, A_qb X
         + chunk * chunk * (d_v + d_k)  # the triangular solve
-        + 5 * 2 * chunk * d_k * d_v  # (k e)^T V, W S, q S, (b e)^T X
+        + 4 * 2 * chunk * d_k * d_v  # (k e)^T V, W S, q S, (b e)^T X
     )
     return per_chunk // chunk
 
@@ -395,12 +395,13 @@ class RWKV7(Mixer):
 
     def flops_per_token(self, seq_len: int) -> int:
         # Matmul FLOPs (2 per multiply-add): projections and low-rank maps, plus the chunked recurrence
-        # at the chunk it runs with, min(chunk_size, seq_len) (padding ignored). Elementwise work (token
-        # shift, norms, gates) is not counted, as for attention's softmax.
+        # at the chunk it runs with, min(chunk_size, seq_len), including the zero padding of the last chunk.
+        # Elementwise work (token shift, norms, gates) is not counted, as for attention's softmax.
         proj = linear_flops(self.r_proj, self.k_proj, self.v_proj, self.o_proj)
         lora = sum(linear_flops(m.down, m.up) for m in (self.decay, self.iclr, self.gate))
         chunk = max(1, min(self.chunk_size, seq_len))
-        return proj + lora + self.n_heads * chunk_dplr_flops(chunk, self.head_dim, self.head_dim)
+        core = self.n_heads * chunk_dplr_flops(chunk, self.head_dim, self.head_dim)
+        return int(proj + lora + core * padded_length(seq_len, chunk) / seq_len)
 
     def kernel_path(self) -> str:
         backend = select_backend(self.backend, parameter_device(self), self.fla_op)

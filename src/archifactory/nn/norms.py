@@ -16,6 +16,11 @@ from archifactory.nn.roles import VECTOR
 class NormConfig(Component):
     eps: float = 1e-6
 
+    @classmethod
+    def contract_examples(cls) -> list["NormConfig"]:
+        """Configs the shared norm contract test (tests/test_component_contract.py) builds."""
+        return [cls()]
+
     def build_for(self, dim: int) -> nn.Module:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -58,6 +63,10 @@ class LayerNormConfig(NormConfig):
 
     def build_for(self, dim: int) -> nn.Module:
         return nn.LayerNorm(dim, eps=self.eps, bias=self.bias)
+
+    @classmethod
+    def contract_examples(cls) -> list["LayerNormConfig"]:
+        return [cls(), cls(bias=False)]
 
 
 @register_norm

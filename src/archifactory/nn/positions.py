@@ -31,6 +31,12 @@ class PositionConfig(Component):
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ``ValueError`` when this encoding cannot work with attention heads of ``head_dim``."""
 
+    @classmethod
+    def contract_examples(cls) -> list["PositionConfig"]:
+        """Configs the shared position contract test (tests/test_component_contract.py) builds; the first
+        is also the one the mixer contract runs position-using mixers under."""
+        return [cls()]
+
 
 @register_position
 class NoPositionConfig(PositionConfig):
@@ -220,6 +226,11 @@ class RoPEConfig(PositionConfig):
     def build_relative(self, head_dim, n_heads):
         return Rotary(head_dim, self.rot_dim(head_dim), self.theta, self.scaling)
 
+    @classmethod
+    def contract_examples(cls) -> list["RoPEConfig"]:
+        yarn = RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)
+        return [cls(theta=100.0), cls(theta=100.0, fraction=0.5, scaling=yarn)]
+
 
 # ----------------------------------------------------------------------------------------------- ALiBi
 
@@ -256,3 +267,15 @@ class ALiBiConfig(PositionConfig):
 
     def build_relative(self, head_dim, n_heads):
         return ALiBi(n_heads)
+
+
+def relative_position_parts(position: PositionConfig, head_dim: int, n_heads: int) -> tuple[Rotary | None, ALiBi | None]:
+    """The relative encoding ``position`` builds for attention heads, as (rotary, alibi); (None, None) for
+    absolute encodings and NoPE. A module of any other type is an error rather than silently unused."""
+    relative = position.build_relative(head_dim, n_heads)
+    if relative is not None and not isinstance(relative, (Rotary, ALiBi)):
+        raise TypeError(
+            f"position kind {position.kind!r} builds a {type(relative).__name__}, which attention cannot apply "
+            "(it applies Rotary and ALiBi); teach the attention mixers to use it"
+        )
+    return (relative if isinstance(relative, Rotary) else None), (relative if isinstance(relative, ALiBi) else None)
