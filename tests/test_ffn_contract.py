@@ -67,6 +67,7 @@ def run_chunks(ffn: FFN, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ the checks
 
 
+@torch.no_grad()
 def check_causal(cfg: FFNConfig) -> None:
     ffn = build(cfg)
     x = torch.randn(B, T, D, dtype=torch.float64)
