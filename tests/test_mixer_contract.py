@@ -156,6 +156,8 @@ def test_bf16_autocast(cfg, position):
 @pytest.mark.parametrize(("cfg", "position"), CASES)
 def test_costs_positive_and_kernel_recorded(cfg, position):
     mixer = build(cfg, position)
-    assert mixer.flops_per_token(T) > 0
-    assert mixer.flops_per_token(4 * T) >= mixer.flops_per_token(T)
+    # (the counts themselves are checked against FlopCounterMode in tests/test_component_contract.py; they
+    # need not grow with the length: a chunked form's padded last chunk costs more per token at T=11 than
+    # at 44)
+    assert mixer.flops_per_token(T) > 0 and mixer.flops_per_token(4 * T) > 0
     assert isinstance(mixer.kernel_path(), str) and mixer.kernel_path()
