@@ -150,12 +150,14 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with r
 def eval_(
     target: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, or a saved model directory."),
     tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated tasks: "
-                              "lambada, piqa, arc_easy, arc_challenge, sciq, hellaswag, winogrande, mmlu, mmlu_5shot."),
+                              "lambada, piqa, arc_easy, arc_challenge, sciq, hellaswag, winogrande, mmlu, mmlu_5shot; "
+                              "lm_eval:NAME runs an lm-evaluation-harness task."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N items of each task."),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (default: the run's)."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     batch_size: int = typer.Option(16, min=1, help="Sequences per forward pass."),
     force: bool = typer.Option(False, "--force", help="Evaluate again even if the store has the result."),
+    include_path: Optional[Path] = typer.Option(None, "--include-path", help="Folder of lm-eval task YAMLs."),
 ) -> None:
     """Score a trained run or saved model on zero-shot tasks; results go to RUN_DIR/eval.sqlite and
     evaluations already stored are skipped."""
@@ -163,7 +165,7 @@ def eval_(
 
     try:
         evaluate(target, tasks, limit, tokenizer=tokenizer, device=device, batch_size=batch_size, force=force,
-                 console=console)
+                 include_path=include_path, console=console)
     except (ConfigError, FileNotFoundError, KeyError, ValueError, ModuleNotFoundError) as err:
         _fail(str(err).strip("'\""))
 

@@ -154,7 +154,8 @@ def _task_names(tasks: str | Sequence[str]) -> list[str]:
     if not names:
         raise ValueError("no tasks given: pass e.g. --tasks piqa,arc_easy")
     for name in names:
-        get_task(name)  # an unknown name fails before any model is loaded
+        if not name.startswith("lm_eval:"):
+            get_task(name)  # an unknown name fails before any model is loaded
     return names
 
 
@@ -169,6 +170,8 @@ def evaluate(
     device: str = "cpu",
     batch_size: int = 16,
     force: bool = False,
+    include_path: str | Path | None = None,
+    lm_eval_defaults: bool = True,
     console=None,
     progress: bool = True,
 ) -> list[EvaluationRecord]:
@@ -176,7 +179,9 @@ def evaluate(
     comma-separated string), the first ``limit`` items of each (per subject for MMLU).
 
     Returns one :class:`EvaluationRecord` per task (from the store when already evaluated, unless
-    ``force``). Raises ``KeyError`` for an unknown task, ``FileNotFoundError`` for a directory that
+    ``force``). Names ``lm_eval:NAME`` run lm-evaluation-harness task NAME through the adapter
+    (:mod:`archifactory.eval.lm_eval_adapter`), with task YAMLs from ``include_path`` (and lm-eval's
+    built-in tasks unless ``lm_eval_defaults`` is false). Raises ``KeyError`` for an unknown task, ``FileNotFoundError`` for a directory that
     holds no model or tokenizer, ``ValueError`` for a bad limit.
     """
     names = _task_names(tasks)
@@ -208,6 +213,8 @@ def evaluate(
     records: list[EvaluationRecord] = []
     todo: list[tuple[Task, list[Item]]] = []
     for name in names:
+        if name.startswith("lm_eval:"):
+            continue
         task = get_task(name)
         if store is not None and not force and store.has(target.run_id, target.model_hash, name, task.version, limit):
             done = [m for m in store.metrics(target.run_id, name) if m.model_hash == target.model_hash
@@ -252,8 +259,67 @@ def evaluate(
             if store is not None:
                 store.put(record)
             records.append(record)
+    foreign = [n for n in names if n.startswith("lm_eval:")]
+    if foreign:
+        records += _evaluate_lm_eval(target, foreign, limit, store, force, include_path, lm_eval_defaults, device,
+                                     batch_size, null, env, console)
     if console is not None:
         console.print(results_table(records, target.run_id, null.name))
+    return records
+
+
+def _evaluate_lm_eval(target, names, limit, store, force, include_path, include_defaults, device, batch_size, null,
+                      env, console) -> list[EvaluationRecord]:
+    """lm-eval tasks through :class:`~archifactory.eval.lm_eval_adapter.ArchifactoryLM`, stored like ours."""
+    import lm_eval
+
+    from archifactory.eval.lm_eval_adapter import PREFIX, ArchifactoryLM, run_lm_eval, task_manager
+
+    manager = task_manager(include_path, include_defaults)
+    unknown = [n for n in names if n[len(PREFIX):] not in manager.all_tasks]
+    if unknown:
+        raise KeyError(f"lm-eval knows no task {', '.join(unknown)}: put its YAML in a folder and pass "
+                       f"--include-path FOLDER")
+    records, todo = [], []
+    for name in names:
+        entry = manager.task_index[name[len(PREFIX):]]
+        source = Path(entry.yaml_path).read_bytes() if entry.yaml_path else name.encode()
+        version = f"lm_eval-{lm_eval.__version__}+{hashlib.sha256(source).hexdigest()[:12]}"
+        if store is not None and not force and store.has(target.run_id, target.model_hash, name, version, limit):
+            done = [m for m in store.metrics(target.run_id, name) if m.model_hash == target.model_hash
+                    and m.task_version == version and m.limit == limit]
+            records.append(EvaluationRecord(run_id=target.run_id, model_hash=target.model_hash, task=name,
+                                            task_version=version, limit=limit,
+                                            n_items=done[0].n_items if done else 0, metrics=done))
+            continue
+        todo.append((name, version))
+    if not todo:
+        return records
+    bare = [n[len(PREFIX):] for n, _ in todo]
+    start = time.time()
+    results = run_lm_eval(ArchifactoryLM(model=target.model, tokenizer=target.tokenizer, batch_size=batch_size,
+                                         device=device), bare, limit, manager)
+    elapsed = time.time() - start
+    try:
+        null_results = run_lm_eval(ArchifactoryLM(model=null, tokenizer=target.tokenizer, batch_size=256), bare,
+                                   limit, manager)
+    except NotImplementedError:  # generation tasks: a unigram model has no sensible generation
+        null_results = {}
+    for name, version in todo:
+        result = results[name[len(PREFIX):]]
+        null_values = null_results[result.task].metrics if result.task in null_results else {}
+        record = EvaluationRecord(
+            run_id=target.run_id, model_hash=target.model_hash, task=name, task_version=version, limit=limit,
+            n_items=result.n_items, elapsed_s=elapsed, items_per_s=sum(r.n_items for r in results.values()) / elapsed,
+            null_model=null.name, env=env,
+            metrics=[MetricResult(run_id=target.run_id, model_hash=target.model_hash, task=name, task_version=version,
+                                  limit=limit, metric=metric, value=value, null_value=null_values.get(metric),
+                                  higher_is_better=M.HIGHER_IS_BETTER.get(metric), n_items=result.n_items)
+                     for metric, value in result.metrics.items()],
+        )
+        if store is not None:
+            store.put(record)
+        records.append(record)
     return records
 
 

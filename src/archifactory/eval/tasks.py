@@ -245,5 +245,5 @@ TASKS: dict[str, Task] = {
 
 def get_task(name: str) -> Task:
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}")
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)}, or lm_eval:NAME")
     return TASKS[name]
