@@ -150,14 +150,16 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with r
 def eval_(
     target: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, or a saved model directory."),
     tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated tasks: "
-                              "lambada, piqa, arc_easy, arc_challenge, sciq, hellaswag, winogrande, mmlu, mmlu_5shot; "
-                              "lm_eval:NAME runs an lm-evaluation-harness task."),
+                              "lambada, piqa, arc_easy, arc_challenge, sciq, hellaswag, winogrande, mmlu, mmlu_5shot, "
+                              "humaneval_bpb, humaneval (pass@k); lm_eval:NAME runs an lm-evaluation-harness task."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N items of each task."),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (default: the run's)."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
     batch_size: int = typer.Option(16, min=1, help="Sequences per forward pass."),
     force: bool = typer.Option(False, "--force", help="Evaluate again even if the store has the result."),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="Folder of lm-eval task YAMLs."),
+    samples: int = typer.Option(1, min=1, help="humaneval: completions per problem (greedy when 1)."),
+    temperature: float = typer.Option(0.8, min=0.0, help="humaneval: sampling temperature when samples > 1."),
 ) -> None:
     """Score a trained run or saved model on zero-shot tasks; results go to RUN_DIR/eval.sqlite and
     evaluations already stored are skipped."""
@@ -165,7 +167,7 @@ def eval_(
 
     try:
         evaluate(target, tasks, limit, tokenizer=tokenizer, device=device, batch_size=batch_size, force=force,
-                 include_path=include_path, console=console)
+                 include_path=include_path, samples=samples, temperature=temperature, console=console)
     except (ConfigError, FileNotFoundError, KeyError, ValueError, ModuleNotFoundError) as err:
         _fail(str(err).strip("'\""))
 

