@@ -93,7 +93,8 @@ def test_greedy_flag_and_window_truncation_match_lm_eval_rules():
     long = Request(tuple(range(100)), (5, 6))
     window = (long.context + long.continuation)[-65:]
     cut = Request(window[:-2], window[-2:])
-    assert score_requests(ModelScorer(model), [long])[0].logprob == pytest.approx(reference_logprob(model, cut)[0], abs=1e-4)
+    expected = reference_logprob(model, cut)[0]
+    assert score_requests(ModelScorer(model), [long])[0].logprob == pytest.approx(expected, abs=1e-4)
 
 
 def test_encode_pair_splits_like_lm_eval(tmp_path):
@@ -196,7 +197,8 @@ def test_run_dir_results_stored_and_rerun_skips(tmp_path, monkeypatch):
     run = make_run(tmp_path / "run")
     records = evaluate(run, ["lambada", "piqa"], limit=4, progress=False)
     db = run / "eval.sqlite"
-    rows = sqlite3.connect(db).execute("SELECT task, metric, n_items, task_version, n_limit FROM eval_metrics").fetchall()
+    query = "SELECT task, metric, n_items, task_version, n_limit FROM eval_metrics"
+    rows = sqlite3.connect(db).execute(query).fetchall()
     assert {(t, m) for t, m, *_ in rows} == {("lambada", m) for m in ("acc", "bpb", "ppl")} | {
         ("piqa", m) for m in ("acc", "acc_norm", "acc_norm_byte", "prob_correct", "bpb")}
     assert all(n == 4 and v == get_task("piqa").version and lim == 4 for _, _, n, v, lim in rows)

@@ -85,14 +85,14 @@ def test_sandbox_contains_an_infinite_loop():
 
 
 def test_sandbox_contains_a_fork_bomb():
-    marker = "af-fork-bomb-marker"
+    marker = f"forkbomb{os.getpid()}"
     for program in (f"import os\n# {marker}\nwhile True:\n    os.fork()",
                     f"import posix\n# {marker}\nwhile True:\n    posix.fork()",
                     f"import subprocess, sys\n# {marker}\nsubprocess.Popen([sys.executable, '-c', 'pass'])"):
-        result = run_program(program, LIMITS)
+        result = run_program(program, LIMITS, label=marker)
         assert not result.passed and "disabled in the sandbox" in result.stderr
-    # nothing left running
-    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, "af-sandbox-")]
+    # nothing it started is left running
+    leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_has(p, f"af-sandbox-{marker}")]
     assert leftovers == []
 
 

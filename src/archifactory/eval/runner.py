@@ -184,7 +184,8 @@ def evaluate(
     ``force``). Names ``lm_eval:NAME`` run lm-evaluation-harness task NAME through the adapter
     (:mod:`archifactory.eval.lm_eval_adapter`), with task YAMLs from ``include_path`` (and lm-eval's
     built-in tasks unless ``lm_eval_defaults`` is false). ``humaneval`` (pass@k) samples ``samples``
-    completions per problem at ``temperature`` (greedy when ``samples`` is 1). Raises ``KeyError`` for an unknown task, ``FileNotFoundError`` for a directory that
+    completions per problem at ``temperature`` (greedy when ``samples`` is 1). Raises ``KeyError`` for an
+    unknown task, ``FileNotFoundError`` for a directory that
     holds no model or tokenizer, ``ValueError`` for a bad limit.
     """
     names = _task_names(tasks)

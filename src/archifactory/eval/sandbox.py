@@ -84,9 +84,10 @@ def _read_bounded(path: Path, limit: int) -> str:
     return text + ("\n[... output truncated]" if len(data) > limit else "")
 
 
-def run_program(program: str, limits: SandboxLimits = SandboxLimits()) -> SandboxResult:
-    """Run ``program`` (Python source) in the sandbox; it passes when it finishes without an exception."""
-    workdir = Path(tempfile.mkdtemp(prefix="af-sandbox-"))
+def run_program(program: str, limits: SandboxLimits = SandboxLimits(), label: str = "") -> SandboxResult:
+    """Run ``program`` (Python source) in the sandbox; it passes when it finishes without an exception.
+    ``label`` goes into the working directory's name (``af-sandbox-LABEL-*``), to find its processes."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"af-sandbox-{label}-" if label else "af-sandbox-"))
     try:
         (workdir / "program.py").write_text(program)
         child_limits = {"address_space_bytes": limits.address_space_bytes, "cpu_s": int(limits.cpu_s),

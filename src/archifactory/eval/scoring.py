@@ -134,7 +134,8 @@ def score_requests(
             n_window = len(windows[i]) - 1
             n_cont = min(len(requests[i].continuation), n_window)  # a continuation longer than the window is cut
             positions = slice(n_window - n_cont, n_window)
-            scores[i] = Score(float(logprobs[row, positions].double().sum()), bool(greedy[row, positions].all()), n_cont)
+            scores[i] = Score(float(logprobs[row, positions].double().sum()), bool(greedy[row, positions].all()),
+                              n_cont)
         if on_scored is not None:
             on_scored(len(batch))
     return scores  # type: ignore[return-value]

@@ -218,7 +218,8 @@ def _mmlu(n_shots: int):
     def load(limit):
         items = []
         for subject in mmlu_subjects():
-            description = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+            topic = subject.replace("_", " ")
+            description = f"The following are multiple choice questions (with answers) about {topic}.\n\n"
             shots = read_arrow(f"hails/mmlu_no_train/{subject}/dev")[:n_shots]  # lm-eval's first_n sampler
             prefix = description + "".join(f"{mmlu_prompt(s)} {'ABCD'[int(s['answer'])]}\n\n" for s in shots)
             for d in _head(read_arrow(f"hails/mmlu_no_train/{subject}/test"), limit):
