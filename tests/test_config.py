@@ -1,5 +1,7 @@
 """Configs: YAML round trips, dotted overrides, per-layer overrides, and errors that name the field."""
 
+import os
+
 import pytest
 import yaml
 
@@ -177,3 +179,34 @@ def test_changing_kind_starts_from_the_new_kinds_defaults():
     assert cfg.position.kind == "alibi" and cfg.ffn.kind == "mlp" and cfg.ffn.hidden is None
     same = af.load_model_config(data, ["position.kind=rope"])
     assert same.position.theta == 1e6  # same kind: nothing dropped
+
+
+@pytest.mark.parametrize("name", ["../../x", "..", ".", "/abs/path", "a/b", "", " x", "x\n", "a\x00b",
+                                  "é" * 101])
+def test_names_that_would_leave_their_folder_are_errors(name, tmp_path):
+    """A run or sweep name becomes a folder under runs/ or sweeps/: it may not escape it or be unusable."""
+    from archifactory.config import validate
+    from archifactory.sweep.spec import SweepSpec
+    from archifactory.train.config import RunConfig
+
+    run = {"name": name, "model": BASE, "train": {"max_steps": 1}}
+    with pytest.raises(ConfigError, match=r"(?m)^name: .*(plain name|folder)"):
+        validate(RunConfig, run)
+    sweep = {"name": name, "base": {}, "budget": {"tokens": 1}}
+    with pytest.raises(ConfigError, match=r"(?m)^name: "):
+        validate(SweepSpec, sweep)
+    with pytest.raises(ConfigError, match=r"variants: variant name"):
+        validate(SweepSpec, {**sweep, "name": "ok", "variants": {name: []}})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_names_stay_inside_and_out_dir_goes_anywhere(tmp_path):
+    from archifactory.config import validate
+    from archifactory.train.config import RunConfig
+
+    for name in ("cost$\\frac{$ ..x", "..x", "x..", "-x", "~"):
+        cfg = validate(RunConfig, {"name": name, "model": BASE, "train": {"max_steps": 1}})
+        assert os.path.dirname(os.path.normpath(cfg.run_dir())) == "runs", name
+    outside = tmp_path.parent / "elsewhere"
+    cfg = validate(RunConfig, {"name": "x", "out_dir": str(outside), "model": BASE, "train": {"max_steps": 1}})
+    assert cfg.run_dir() == outside

@@ -9,13 +9,14 @@ A component config is a pydantic model with a ``kind`` literal, registered in on
 from __future__ import annotations
 
 import copy
+import os
 import re
 import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterable, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, SerializeAsAny, ValidationError, WrapValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, WrapValidator
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
@@ -37,6 +38,48 @@ class FieldError(ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field, self.message = field, message
+
+
+MAX_FOLDER_NAME_BYTES = 200
+"""Longest folder name (UTF-8 bytes) a config may give; file systems allow 255."""
+
+
+def check_folder_name(name: str, max_bytes: int = MAX_FOLDER_NAME_BYTES) -> str:
+    """``name`` unchanged if it is one plain folder name, else ``ValueError`` saying why.
+
+    Run, sweep and variant names become default directories (``runs/<name>``, ``sweeps/<name>``,
+    ``<sweep>/runs/<variant>-s<seed>``), so they must stay inside that parent: no path separator, not
+    ``.`` or ``..``, no control characters, no surrounding spaces. Nothing is rewritten: another place is
+    chosen with an explicit directory (``out_dir``, ``--dir``), never through the name.
+    """
+    problem = None
+    if not name.strip():
+        problem = "is empty"
+    elif name in (".", ".."):
+        problem = "is a relative path (. or ..), not a name"
+    elif any(sep in name for sep in {"/", os.sep, os.altsep or "/"}):
+        problem = "contains a path separator"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        problem = "contains a control character"
+    elif name.strip() != name:
+        problem = "has surrounding spaces"
+    elif len(name.encode("utf-8")) > max_bytes:
+        problem = f"is longer than {max_bytes} bytes"
+    if problem is not None:
+        raise ValueError(
+            f"{name!r} {problem}; a name becomes a folder name, so give one plain name "
+            f"(and choose another place with an explicit directory: out_dir or --dir)"
+        )
+    return name
+
+
+FolderName = Annotated[str, AfterValidator(check_folder_name)]
+"""A ``str`` field that becomes a default folder name (see :func:`check_folder_name`)."""
+
+
+MAX_SEED = 2**63 - 1
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+"""A random seed: what both ``torch.manual_seed`` and numpy's ``SeedSequence`` accept (0 .. 2**63 - 1)."""
 
 
 class Strict(BaseModel):

@@ -33,7 +33,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
-from archifactory.config import ConfigError, Strict, apply_overrides, load_yaml, validate
+from archifactory.config import (
+    MAX_FOLDER_NAME_BYTES,
+    ConfigError,
+    FolderName,
+    Seed,
+    Strict,
+    apply_overrides,
+    check_folder_name,
+    load_yaml,
+    validate,
+)
 from archifactory.sweep.stats import COMPARE, LR_SELECTION
 from archifactory.train.config import RunConfig, expand_run_data
 
@@ -75,13 +85,14 @@ class Variant(Strict):
 
 
 class SweepSpec(Strict):
-    name: str
+    name: FolderName
+    """The default sweep directory is ``sweeps/<name>`` (``--dir`` chooses another), so one plain folder name."""
     base: str | dict[str, Any]
     base_overrides: list[str] = Field(default_factory=list)
     """Dotted overrides applied to the base before any variant (e.g. a sweep's eval cadence)."""
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
     """The seeds whose runs the report compares (paired by seed across variants)."""
-    lr_selection_seeds: list[int] = Field(default_factory=list)
+    lr_selection_seeds: list[Seed] = Field(default_factory=list)
     """Seeds on which variants with an lr grid choose their lr; disjoint from ``seeds``. Required when a
     variant has a grid."""
     budget: Budget
@@ -108,8 +119,11 @@ class SweepSpec(Strict):
     @model_validator(mode="after")
     def _names(self):
         for name in self.variants:
-            if not name or "/" in name or name.strip() != name:
-                raise ValueError(f"variants: {name!r} is not a usable variant name (no slashes or surrounding spaces)")
+            try:
+                # run ids <variant>[-lr<lr>]-s<seed> become folders under <sweep>/runs/: room for the suffix
+                check_folder_name(name, max_bytes=MAX_FOLDER_NAME_BYTES - 40)
+            except ValueError as err:
+                raise ValueError(f"variants: variant name {err}") from None
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: {self.seeds} repeats a seed")
         if len(set(self.lr_selection_seeds)) != len(self.lr_selection_seeds):

@@ -9,7 +9,16 @@ from pydantic import Field, model_validator
 
 import archifactory.data.corpora  # noqa: F401  (registers corpora)
 import archifactory.data.tokenizer  # noqa: F401  (registers tokenizers)
-from archifactory.config import Strict, apply_overrides, component_field, load_yaml, validate, with_default_kinds
+from archifactory.config import (
+    FolderName,
+    Seed,
+    Strict,
+    apply_overrides,
+    component_field,
+    load_yaml,
+    validate,
+    with_default_kinds,
+)
 from archifactory.data.corpora import ShakespeareCorpus
 from archifactory.data.tokenizer import BPETokenizerConfig
 from archifactory.model.config import ModelConfig
@@ -22,7 +31,7 @@ class DataConfig(Strict):
     tokenizer: component_field(TOKENIZERS) = Field(default_factory=BPETokenizerConfig)
     cache_dir: str | None = None
     """Where tokenizers and shards are cached; default ``$ARCHIFACTORY_CACHE`` or ``~/.cache/archifactory``."""
-    seed: int = 0
+    seed: Seed = 0
     """Data order seed: the same for every variant of a sweep, so all read the identical stream."""
 
 
@@ -47,7 +56,7 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     """Model init seed."""
     threads: int | None = Field(None, ge=1)
     """torch CPU threads (fixed threads make CPU runs bitwise reproducible)."""
@@ -73,7 +82,8 @@ class TrainConfig(Strict):
 
 
 class RunConfig(Strict):
-    name: str = "run"
+    name: FolderName = "run"
+    """The run's name; the default run directory is ``runs/<name>``, so it is one plain folder name."""
     model: ModelConfig
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: component_field(OPTIMIZERS) = Field(default_factory=AdamWConfig)
@@ -82,7 +92,7 @@ class RunConfig(Strict):
     """A learning-rate schedule registered under ``kind`` (``cosine``, ``wsd``, ...)."""
     train: TrainConfig
     out_dir: str | None = None
-    """Run directory; ``None``: ``runs/<name>``."""
+    """Run directory, anywhere; ``None``: ``runs/<name>``."""
 
     def run_dir(self) -> Path:
         return Path(self.out_dir or Path("runs") / self.name)
