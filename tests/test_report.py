@@ -228,17 +228,35 @@ def test_config_diff_flattens_and_ignores_names_and_seeds():
 
 
 def md_tables(markdown: str) -> list[list[list[str]]]:
-    """Every pipe table of a Markdown text, as rows of cells (unescaped pipes split cells)."""
-    tables, current = [], []
-    for line in markdown.splitlines() + [""]:
-        if line.startswith("|"):
-            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
-            if not all(set(c) <= set("-:") for c in cells):
-                current.append(cells)
-        elif current:
-            tables.append(current)
-            current = []
+    """Every table of a Markdown text as rows of cells' text, as markdown-it (CommonMark + GFM tables)
+    reads them: escapes and entities resolved."""
+    tables: list = []
+    rows: list | None = None
+    cells: list | None = None
+    for token in md_parse(markdown):
+        if token.type == "table_open":
+            rows = []
+        elif token.type == "tr_open":
+            cells = []
+        elif token.type == "inline" and cells is not None:
+            cells.append(md_plain(token))
+        elif token.type == "tr_close":
+            rows.append(cells)
+            cells = None
+        elif token.type == "table_close":
+            tables.append(rows)
     return tables
+
+
+def md_parse(markdown: str):
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(markdown)
+
+
+def md_plain(token) -> str:
+    """The text an inline token shows (markup such as emphasis or links leaves its text behind)."""
+    return "".join(c.content for c in token.children or [] if c.type in ("text", "code_inline", "softbreak"))
 
 
 def table_with(tables, first_header: str, contains: str) -> list[list[str]]:
@@ -405,6 +423,66 @@ def test_significance_across_variants_is_decided_by_the_holm_corrected_p():
     assert diffs["b"].p_value < 0.05 and not diffs["b"].significant  # significant only before the correction
     assert diffs["a"].significant
     assert diffs["single"].p_adjusted is None and diffs["single"].significant is None
+
+
+HOSTILE_NAMES = ["cost$\\frac{$", "$x^2$", "*em* _u_ [link](http://x) `code` | pipe", "<i>tag</i> & ~~gone~~",
+                 "- 1. # not a list", "a\\_b"]
+
+
+def test_user_text_is_drawn_and_written_literally(tmp_path, monkeypatch):
+    """Variant, sweep and error texts a user controls: no mathtext or LaTeX in plots (``$\\frac{$`` used to
+    raise), no Markdown or HTML markup in the pages; each shows exactly as written."""
+    import html
+
+    import matplotlib
+    import matplotlib.text
+
+    from archifactory.sweep import report
+
+    store = Store(tmp_path / "results.sqlite")
+    store.set_sweep("sweep $\\frac{$ *x*", "name: x\n", {"device": "cpu $a$ <b>"})
+    for i, variant in enumerate(["baseline", *HOSTILE_NAMES]):
+        for seed in (0, 1):
+            run_id = f"v{i}-s{seed}"
+            store.add_run(run_id, variant, seed, None, variant == "baseline", run_config("baseline", seed),
+                          {"overrides": [f"model.mixer.n_heads={seed + 2}"], "description": variant,
+                           "match_params": None}, run_id)
+            if (i, seed) == (1, 1):
+                store.mark(run_id, "failed", f"{variant} $\\frac{{$ **x**")
+                continue
+            metrics = curves("baseline", seed)
+            last = [m for m in metrics if m["kind"] == "eval"][-1]
+            store.record_results(run_id, metrics, {"val_loss": last["val_loss"] + 0.01 * i,
+                                                   "val_bpb": last["val_bpb"], "tokens": STEPS * TOKENS_PER_STEP})
+    drawn = []
+    original_png = report._png
+    monkeypatch.setattr(report, "_png", lambda fig: (drawn.append(fig), original_png(fig))[1])
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)  # a user's matplotlibrc may say so
+    html_path, md_path = write_report(tmp_path)
+
+    assert len(drawn) == 5
+    texts = [t for fig in drawn for t in fig.findobj(matplotlib.text.Text) if t.get_text()]
+    assert not [t.get_text() for t in texts if t.get_parse_math() or t.get_usetex()]
+    shown = " ".join(t.get_text() for t in texts)
+    for name in HOSTILE_NAMES:
+        assert f"{name} (n=" in shown  # a legend entry, as written
+        assert any(t.get_text() == name for t in texts)  # a tick label of the final figure
+
+    tokens = list(md_parse(md_path.read_text()))
+    assert not [t for t in tokens if t.type in ("html_block", "html_inline")]
+    inline = [t.children for t in tokens if t.type == "inline"]
+    assert not [c for children in inline for c in children if c.type in ("link_open", "s_open", "html_inline")]
+    headings = [md_plain(tokens[i + 1]) for i, t in enumerate(tokens) if t.type == "heading_open"]
+    results = table_with(md_tables(md_path.read_text()), "variant", "val loss (95% CI)")
+    for name in HOSTILE_NAMES:
+        assert name in headings  # "### <variant>" in the changes section
+        assert name in [row[0] for row in results]
+    assert "sweep $\\frac{$ *x*" in [h.removeprefix("Sweep report: ") for h in headings]
+
+    page = html_path.read_text()
+    for name in HOSTILE_NAMES:
+        assert html.escape(name) in page
+    assert "<i>tag</i>" not in page
 
 
 # ---------------------------------------------------------------------- the page in headless Chromium

@@ -8,7 +8,8 @@ statistics (:mod:`archifactory.sweep.stats`), draws the plots with matplotlib's 
 - ``sweep_dir/report.md`` with its images in ``sweep_dir/report_files/``.
 
 Every string that comes from the database (variant names, overrides, error text, the spec, the
-environment) is HTML-escaped before it is written into either file.
+environment) is shown as written: HTML-escaped in both files, Markdown punctuation escaped (or inside code
+spans) in the Markdown, and drawn without mathtext or LaTeX in the plots.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import html
 import io
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -756,12 +758,22 @@ def make_figures(data: SweepData) -> list[ReportFigure]:
          lambda: _curve_figure(data, data.eval_curves, "tokens", "val_bpb", "tokens", "bits per byte",
                                "Validation bits per byte vs tokens")),
     ]
+    import matplotlib
+
     figures = []
-    for name, title, caption, draw in specs:
-        png = draw()
-        if png is not None:
-            figures.append(ReportFigure(name, title, caption, png))
+    # Variant and sweep names are user text: drawn literally, never as mathtext ("cost$\\frac{$" would
+    # raise) or LaTeX (a user's matplotlibrc may turn usetex on). The setting reaches every text the
+    # figures create, tick labels included, since they are drawn inside the context too.
+    with matplotlib.rc_context(LITERAL_TEXT):
+        for name, title, caption, draw in specs:
+            png = draw()
+            if png is not None:
+                figures.append(ReportFigure(name, title, caption, png))
     return figures
+
+
+LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
+"""matplotlib settings under which every figure of the report is drawn: all text shown as written."""
 
 
 # -------------------------------------------------------------------------------------------- HTML
@@ -986,10 +998,23 @@ def render_html(data: SweepData, figures: Sequence[ReportFigure]) -> str:
 # ---------------------------------------------------------------------------------------- Markdown
 
 
+MD_PUNCTUATION = re.compile(r"([\\`*_\[\]#|~$])")
+"""ASCII punctuation that Markdown (CommonMark, GitHub's tables, strikethrough and math) may read as syntax
+inside a line (``(`` and ``!`` only matter after ``]`` or before ``[``, escaped here); a backslash before
+any ASCII punctuation shows it literally (CommonMark 0.31, section 2.4)."""
+
+
+MD_LIST_MARKER = re.compile(r"^(\s*\d{0,9})([-+.)])(?=\s|$)")
+
+
 def md_cell(value: Any) -> str:
-    """A table cell: HTML-escaped (Markdown passes raw HTML through), pipes escaped, one line."""
-    text = html.escape("" if value is None else str(value), quote=False)
-    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ").replace("\u00a0", " ")
+    """Text shown literally on one line (a table cell, a heading, a list item): Markdown punctuation
+    backslash-escaped, HTML-escaped (Markdown passes raw HTML through), a leading list or quote marker
+    escaped, line breaks turned into spaces."""
+    text = ("" if value is None else str(value)).replace("\r", " ").replace("\n", " ").replace("\u00a0", " ")
+    text = MD_PUNCTUATION.sub(r"\\\1", text)
+    text = MD_LIST_MARKER.sub(r"\1\\\2", text)  # "- x", "1. x" would start a nested list
+    return html.escape(text, quote=False)
 
 
 def md_table(table: Table) -> str:
