@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import errno
+import functools
+import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from archifactory.config import ConfigError, to_yaml
+from archifactory.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -22,23 +26,73 @@ console = Console()
 err_console = Console(stderr=True)
 
 SetOption = typer.Option(None, "--set", "-s", help="Override a config field: key.path=value (repeatable).")
+DEBUG_ENV = "ARCHIFACTORY_DEBUG"
+"""Set to 1 (or pass ``--debug``) to see the traceback of user errors too."""
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="Show the full traceback of every error.")) -> None:
+    """Fair, controlled ablations of small decoder language models."""
+    if debug:
+        os.environ[DEBUG_ENV] = "1"  # also reaches the training subprocesses of a sweep
 
 
 def _fail(message: str) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False)
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def user_error_message(err: BaseException) -> str | None:
+    """The one-line message for an error the user caused and can fix, or ``None`` for a bug (whose
+    traceback must stay visible)."""
+    import torch
+
+    if isinstance(err, UserError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in NO_SPACE:
+        where = f" writing {err.filename}" if err.filename else ""
+        return f"no space left on the device{where} ({err.strerror}); free some space or choose another directory"
+    if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+        return str(err)
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+        detail = str(err).splitlines()[0] if str(err) else "no detail"
+        return (f"out of memory ({type(err).__name__}: {detail}); lower train.batch_size (or set "
+                "train.micro_batch_size), train.seq_len or the model's size")
+    return None
+
+
+def guarded(command: Callable) -> Callable:
+    """Run a command so that a user error prints one line and exits with status 2 (the traceback with
+    ``--debug``); other exceptions propagate with their traceback."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as err:
+            message = user_error_message(err)
+            if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+                raise
+            _fail(message)
+
+    return run
 
 
 def _load(model: str, overrides: Optional[List[str]]):
     from archifactory.model.config import load_model_config
 
-    try:
-        return load_model_config(model, overrides or [])
-    except (ConfigError, FileNotFoundError) as err:
-        _fail(str(err))
+    return load_model_config(model, overrides or [])
 
 
 @app.command()
+@guarded
 def presets() -> None:
     """List the model presets under configs/models/."""
     from archifactory.model.presets import configs_dir, preset_names
@@ -48,6 +102,7 @@ def presets() -> None:
 
 
 @app.command()
+@guarded
 def config(
     model: str = typer.Argument(..., help="Preset name or model YAML file."),
     set_: Optional[List[str]] = SetOption,
@@ -57,10 +112,13 @@ def config(
 
 
 @app.command()
+@guarded
 def info(
     model: str = typer.Argument(..., help="Preset name or model YAML file."),
     set_: Optional[List[str]] = SetOption,
-    seq_len: Optional[int] = typer.Option(None, help="Sequence length for FLOPs and cache size (default max_seq_len)."),
+    seq_len: Optional[int] = typer.Option(
+        None, min=1, help="Sequence length for FLOPs and cache size (default max_seq_len)."
+    ),
 ) -> None:
     """Parameters by component, FLOPs per token and cache bytes of a model config."""
     import torch
@@ -70,7 +128,7 @@ def info(
     cfg = _load(model, set_)
     with torch.device("meta"):  # counts need shapes only: nothing is allocated
         lm = CausalLM(cfg)
-    T = seq_len or cfg.max_seq_len
+    T = cfg.max_seq_len if seq_len is None else seq_len
     table = Table(title=f"{model}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}")
     table.add_column("component")
     table.add_column("parameters", justify="right")
@@ -87,6 +145,7 @@ def info(
 
 
 @app.command()
+@guarded
 def train(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="Run config YAML (see configs/runs/)."),
     set_: Optional[List[str]] = SetOption,
@@ -96,17 +155,15 @@ def train(
     from archifactory.train import NonFiniteLossError, load_run_config
     from archifactory.train import train as run_training
 
-    try:
-        cfg = load_run_config(config_path, set_ or [])
-    except (ConfigError, FileNotFoundError) as err:
-        _fail(str(err))
+    cfg = load_run_config(config_path, set_ or [])
     try:
         run_training(cfg, resume=not fresh, console=console)
-    except (ConfigError, FileNotFoundError, NonFiniteLossError) as err:
+    except NonFiniteLossError as err:
         _fail(str(err))
 
 
 @app.command()
+@guarded
 def sweep(
     spec_path: Path = typer.Argument(..., metavar="SWEEP", help="Sweep spec YAML (see configs/sweeps/)."),
     set_: Optional[List[str]] = SetOption,
@@ -118,15 +175,12 @@ def sweep(
     from archifactory.sweep.runner import describe_plan, run_sweep
     from archifactory.sweep.spec import load_sweep
 
-    try:
-        spec, root = load_sweep(spec_path, set_ or [])
-        sweep_dir = out or Path("sweeps") / spec.name
-        if dry_run:
-            console.print(describe_plan(spec, root, sweep_dir), highlight=False)
-            return
-        run_sweep(spec, root, sweep_dir, console=console)
-    except (ConfigError, FileNotFoundError) as err:
-        _fail(str(err))
+    spec, root = load_sweep(spec_path, set_ or [])
+    sweep_dir = out or Path("sweeps") / spec.name
+    if dry_run:
+        console.print(describe_plan(spec, root, sweep_dir), highlight=False)
+        return
+    run_sweep(spec, root, sweep_dir, console=console)
     if report_after:
         _write_report(sweep_dir)
 
@@ -139,6 +193,7 @@ def _write_report(sweep_dir: Path) -> None:
 
 
 @app.command()
+@guarded
 def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with results.sqlite).")) -> None:
     """Write report.html and report.md for a sweep, from its results database alone."""
     if not (sweep_dir / "results.sqlite").is_file():
@@ -173,20 +228,24 @@ def eval_(
 
 
 @app.command()
+@guarded
 def generate(
     run_dir: Path = typer.Argument(..., help="A run directory (with model/ and tokenizer.json)."),
     prompt: str = typer.Option("", help="Text to continue; empty starts from the end-of-document token."),
     max_new_tokens: int = typer.Option(200, min=1),
     temperature: float = typer.Option(0.8, min=0.0),
     top_k: Optional[int] = typer.Option(None, min=1),
-    top_p: Optional[float] = typer.Option(None, min=0.0, max=1.0),
-    seed: int = typer.Option(0),
-    samples: int = typer.Option(1, min=1, help="How many continuations."),
+    top_p: Optional[float] = typer.Option(None, max=1.0, help="Nucleus sampling mass, in (0, 1]."),
+    seed: int = typer.Option(0, min=0, max=2**63 - 1 - 2**20),
+    samples: int = typer.Option(1, min=1, max=2**20, help="How many continuations."),
 ) -> None:
     """Sample text from a trained run's model."""
     from archifactory.data.tokenizer import Tokenizer
+    from archifactory.errors import InputError
     from archifactory.model.lm import CausalLM
 
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise InputError(f"--top-p {top_p} must be in (0, 1] (1 keeps every token; leave it out to not truncate)")
     try:
         model = CausalLM.from_pretrained(run_dir / "model")
         tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
@@ -202,6 +261,7 @@ def generate(
 
 
 @hf_app.command("import")
+@guarded
 def hf_import(
     source: Path = typer.Argument(..., help="A local Hugging Face model directory (config.json + weights)."),
     out: Path = typer.Argument(..., help="Directory to write the archifactory model to."),
@@ -218,6 +278,7 @@ def hf_import(
 
 
 @hf_app.command("export")
+@guarded
 def hf_export(
     source: Path = typer.Argument(..., help="A saved archifactory model directory (config.yaml + model.safetensors)."),
     out: Path = typer.Argument(..., help="Directory to write the Hugging Face model to."),

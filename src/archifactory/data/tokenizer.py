@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import Field
 
 from archifactory.config import Component
+from archifactory.errors import InputError, UnavailableError
 from archifactory.registry import register_tokenizer
 
 EOS_TOKEN = "<|endoftext|>"
@@ -95,7 +96,7 @@ def _eos_id(backend, where) -> int:
         i = backend.token_to_id(candidate)
         if i is not None:
             return i
-    raise ValueError(f"tokenizer {where} has no end-of-document token (looked for {EOS_TOKEN!r}, '</s>', '<eos>')")
+    raise InputError(f"tokenizer {where} has no end-of-document token (looked for {EOS_TOKEN!r}, '</s>', '<eos>')")
 
 
 def utf8_positions(text: str) -> np.ndarray:
@@ -202,7 +203,7 @@ class HFTokenizerConfig(TokenizerConfig):
             try:
                 backend = HFTokenizer.from_pretrained(self.name_or_path)
             except Exception as err:
-                raise RuntimeError(
+                raise UnavailableError(
                     f"could not load tokenizer {self.name_or_path!r} from the hub ({err}); "
                     "give a local tokenizer.json path instead"
                 ) from None

@@ -18,6 +18,8 @@ from typing import Literal
 
 import torch
 
+from archifactory.errors import UnavailableError
+
 Backend = Literal["auto", "torch", "fla"]
 
 #: fla kernels that ``backend: auto`` may choose on CUDA, each verified by ``tests/test_kernels_cuda.py``
@@ -65,7 +67,7 @@ def select_backend(backend: str, device: torch.device | str, op: str) -> str:
         return "torch"
     if backend == "fla":
         if not (on_cuda and fla_installed()):
-            raise RuntimeError(
+            raise UnavailableError(
                 "backend='fla' needs a CUDA device and flash-linear-attention "
                 f"(pip install 'archifactory[fla]'); this input is on {device} and fla is "
                 f"{'installed' if fla_installed() else 'not installed'}. Use backend='auto' or 'torch'."

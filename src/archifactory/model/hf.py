@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from archifactory.errors import MissingDependencyError
 from archifactory.ffn.mlp import GeGLUConfig, GLUConfig, MLPConfig, SwiGLUConfig
 from archifactory.ffn.moe import MoEConfig
 from archifactory.mixers.attention import AttentionConfig
@@ -66,7 +67,7 @@ def _transformers():
     try:
         import transformers
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
+        raise MissingDependencyError(
             "Hugging Face conversion needs `transformers`: pip install 'archifactory[hf]'"
         ) from err
     return transformers

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archifactory.config import dump_config, to_yaml
+from archifactory.errors import InputError
 from archifactory.model.block import Block
 from archifactory.model.config import ModelConfig, load_model_config
 from archifactory.model.sampling import sample_next
@@ -114,7 +115,7 @@ class CausalLM(nn.Module):
         start = cache.pos if cache is not None else 0
         if self.pos_embed is not None:
             if start + T > self.config.max_seq_len:  # Python ints: no device sync, no graph break
-                raise ValueError(
+                raise InputError(
                     f"position {start + T - 1} is beyond the absolute position table's "
                     f"max_seq_len={self.config.max_seq_len}; use shorter inputs or a larger model.max_seq_len"
                 )
@@ -188,9 +189,9 @@ class CausalLM(nn.Module):
         if squeeze:
             ids = ids[None]
         if ids.shape[1] == 0:
-            raise ValueError("prompt_ids is empty: give at least one token (e.g. a BOS/EOS id)")
+            raise InputError("prompt_ids is empty: give at least one token (e.g. a BOS/EOS id)")
         if self.pos_embed is not None and ids.shape[1] + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(
+            raise InputError(
                 f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
                 f"{self.config.max_seq_len} of the absolute position table"
             )

@@ -8,7 +8,7 @@ A config builds each once; ``forward`` never branches on strings.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import model_validator
@@ -20,6 +20,9 @@ from archifactory.nn.roles import EMBEDDING
 
 
 class PositionConfig(Component):
+    limits_length: ClassVar[bool] = False
+    """True when the encoding is a table of ``max_seq_len`` rows: no sequence may be longer."""
+
     def build_absolute(self, d_model: int, max_seq_len: int, std: float) -> nn.Module | None:
         """Module mapping positions ``(T,)`` to ``(T, d_model)`` added to the embeddings, or ``None``."""
         return None
@@ -73,6 +76,7 @@ class LearnedPositionConfig(PositionConfig):
     """Learned absolute position embeddings (GPT-2), ``max_seq_len`` rows."""
 
     kind: Literal["learned"] = "learned"
+    limits_length: ClassVar[bool] = True
 
     def build_absolute(self, d_model, max_seq_len, std):
         return LearnedPositions(max_seq_len, d_model, std)
@@ -101,6 +105,7 @@ class SinusoidalPositions(nn.Module):
 @register_position
 class SinusoidalPositionConfig(PositionConfig):
     kind: Literal["sinusoidal"] = "sinusoidal"
+    limits_length: ClassVar[bool] = True
     base: float = 10000.0
 
     def build_absolute(self, d_model, max_seq_len, std):

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from archifactory.config import dump_config
+from archifactory.errors import MissingDependencyError
 from archifactory.sweep.spec import BASELINE, PlannedRun, SweepSpec, plan, spec_yaml
 from archifactory.sweep.stats import LR_SELECTION, choose_lrs, is_selection_run
 from archifactory.sweep.store import Store
@@ -58,7 +59,7 @@ def submitit_executor(spec: SweepSpec, sweep_dir: Path):
     try:
         import submitit
     except ImportError:
-        raise ImportError("executor: submitit needs the submitit package: pip install 'archifactory[sweep]'") from None
+        raise MissingDependencyError("executor: submitit needs the submitit package: pip install 'archifactory[sweep]'") from None
     settings = dict(spec.submitit)
     folder = settings.pop("folder", str(sweep_dir / "submitit"))
     cluster = settings.pop("cluster", None)

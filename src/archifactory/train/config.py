@@ -94,6 +94,16 @@ class RunConfig(Strict):
     out_dir: str | None = None
     """Run directory, anywhere; ``None``: ``runs/<name>``."""
 
+    @model_validator(mode="after")
+    def _check_lengths(self):
+        model, seq_len = self.model, self.train.seq_len
+        if model.position.limits_length and seq_len > model.max_seq_len:
+            raise ValueError(
+                f"train.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}, the length of the "
+                f"{model.position.kind} position table; raise model.max_seq_len or lower train.seq_len"
+            )
+        return self
+
     def run_dir(self) -> Path:
         return Path(self.out_dir or Path("runs") / self.name)
 

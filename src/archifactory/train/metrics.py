@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from archifactory.errors import MissingDependencyError
+
 # Dense bf16 peak FLOP/s by device name (vendor data sheets); MFU is reported only where known.
 PEAK_FLOPS = {
     "H200": 989e12,
@@ -83,7 +85,7 @@ def _make_logger(name: str, run_dir: Path, config: dict):
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ImportError("the tensorboard logger needs: pip install 'archifactory[loggers]'") from None
+            raise MissingDependencyError("the tensorboard logger needs: pip install 'archifactory[loggers]'") from None
         writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
 
         def log(record):
@@ -96,7 +98,7 @@ def _make_logger(name: str, run_dir: Path, config: dict):
         try:
             import wandb
         except ImportError:
-            raise ImportError("the wandb logger needs: pip install 'archifactory[loggers]'") from None
+            raise MissingDependencyError("the wandb logger needs: pip install 'archifactory[loggers]'") from None
         run = wandb.init(project="archifactory", config=config, dir=str(run_dir))
 
         def log(record):
@@ -108,7 +110,7 @@ def _make_logger(name: str, run_dir: Path, config: dict):
         try:
             import mlflow
         except ImportError:
-            raise ImportError("the mlflow logger needs: pip install 'archifactory[loggers]'") from None
+            raise MissingDependencyError("the mlflow logger needs: pip install 'archifactory[loggers]'") from None
         mlflow.start_run()
 
         def log(record):
