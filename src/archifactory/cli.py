@@ -59,7 +59,9 @@ def user_error_message(err: BaseException) -> str | None:
         return f"no space left on the device{where} ({err.strerror}); free some space or choose another directory"
     if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return str(err)
-    if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
+    # torch's CPU allocator reports a failed allocation as a plain RuntimeError
+    cpu_alloc = isinstance(err, RuntimeError) and "can't allocate memory" in str(err)
+    if isinstance(err, (MemoryError, torch.OutOfMemoryError)) or cpu_alloc:
         detail = str(err).splitlines()[0] if str(err) else "no detail"
         return (f"out of memory ({type(err).__name__}: {detail}); lower train.batch_size (or set "
                 "train.micro_batch_size), train.seq_len or the model's size")

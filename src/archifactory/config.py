@@ -78,15 +78,20 @@ FolderName = Annotated[str, AfterValidator(check_folder_name)]
 """A ``str`` field that becomes a default folder name (see :func:`check_folder_name`)."""
 
 
+MAX_COUNT = 4096
+"""Most layers, heads or experts a config may ask for: each becomes a Python object or list entry, so the
+bound keeps validation and building from looping for hours on a typo like ``n_heads=1000000000001``."""
+
 MAX_SEED = 2**63 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 """A random seed: what both ``torch.manual_seed`` and numpy's ``SeedSequence`` accept (0 .. 2**63 - 1)."""
 
 
 class Strict(BaseModel):
-    """Base of every config: unknown keys are errors, assignments are validated."""
+    """Base of every config: unknown keys are errors, assignments are validated, and no float field
+    accepts NaN or infinity (none of them means anything there, and each would reach the loss)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class Component(Strict):
@@ -137,6 +142,13 @@ def component_field(registry: Registry) -> Any:
                 "component_type", "expected a mapping with a `{key}` key for a {name}", {"name": registry.name, "key": key}
             )
         kind = value.get(key)
+        if kind is not None and not isinstance(kind, str):
+            raise PydanticCustomError(
+                "kind_type",
+                "{key} must be a {name} name, not the {type} {kind}; valid {key}s: {valid}",
+                {"name": registry.name, "key": key, "type": type(kind).__name__, "kind": repr(kind),
+                 "valid": ", ".join(registry.kinds())},
+            )
         if kind is None:
             raise PydanticCustomError(
                 "missing_kind",
@@ -154,10 +166,17 @@ def component_field(registry: Registry) -> Any:
     return Annotated[SerializeAsAny[BaseModel], WrapValidator(dispatch)]
 
 
+_UNION_MEMBER = re.compile(r"(constrained-)?(float|int|str|bool|bytes)|[a-z][a-z-]*\[.*\]")
+"""The tags pydantic puts in an error's location for each member of a union (``constrained-float``,
+``literal['sqrt_d_model']``, ``function-wrap[dispatch()]``): not fields, so left out of the path."""
+
+
 def format_validation_error(err: ValidationError, root: str = "") -> str:
-    lines = []
+    lines: list[str] = []
+    by_path: dict[str, int] = {}
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"])
+        loc = [p for i, p in enumerate(e["loc"]) if not (i and isinstance(p, str) and _UNION_MEMBER.fullmatch(p))]
+        path = ".".join(str(p) for p in loc)
         path = f"{root}.{path}" if root and path else (root or path)
         msg = e["msg"]
         if msg.startswith("Value error, "):
@@ -172,6 +191,10 @@ def format_validation_error(err: ValidationError, root: str = "") -> str:
                 msg += f"; valid keys: {', '.join(parent)}"
         elif e["type"] == "literal_error" and e["loc"] and e["loc"][-1] == "kind":
             msg = f"kind does not match this component: {msg}"
+        if path in by_path:  # another member of a union: one line per field
+            lines[by_path[path]] += f", or {msg[0].lower()}{msg[1:]}"
+            continue
+        by_path[path] = len(lines)
         lines.append(f"{path or '<root>'}: {msg}")
     return "\n".join(lines)
 

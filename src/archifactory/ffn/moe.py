@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from archifactory.config import BuildContext
+from archifactory.config import MAX_COUNT, BuildContext
 from archifactory.ffn.base import ACTIVATIONS, FFN, AuxLosses, FFNConfig, glu_hidden
 from archifactory.ffn.mlp import GLU, MLP, Activation
 from archifactory.nn.init import init_linear, normal_
@@ -38,7 +38,7 @@ from archifactory.registry import register_ffn
 @register_ffn
 class MoEConfig(FFNConfig):
     kind: Literal["moe"] = "moe"
-    n_experts: int = Field(8, ge=1)
+    n_experts: int = Field(8, ge=1, le=MAX_COUNT)
     top_k: int = Field(2, ge=1)
     expert_hidden: int | None = Field(None, ge=1)
     """Hidden size of each expert; ``None`` means the dense GLU default (8/3 d rounded to 64)."""
@@ -48,7 +48,7 @@ class MoEConfig(FFNConfig):
     routing: Literal["softmax_topk", "topk_softmax"] = "softmax_topk"
     renormalize: bool = True
     """With ``softmax_topk``: divide the kept probabilities by their sum."""
-    n_shared_experts: int = Field(0, ge=0)
+    n_shared_experts: int = Field(0, ge=0, le=MAX_COUNT)
     """Always-on experts (DeepSeekMoE), merged into one FFN of ``n_shared_experts * expert_hidden``."""
     balance_loss_weight: float = Field(0.01, ge=0)
     router_z_loss_weight: float = Field(0.0, ge=0)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext, FieldError
+from archifactory.config import MAX_COUNT, BuildContext, FieldError
 from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.positions import relative_position_parts
@@ -27,8 +27,8 @@ from archifactory.registry import register_mixer
 class AttentionConfig(MixerConfig):
     kind: Literal["attention"] = "attention"
     uses_positions: ClassVar[bool] = True
-    n_heads: int = Field(4, ge=1)
-    n_kv_heads: int | None = Field(None, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_COUNT)
+    n_kv_heads: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Key/value heads: ``n_heads`` (MHA, the default), a divisor of it (GQA), or 1 (MQA)."""
     head_dim: int | None = Field(None, ge=1)
     """Channels per head; ``None`` means ``d_model // n_heads``."""

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext, FieldError
+from archifactory.config import MAX_COUNT, BuildContext, FieldError
 from archifactory.mixers.base import (
     Mixer,
     MixerConfig,
@@ -237,7 +237,7 @@ class ShortConv(nn.Module):
 
 
 class _DeltaRuleConfig(MixerConfig):
-    n_heads: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_COUNT)
     head_dim: int | None = Field(None, ge=1)
     """Key channels per head; ``None`` means ``d_model // n_heads``."""
     expand_v: float = Field(1.0, gt=0)

@@ -38,7 +38,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext, FieldError
+from archifactory.config import MAX_COUNT, BuildContext, FieldError
 from archifactory.mixers.attention import Attention, AttentionConfig, KVCache
 from archifactory.mixers.base import Mixer, linear_flops
 from archifactory.mixers.mamba2 import Mamba2Heads, SSDSettings, SSMCache
@@ -55,8 +55,8 @@ class HymbaConfig(SSDSettings):
     uses_positions: ClassVar[bool] = True
     d_state: int = Field(16, ge=1)
     """Hymba's SSM heads use a state of 16 (``mamba_d_state``)."""
-    attn_heads: int = Field(4, ge=1)
-    attn_kv_heads: int | None = Field(None, ge=1)
+    attn_heads: int = Field(4, ge=1, le=MAX_COUNT)
+    attn_kv_heads: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Key/value heads of the attention branch (GQA when fewer than ``attn_heads``)."""
     window: int | None = Field(None, ge=1)
     """Sliding-window attention (Hymba uses it in all but the first, middle and last layers)."""

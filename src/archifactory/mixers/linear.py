@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext, FieldError
+from archifactory.config import MAX_COUNT, BuildContext, FieldError
 from archifactory.mixers.base import Mixer, MixerConfig, linear_flops, padded_length
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.mixers.ops_gla import (
@@ -45,7 +45,7 @@ HeadNormKind = Literal["groupnorm", "rmsnorm"]
 class GatedLinearConfig(MixerConfig):
     """Fields shared by the family: heads, key/value widths relative to ``d_model``, the kernel backend."""
 
-    n_heads: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_COUNT)
     expand_k: float = Field(1.0, gt=0)
     """Total key width (all heads) is ``expand_k * d_model``."""
     expand_v: float = Field(1.0, gt=0)

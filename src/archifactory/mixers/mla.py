@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext, FieldError
+from archifactory.config import MAX_COUNT, BuildContext, FieldError
 from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
@@ -51,7 +51,7 @@ class MLAConfig(MixerConfig):
 
     kind: Literal["mla"] = "mla"
     uses_positions: ClassVar[bool] = True
-    n_heads: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_COUNT)
     q_lora_rank: int | None = Field(None, ge=1)
     """Rank of the query compression (DeepSeek-V2: 1536); ``None`` projects queries directly from x."""
     kv_lora_rank: int | None = Field(None, ge=1)

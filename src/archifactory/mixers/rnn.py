@@ -33,7 +33,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext
+from archifactory.config import MAX_COUNT, BuildContext
 from archifactory.mixers.base import Mixer, MixerConfig
 from archifactory.nn.init import init_linear, normal_
 from archifactory.nn.roles import MATRIX, VECTOR
@@ -43,7 +43,7 @@ from archifactory.registry import register_mixer
 class RecurrentConfig(MixerConfig):
     hidden: int | None = Field(None, ge=1)
     """Recurrent state channels per layer; ``None`` means ``d_model``."""
-    n_layers: int = Field(1, ge=1)
+    n_layers: int = Field(1, ge=1, le=MAX_COUNT)
     """Stacked recurrent layers inside this one mixer (each feeds its hidden states to the next)."""
     bias: bool = True
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext
+from archifactory.config import MAX_COUNT, BuildContext
 from archifactory.mixers.base import MixerConfig, check_heads_divide, compute_dtype, linear_flops
 from archifactory.mixers.kernels import Backend
 from archifactory.mixers.linear import GatedLinearMixer, HeadNormKind
@@ -42,7 +42,7 @@ N_LERPS = 5  # w, k, v, r, g: the five data-dependent interpolations, in the off
 @register_mixer
 class RWKV6Config(MixerConfig):
     kind: Literal["rwkv6"] = "rwkv6"
-    n_heads: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_COUNT)
     """Heads; each has ``d_model / n_heads`` key and value channels (the paper uses 64 per head)."""
     mix_low_rank: int = Field(32, ge=1)
     """Rank of the token-shift LoRA ``A, B`` (32 in the paper's models below 4096 wide)."""

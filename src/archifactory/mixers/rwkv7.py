@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import BuildContext
+from archifactory.config import MAX_COUNT, BuildContext
 from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, compute_dtype, linear_flops, padded_length
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
@@ -184,7 +184,7 @@ class RWKV7Config(MixerConfig):
     """RWKV-7 time mixing (Peng et al. 2025)."""
 
     kind: Literal["rwkv7"] = "rwkv7"
-    n_heads: int = Field(4, ge=1)
+    n_heads: int = Field(4, ge=1, le=MAX_COUNT)
     head_dim: int | None = Field(None, ge=1)
     """Channels per head (keys and values alike); ``None`` means ``d_model // n_heads``. RWKV-7's models
     use 64."""

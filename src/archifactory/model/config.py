@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Annotated, Iterable, Literal
 
 from pydantic import Field, model_validator
 
 import archifactory.ffn  # noqa: F401  (registers the built-in FFNs)
 import archifactory.mixers  # noqa: F401  (registers the built-in mixers)
 from archifactory.config import (
+    MAX_COUNT,
     BuildContext,
     FieldError,
     Strict,
@@ -70,10 +71,12 @@ class LayerOverride(Strict):
 
 
 class ModelConfig(Strict):
-    vocab_size: int = Field(ge=2)
-    d_model: int = Field(ge=1)
-    n_layers: int = Field(ge=1)
-    max_seq_len: int = Field(1024, ge=1)
+    # Upper bounds far beyond any model trained with this workbench keep validation's work (one entry
+    # per layer) and every size product bounded; a larger model fails at build for lack of memory anyway.
+    vocab_size: int = Field(ge=2, le=2**24)
+    d_model: int = Field(ge=1, le=2**17)
+    n_layers: int = Field(ge=1, le=MAX_COUNT)
+    max_seq_len: int = Field(1024, ge=1, le=2**24)
     """Longest sequence trained on; sizes learned/sinusoidal tables and the FLOPs estimate."""
     mixer: MixerField = Field(default_factory=AttentionConfig)
     ffn: FFNField = Field(default_factory=SwiGLUConfig)
@@ -85,7 +88,7 @@ class ModelConfig(Strict):
     final_norm: bool = True
     position: PositionField = Field(default_factory=RoPEConfig)
     tie_embeddings: bool = True
-    embedding_scale: float | Literal["sqrt_d_model"] = 1.0
+    embedding_scale: Annotated[float, Field(gt=0)] | Literal["sqrt_d_model"] = 1.0
     """Multiply token embeddings by this (Gemma uses ``sqrt_d_model``)."""
     head_bias: bool = False
     """A learned per-token bias on the output logits."""
@@ -93,7 +96,7 @@ class ModelConfig(Strict):
     """Final logits become ``cap * tanh(logits / cap)`` (Gemma 2)."""
     z_loss_weight: float = Field(0.0, ge=0)
     """Weight of ``logsumexp(logits)^2`` (PaLM's z-loss), averaged over target tokens."""
-    mtp_heads: int = Field(0, ge=0)
+    mtp_heads: int = Field(0, ge=0, le=64)
     """Extra heads predicting tokens t+2 .. t+1+mtp_heads (Gloeckle et al. 2024), each one block on top
     of the trunk sharing the final norm and unembedding; unused in generation."""
     mtp_loss_weight: float = Field(1.0, ge=0)
@@ -125,6 +128,11 @@ class ModelConfig(Strict):
     @model_validator(mode="after")
     def _check_components(self):
         errors: list[str] = []
+        if self.mtp_heads >= self.max_seq_len:
+            errors.append(
+                f"mtp_heads: mtp_heads={self.mtp_heads} must be < max_seq_len={self.max_seq_len} (head k predicts "
+                f"the token k + 1 places further on, so it needs sequences longer than k + 1)"
+            )
         for j, override in enumerate(self.layer_overrides):
             for i in override.selected(self.n_layers):
                 if not 0 <= i < self.n_layers:

@@ -57,7 +57,8 @@ class CausalLM(nn.Module):
         )
         last = config.layer_configs()[-1]
         self.mtp_blocks = nn.ModuleList(
-            Block(last, config.build_context(config.n_layers + i), config.residual) for i in range(config.mtp_heads)
+            # initialised as the last trunk layer: depth-dependent inits (RWKV's) only cover 0..n_layers-1
+            Block(last, config.build_context(config.n_layers - 1), config.residual) for _ in range(config.mtp_heads)
         )
         self.final_norm = config.norm.build_for(D) if config.final_norm else nn.Identity()
         self.lm_head = nn.Linear(D, V, bias=config.head_bias)
@@ -160,6 +161,11 @@ class CausalLM(nn.Module):
         if self.config.z_loss_weight:
             aux["z_loss"] = self.config.z_loss_weight * z_loss(logits, targets)
         if self.mtp_blocks:
+            if input_ids.shape[1] <= len(self.mtp_blocks):
+                raise InputError(
+                    f"a sequence of {input_ids.shape[1]} tokens leaves no target for the last of mtp_heads="
+                    f"{len(self.mtp_blocks)}; use sequences longer than mtp_heads"
+                )
             mtp = [
                 cross_entropy(self.logits(block(hidden)[0]), shift_targets(targets, i + 1))
                 for i, block in enumerate(self.mtp_blocks)

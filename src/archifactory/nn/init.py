@@ -6,15 +6,16 @@ from __future__ import annotations
 import math
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from archifactory.config import Strict
 
 
 class InitConfig(Strict):
-    std: float = 0.02
+    std: float = Field(0.02, ge=0)
     """Standard deviation of normal init for every input projection and, by default, the embedding."""
-    embedding_std: float | None = None
+    embedding_std: float | None = Field(None, ge=0)
     """Embedding std; ``None`` uses ``std``."""
     depth_scaled: bool = True
     """Output projections (those that write into the residual stream) get ``std / sqrt(2 * n_layers)``

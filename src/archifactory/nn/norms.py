@@ -6,6 +6,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from archifactory.config import Component
@@ -14,7 +15,8 @@ from archifactory.nn.roles import VECTOR
 
 
 class NormConfig(Component):
-    eps: float = 1e-6
+    eps: float = Field(1e-6, gt=0)
+    """Added to the mean square (variance) before the square root; > 0 keeps a zero input finite."""
 
     @classmethod
     def contract_examples(cls) -> list["NormConfig"]:
@@ -58,7 +60,7 @@ class RMSNormConfig(NormConfig):
 @register_norm
 class LayerNormConfig(NormConfig):
     kind: Literal["layernorm"] = "layernorm"
-    eps: float = 1e-5
+    eps: float = Field(1e-5, gt=0)
     bias: bool = True
 
     def build_for(self, dim: int) -> nn.Module:

@@ -11,7 +11,7 @@ import math
 from typing import ClassVar, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
 from archifactory.config import Component, Strict
@@ -106,7 +106,8 @@ class SinusoidalPositions(nn.Module):
 class SinusoidalPositionConfig(PositionConfig):
     kind: Literal["sinusoidal"] = "sinusoidal"
     limits_length: ClassVar[bool] = True
-    base: float = 10000.0
+    base: float = Field(10000.0, gt=1)
+    """Wavelengths grow geometrically from 2 pi to 2 pi * base over the channels, so base > 1."""
 
     def build_absolute(self, d_model, max_seq_len, std):
         return SinusoidalPositions(max_seq_len, d_model, self.base)
@@ -127,10 +128,10 @@ class RopeScaling(Strict):
 
     type: Literal["linear", "ntk", "yarn"]
     factor: float
-    original_max_seq_len: int | None = None
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    attention_factor: float | None = None
+    original_max_seq_len: int | None = Field(None, ge=1)
+    beta_fast: float = Field(32.0, gt=0)
+    beta_slow: float = Field(1.0, gt=0)
+    attention_factor: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _check(self):
@@ -206,7 +207,8 @@ class Rotary(nn.Module):
 @register_position
 class RoPEConfig(PositionConfig):
     kind: Literal["rope"] = "rope"
-    theta: float = 10000.0
+    theta: float = Field(10000.0, gt=1)
+    """Base of the rotation wavelengths (2 pi theta^(2i/d)); > 1 so they grow over the channels."""
     fraction: float = 1.0
     """Fraction of each head's channels that rotate (partial rotary, GPT-NeoX / Phi)."""
     scaling: RopeScaling | None = None
@@ -226,6 +228,11 @@ class RoPEConfig(PositionConfig):
             raise ValueError(
                 f"rotary dim = int(head_dim={head_dim} * fraction={self.fraction}) = {rot} must be even and > 0; "
                 f"choose a fraction giving an even number of channels"
+            )
+        if self.scaling is not None and self.scaling.type == "ntk" and rot <= 2:
+            raise ValueError(
+                f"scaling.type=ntk changes the base by factor ** (d / (d - 2)), undefined for a rotary dim of {rot}; "
+                "use more rotary channels (head_dim * fraction >= 4) or scaling.type=linear"
             )
 
     def build_relative(self, head_dim, n_heads):

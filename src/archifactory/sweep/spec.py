@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, field_validator, model_validator
@@ -75,8 +75,8 @@ class Budget(Strict):
 class Variant(Strict):
     overrides: list[str] = Field(default_factory=list)
     description: str = ""
-    lr: list[float] | None = Field(None, min_length=1)
-    """Learning rates to try on the sweep's ``lr_selection_seeds``; the best (lowest mean final validation
+    lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
+    """Learning rates (each > 0 and finite) to try on the sweep's ``lr_selection_seeds``; the best (lowest mean final validation
     loss there) is run on ``seeds`` and reported. A single value just sets this variant's lr."""
 
     @property

@@ -102,6 +102,11 @@ class RunConfig(Strict):
                 f"train.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}, the length of the "
                 f"{model.position.kind} position table; raise model.max_seq_len or lower train.seq_len"
             )
+        if model.mtp_heads >= seq_len:
+            raise ValueError(
+                f"model.mtp_heads={model.mtp_heads} must be < train.seq_len={seq_len}: the last multi-token "
+                "head would have no target; lower model.mtp_heads or raise train.seq_len"
+            )
         return self
 
     def run_dir(self) -> Path:
