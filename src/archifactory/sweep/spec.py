@@ -76,8 +76,9 @@ class Variant(Strict):
     overrides: list[str] = Field(default_factory=list)
     description: str = ""
     lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
-    """Learning rates (each > 0 and finite) to try on the sweep's ``lr_selection_seeds``; the best (lowest mean final validation
-    loss there) is run on ``seeds`` and reported. A single value just sets this variant's lr."""
+    """Learning rates (each > 0 and finite) to try on the sweep's ``lr_selection_seeds``; the best (lowest
+    mean final validation loss there) is run on ``seeds`` and reported. A single value just sets this
+    variant's lr."""
 
     @property
     def has_lr_grid(self) -> bool:
