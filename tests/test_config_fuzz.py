@@ -221,7 +221,7 @@ def test_multi_token_heads_train_on_rwkv(mixer):
 def test_lr_grid_values_must_be_positive_and_finite():
     from archifactory.sweep.spec import SweepSpec
 
-    spec = {"name": "s", "base": {}, "budget": {"tokens": 1}}
+    spec = {"name": "s", "base": {}, "budget": {"tokens": 1}, "lr_selection_seeds": [10]}
     for lr in ("0", "-1e-3", ".nan", ".inf", "-.inf", "x"):
         data = {**spec, "variants": {"fast": {"lr": [1e-3, __import__("yaml").safe_load(lr)]}}}
         with pytest.raises(ConfigError, match=r"variants\.fast\.lr\.1: "):
