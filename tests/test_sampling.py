@@ -131,6 +131,38 @@ def test_top_k_then_top_p_matches_hf_chain():
     assert torch.equal(ours, ref)
 
 
+# ------------------------------------------------------------------------------------ neutral settings
+
+
+def large_vocab_logits() -> torch.Tensor:
+    # spread-out logits over a 50,000-token vocabulary: a descending fp32 cumulative sum of their
+    # probabilities reached 1.0 after 26,744 (AVX2) or 29,708 (AVX-512) tokens and cut the rest at top_p=1
+    return torch.randn(4, 50_000, generator=torch.Generator().manual_seed(0)) * 4.0
+
+
+def test_neutral_filters_are_exact_no_ops_like_transformers():
+    TopK, TopP = hf_warpers()
+    logits = large_vocab_logits()
+    V = logits.shape[-1]
+    for out in (filter_logits(logits, top_p=1.0), filter_logits(logits, top_k=V), filter_logits(logits, top_k=V + 7),
+                filter_logits(logits, top_k=V, top_p=1.0), TopP(1.0)(None, logits), TopK(V)(None, logits)):
+        assert torch.equal(out, logits)
+    # temperature 1 with neutral filters draws exactly what multinomial(softmax) draws from the same generator
+    draws = sample_next(logits, 1.0, V, 1.0, generator=torch.Generator().manual_seed(5))
+    ref = torch.multinomial(logits.softmax(-1), 1, generator=torch.Generator().manual_seed(5)).squeeze(-1)
+    assert torch.equal(draws, ref)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.9, 0.99, 0.999, 0.99999])
+def test_top_p_near_one_on_a_large_vocabulary_matches_transformers_in_fp64(p):
+    # transformers' warper on fp64 logits sums the tail of each row accurately; ours gets fp32 logits
+    _, TopP = hf_warpers()
+    logits = large_vocab_logits()
+    kept = torch.isfinite(filter_logits(logits, top_p=p))
+    assert torch.equal(kept, torch.isfinite(TopP(p)(None, logits.double())))
+    assert (~kept).any(), "the filter dropped nothing"
+
+
 # ------------------------------------------------------------------------------- empirical frequencies
 
 

@@ -48,7 +48,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, linear_flops, padded_length
+from archifactory.mixers.base import Mixer, MixerConfig, compute_dtype, linear_flops, padded_length
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
 from archifactory.nn.roles import FILTER, VECTOR
@@ -320,9 +320,12 @@ class Mamba2Heads(nn.Module):
             self.norm.reset_parameters()
 
     def init_cache(self, batch_size: int, device, dtype) -> SSMCache:
+        # The conv cache holds past inputs, exact in the model's dtype; the SSM state sums over every token
+        # so far and stays in at least fp32 (in bf16 it drifts from the full forward over long decodes).
         return SSMCache(
             conv=torch.zeros(batch_size, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype),
-            ssm=torch.zeros(batch_size, self.n_heads, self.d_state, self.head_dim, device=device, dtype=dtype),
+            ssm=torch.zeros(batch_size, self.n_heads, self.d_state, self.head_dim, device=device,
+                            dtype=compute_dtype(dtype)),
         )
 
     def forward(self, x: torch.Tensor, cache: SSMCache | None = None) -> tuple[torch.Tensor, SSMCache | None]:
@@ -378,8 +381,8 @@ class Mamba2Heads(nn.Module):
         return int(linear_flops(self.in_proj) + 2 * self.d_conv * self.conv_dim + ssd)
 
     def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
-        elements = self.conv_dim * (self.d_conv - 1) + self.n_heads * self.d_state * self.head_dim
-        return elements * torch.finfo(dtype).bits // 8
+        conv = self.conv_dim * (self.d_conv - 1) * torch.finfo(dtype).bits // 8
+        return conv + self.n_heads * self.d_state * self.head_dim * torch.finfo(compute_dtype(dtype)).bits // 8
 
     def kernel_path(self) -> str:
         on_fla = select_backend(self.backend, parameter_device(self), self.fla_op) == "fla"

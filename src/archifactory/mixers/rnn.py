@@ -19,6 +19,12 @@ With PyTorch's gate layout, the equations per layer are (sigma = sigmoid, * = el
 The cache is the last hidden state (and the LSTM's cell state), ``(n_layers, B, hidden)`` each: the
 fused module takes it as its initial state, so chunked or token-by-token calls continue the same recurrence.
 
+Precision: the recurrence runs in at least fp32 with autocast off, and the cache keeps its state in fp32,
+whatever the model's dtype. A state carried over thousands of steps in bf16 drifts from the full forward,
+and oneDNN has no bf16 LSTM on a CPU without AVX512-BF16 (autocast would fail there with "could not create
+a primitive descriptor for the LSTM forward propagation primitive"). The output projection follows the
+caller's dtype and autocast like any other linear layer.
+
 Init: input weights ``N(0, init.std)``, recurrent weights orthogonal per gate (Saxe et al. 2014) so that
 the recurrence neither shrinks nor blows up the state at the start, zero biases except the LSTM forget
 gate's, set to 1 so the cell remembers by default (Gers et al. 2000; Jozefowicz et al. 2015).
@@ -34,7 +40,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import MAX_COUNT, BuildContext
-from archifactory.mixers.base import Mixer, MixerConfig
+from archifactory.mixers.base import Mixer, MixerConfig, compute_dtype
 from archifactory.nn.init import init_linear, normal_
 from archifactory.nn.roles import MATRIX, VECTOR
 from archifactory.registry import register_mixer
@@ -131,20 +137,30 @@ class RecurrentMixer(Mixer):
         init_linear(self.out_proj, self.out_std)
 
     def init_cache(self, batch_size: int, device, dtype) -> RecurrentState:
-        zeros = torch.zeros(self.n_layers, batch_size, self.hidden, device=device, dtype=dtype)
+        zeros = torch.zeros(self.n_layers, batch_size, self.hidden, device=device, dtype=compute_dtype(dtype))
         return RecurrentState(h=zeros, c=zeros.clone() if self.kind == "lstm" else None)
 
     def forward(
         self, x: torch.Tensor, cache: RecurrentState | None = None
     ) -> tuple[torch.Tensor, RecurrentState | None]:
-        # x: (B, T, D) -> hidden states of the last layer (B, T, hidden)
-        if cache is None:
-            h, _ = self.rnn(x)
-        else:
-            state = (cache.h, cache.c) if self.kind == "lstm" else cache.h
-            h, state = self.rnn(x, state)
+        acc = compute_dtype(x.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            # x: (B, T, D) -> hidden states of the last layer (B, T, hidden), in acc
+            state = None
+            if cache is not None:
+                state = (cache.h.to(acc), cache.c.to(acc)) if self.kind == "lstm" else cache.h.to(acc)
+            h, state = self._recur(x.to(acc), state, acc)
+        if cache is not None:
             cache.h, cache.c = state if self.kind == "lstm" else (state, None)
-        return self.out_proj(h), cache
+        return self.out_proj(h.to(x.dtype)), cache
+
+    def _recur(self, x: torch.Tensor, state, acc: torch.dtype):
+        """The fused module on ``x`` in ``acc``; weights stored in a lower precision (a model cast to bf16)
+        are upcast for the call, and gradients flow back to them."""
+        if all(p.dtype == acc for p in self.rnn.parameters()):
+            return self.rnn(x, state)
+        weights = {name: p.to(acc) for name, p in self.rnn.named_parameters()}
+        return torch.func.functional_call(self.rnn, weights, (x, state))
 
     def flops_per_token(self, seq_len: int) -> int:
         # Matrix products only (2 FLOPs per multiply-add): each layer's input and recurrent weights for every
@@ -157,7 +173,7 @@ class RecurrentMixer(Mixer):
 
     def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
         tensors = 2 if self.kind == "lstm" else 1
-        return tensors * self.n_layers * self.hidden * torch.finfo(dtype).bits // 8
+        return tensors * self.n_layers * self.hidden * torch.finfo(compute_dtype(dtype)).bits // 8
 
     def kernel_path(self) -> str:
         return f"torch.nn.{type(self.rnn).__name__}"

@@ -171,7 +171,7 @@ class Store:
                  summary.get("peak_mem_bytes"), summary.get("state_bytes"), summary.get("tokens"),
                  summary.get("elapsed_s"), summary.get("stream_hash"), json.dumps(summary)),
             )
-            env = {k: summary.get(k) for k in ("device", "torch", "python", "kernel_paths", "world_size")}
+            env = {k: summary.get(k) for k in ("device", "precision", "torch", "python", "kernel_paths", "world_size")}
             db.execute("UPDATE runs SET status='done', error=NULL, finished_at=?, env_json=? WHERE run_id=?",
                        (time.time(), json.dumps(env), run_id))
 

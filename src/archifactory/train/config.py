@@ -46,7 +46,10 @@ class TrainConfig(Strict):
     max_tokens: int | None = Field(None, ge=1)
     max_time_s: float | None = Field(None, gt=0)
     """Wall-time budget; the schedule then follows the elapsed fraction of it."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Autocast precision. ``auto``: bf16 where the device computes bf16 natively (CUDA compute capability
+    8.0+, a CPU with AVX512-BF16/AMX or ARM BF16), else fp32; the run summary records what it resolved to
+    (``archifactory.train.precision``)."""
     compile: bool = False
     grad_clip: float | None = Field(1.0, gt=0)
     eval_every: int = Field(100, ge=1)

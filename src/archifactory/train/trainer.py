@@ -35,6 +35,7 @@ from archifactory.train.config import RunConfig
 from archifactory.train.distributed import all_reduce_mean, barrier, init_distributed, shutdown
 from archifactory.train.metrics import MetricsWriter, device_name, device_peak_flops, peak_memory_bytes
 from archifactory.train.optim import averages_weights, build_optimizer, evaluation_weights, set_lr
+from archifactory.train.precision import AUTOCAST_DTYPES, has_native_bf16, resolve_precision
 from archifactory.train.schedule import lr_multiplier
 
 
@@ -135,8 +136,12 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         if tc.compile:
             self.train_model = torch.compile(self.train_model)
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[tc.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.precision == "fp16")
+        self.precision = resolve_precision(tc.precision, self.device)
+        if self.precision == "bf16" and not has_native_bf16(self.device):
+            self.log(f"note: train.precision=bf16 on {device_name(self.device)}, which has no native bf16: "
+                     "it is emulated and usually slower than fp32 (precision=auto picks fp32 here)")
+        self.autocast_dtype = AUTOCAST_DTYPES[self.precision]
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         if tc.max_steps is not None:
             self.total_steps = tc.max_steps
         elif tc.max_tokens is not None:
@@ -353,7 +358,8 @@ class Trainer:
         n_params = self.model.num_params()
         self.log(
             f"model: {n_params:,} parameters, {self.flops_per_token / 1e6:.1f} MFLOPs/token (train), "
-            f"device {device_name(self.device)}, {self.dist.world_size} process(es), accumulation {self.accum}"
+            f"device {device_name(self.device)}, {self.dist.world_size} process(es), accumulation {self.accum}, "
+            f"precision {self.precision}" + (" (auto)" if self.cfg.train.precision == "auto" else "")
         )
         if self.step == 0 and self.tokens_seen == 0:
             self.metrics.write({"kind": "eval", "step": 0, "tokens": 0, **self.evaluate()})
@@ -432,6 +438,7 @@ class Trainer:
             "corpus_fingerprint": self.shards.manifest["corpus_fingerprint"],
             "tokenizer_hash": self.shards.manifest["tokenizer_hash"],
             "device": device_name(self.device),
+            "precision": self.precision,  # as resolved (``train.precision: auto`` -> bf16 or fp32)
             "world_size": self.dist.world_size,
             "torch": torch.__version__,
             "python": platform.python_version(),
