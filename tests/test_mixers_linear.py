@@ -28,6 +28,8 @@ from archifactory.nn.init import InitConfig
 from archifactory.nn.norms import RMSNormConfig
 from archifactory.nn.positions import NoPositionConfig
 
+from numerics import reduction_atol  # tests/numerics.py
+
 D, B, T = 32, 2, 21
 TOL = dict(rtol=1e-4, atol=1e-5)  # fla's naive references run in fp32
 
@@ -279,7 +281,10 @@ def test_rwkv6_channel_mix_is_exact_step_by_step_only_with_its_cache():
     full, _ = ffn(x)
     cache = ffn.init_cache(B, "cpu", torch.float32)
     steps = torch.cat([ffn(x[:, t : t + 1], cache)[0] for t in range(T)], dim=1)
-    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-6)
+    # One row at a time runs other matmul kernels than T rows at once: equal up to summation order of
+    # the key (D, squared) and value (hidden) products, not bit for bit (MKL on AVX2 differs by 2e-5).
+    magnitude = float(full.abs().max())
+    torch.testing.assert_close(steps, full, rtol=0, atol=reduction_atol(torch.float32, 2 * D + 40, magnitude))
     uncached = torch.cat([ffn(x[:, t : t + 1])[0] for t in range(T)], dim=1)
     assert (uncached[:, 1:] - full[:, 1:]).abs().max() > 1e-3
 

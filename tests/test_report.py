@@ -117,7 +117,7 @@ def build_sweep(sweep_dir: Path) -> dict[tuple[str, int], dict]:
                 "peak_mem_bytes": None, "state_bytes": state, "tokens": STEPS * TOKENS_PER_STEP,
                 "elapsed_s": STEPS * TOKENS_PER_STEP / tps, "stream_hash": "9f3c2a1b7d6e5f40",
                 "kernel_paths": {str(i): "sdpa" if i < 3 else "torch" for i in range(4)}, "device": "cpu",
-                "world_size": 1, "torch": "2.13.0", "python": "3.11.7",
+                "precision": "bf16" if variant == "moe" else "fp32", "world_size": 1, "torch": "2.13.0", "python": "3.11.7",
                 "corpus_fingerprint": "abc", "tokenizer_hash": "def",
             }
             store.record_results(run_id, metrics, summary)
@@ -317,6 +317,8 @@ def test_report_numbers_match_scipy(tmp_path):
     assert "all 4 layers" not in markdown and "layers 0–2: sdpa; 3: torch" in markdown
     diff = table_with(md_tables(markdown), "resolved config key", "moe")
     assert ["model.ffn.kind", "swiglu", "moe"] in diff
+    precision = {row[0]: row[2] for row in table_with(md_tables(markdown), "variant", "precision")[1:]}
+    assert precision == {"baseline": "fp32", "gqa": "fp32", "moe": "bf16"}  # what each variant's runs resolved to
     for png in ("final", "val_loss_vs_tokens", "val_loss_vs_time", "train_loss_vs_tokens"):
         assert f"(report_files/{png}.png)" in markdown
         assert (tmp_path / "report_files" / f"{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

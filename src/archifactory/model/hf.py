@@ -199,7 +199,7 @@ def _rope_family_config(cfg: Any, model_type: str) -> ModelConfig:
         mixer=mixer,
         ffn=ffn,
         layer_overrides=overrides,
-        norm=RMSNormConfig(eps=float(cfg.rms_norm_eps)),
+        norm=RMSNormConfig(eps=float(cfg.rms_norm_eps), unit_offset=gemma),
         residual="sandwich" if gemma else "pre",
         position=_rope_from_hf(cfg),
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
@@ -359,8 +359,10 @@ def from_hf(hf_model: "PreTrainedModel") -> CausalLM:
     """Build a :class:`CausalLM` with the architecture and weights of a ``transformers`` causal LM.
 
     The result has the HF model's dtype and device, and its train/eval mode. Gemma's RMSNorm scales by
-    ``1 + w``; its weights are stored here as ``w + 1`` (computed in fp32), which is exact in fp32 and
-    rounds once in lower precision.
+    ``1 + w``: the converted model's norms are ``rmsnorm`` with ``unit_offset: true``, which keep ``w`` and
+    form ``1 + w`` in fp32 as Gemma does, so a bf16 model keeps every bit of ``w``. A model cast to a lower
+    precision (``.to(torch.bfloat16)``) converts too: its RoPE frequency buffer, rounded to that precision,
+    is compared with ours within that precision's rounding.
     """
     config = config_from_hf(hf_model.config)
     inp, out = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
@@ -377,7 +379,7 @@ def from_hf(hf_model: "PreTrainedModel") -> CausalLM:
     if config.position.kind == "learned":
         state = _gpt2_state(model, weights, prefix=_prefix(hf_model))
     else:
-        state = _rope_family_state(model, weights, prefix=_prefix(hf_model), model_type=hf_model.config.model_type)
+        state = _rope_family_state(model, weights, prefix=_prefix(hf_model))
     left = weights.unused()
     if left:
         raise ValueError(f"HF parameters with no counterpart in the converted model: {left}")
@@ -429,9 +431,8 @@ def _llama_name(key: str, prefix: str, residual: str, moe_prefix: str = "mlp.") 
     raise ValueError(f"no HF counterpart for parameter {key!r}")
 
 
-def _rope_family_state(model: CausalLM, weights: _Weights, prefix: str, model_type: str) -> dict[str, torch.Tensor]:
+def _rope_family_state(model: CausalLM, weights: _Weights, prefix: str) -> dict[str, torch.Tensor]:
     config = model.config
-    norm_offset = 1.0 if model_type == "gemma2" else 0.0
     state: dict[str, torch.Tensor] = {}
     for key in model.state_dict():
         if key == "lm_head.weight" and config.tie_embeddings:
@@ -440,10 +441,7 @@ def _rope_family_state(model: CausalLM, weights: _Weights, prefix: str, model_ty
             continue  # experts are read per layer below
         i = key.split(".")[1] if key.startswith("blocks.") else None
         moe_prefix = _moe_prefix(weights, f"{prefix}layers.{i}.") if i is not None else "mlp."
-        value = weights.take(_llama_name(key, prefix, config.residual, moe_prefix))
-        if norm_offset and key.endswith("norm.weight"):
-            value = value.float() + norm_offset
-        state[key] = value
+        state[key] = weights.take(_llama_name(key, prefix, config.residual, moe_prefix))
     for i, block in enumerate(model.blocks):
         if hasattr(block.ffn, "w_up"):
             layer = f"{prefix}layers.{i}."
@@ -517,7 +515,10 @@ def _check_rope(hf_model: Any, model: CausalLM) -> None:
     if ours is None or theirs is None:
         return
     inv_ours, inv_theirs = ours.inv_freq.float().cpu(), theirs.inv_freq.float().cpu()
-    same = inv_ours.shape == inv_theirs.shape and torch.allclose(inv_ours, inv_theirs, rtol=1e-6, atol=0.0)
+    # A model cast with .to(torch.bfloat16) holds its table rounded to bf16 (relative error <= eps / 2):
+    # agree within that rounding. A wrongly mapped scaling variant changes frequencies by far more.
+    rtol = max(1e-6, torch.finfo(theirs.inv_freq.dtype).eps) if theirs.inv_freq.is_floating_point() else 1e-6
+    same = inv_ours.shape == inv_theirs.shape and torch.allclose(inv_ours, inv_theirs, rtol=rtol, atol=0.0)
     if not same or not math.isclose(ours.attention_scaling, float(theirs.attention_scaling), rel_tol=1e-6):
         raise ValueError(
             f"RoPE tables disagree after conversion (position={model.config.position!r}, HF "
@@ -556,6 +557,8 @@ def _llama_incompatibilities(config: ModelConfig) -> list[str]:
         problems.append(f"ffn.activation={ffn.activation!r} has no HF name")
     if config.norm.kind != "rmsnorm":
         problems.append(f"norm.kind={config.norm.kind!r}: Llama uses rmsnorm")
+    elif config.norm.unit_offset:
+        problems.append("norm.unit_offset=true: Llama's RMSNorm scales by w, not 1 + w")
     if config.residual != "pre":
         problems.append(f"residual={config.residual!r}: Llama is pre-norm")
     if not config.final_norm:

@@ -31,30 +31,41 @@ class NormConfig(Component):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
+    """``x / rms(x) * scale`` over the last dimension. ``unit_offset``: the weight ``w`` is stored as an
+    offset from one and the scale is ``1 + w`` (Gemma; zero-initialised)."""
+
+    def __init__(self, dim: int, eps: float, unit_offset: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in at least fp32 (as Llama does) so bf16 activations do not lose the mean square;
         # fp64 stays fp64.
         compute = torch.promote_types(x.dtype, torch.float32)
-        return F.rms_norm(x.to(compute), (x.shape[-1],), eps=self.eps).to(x.dtype) * self.weight.to(x.dtype)
+        normed = F.rms_norm(x.to(compute), (x.shape[-1],), eps=self.eps)
+        if self.unit_offset:
+            # 1 + w formed and applied in fp32 and rounded once, as Gemma's reference does: in bf16, 1 + w
+            # keeps only the bits of w above 2^-8 (w = 0.01 becomes 0.0078), a per-channel scale error.
+            return (normed * (1.0 + self.weight.to(compute))).to(x.dtype)
+        return normed.to(x.dtype) * self.weight.to(x.dtype)
 
     def param_roles(self):
         return {"weight": VECTOR}  # a gain: no weight decay, no Muon
 
     def reset_parameters(self) -> None:
-        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.weight) if self.unit_offset else nn.init.ones_(self.weight)
 
 
 @register_norm
 class RMSNormConfig(NormConfig):
     kind: Literal["rmsnorm"] = "rmsnorm"
+    unit_offset: bool = False
+    """Store the gain as ``w`` and scale by ``1 + w`` (computed in fp32), as Gemma does."""
 
     def build_for(self, dim: int) -> nn.Module:
-        return RMSNorm(dim, self.eps)
+        return RMSNorm(dim, self.eps, self.unit_offset)
 
 
 @register_norm
