@@ -121,6 +121,21 @@ def test_cached_decoding_matches_hf(name):
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("name", ["llama", "qwen3_yarn", "gemma2"])
+def test_from_hf_accepts_a_model_cast_to_bf16(name):
+    # .to(torch.bfloat16) rounds transformers' RoPE inv_freq buffer too: not a scaling mismatch
+    hf = hf_model(name).to(torch.bfloat16)
+    ours = from_hf(hf)
+    assert ours.embed.weight.dtype == torch.bfloat16
+    x = ids()
+    with torch.no_grad():
+        expected, got = hf(x).logits.float(), ours(x).logits.float()
+    # both in bf16 with other kernels: a few bf16 roundings (2^-8 relative) of the largest logit apart
+    torch.testing.assert_close(got, expected, rtol=0, atol=8 * 2**-8 * float(expected.abs().max()))
+    if name == "gemma2":  # 1 + w is formed in fp32 from the stored w, as Gemma does
+        assert ours.config.norm.unit_offset and torch.equal(ours(x).logits, hf(x).logits)
+
+
 def test_converted_configs_carry_the_architecture():
     """The structural choices the parity tests rely on are really in the converted configs."""
     gemma = from_hf(hf_model("gemma2"))
