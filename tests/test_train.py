@@ -164,6 +164,10 @@ def test_train_run_writes_everything(tmp_path):
     assert n_bytes == sum(int(b.sum()) for _, _, b in batches)
     assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] * targets.numel() / n_bytes / math.log(2), rel=1e-9)
     assert summary["steps"] == 12 and summary["stream_hash"] and summary["kernel_paths"] == {"0": "torch.sdpa", "1": "torch.sdpa"}
+    from archifactory.train.precision import resolve_precision
+
+    assert cfg.train.precision == "auto" and summary["precision"] == resolve_precision("auto", "cpu")
+    assert json.loads((run / "summary.json").read_text())["precision"] == summary["precision"]
     kept = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert kept == ["step_00000008", "step_00000012"]  # keep_checkpoints=2
     model = af.CausalLM.from_pretrained(run / "model")
