@@ -27,13 +27,7 @@ MODEL = {"vocab_size": 257, "d_model": 32, "n_layers": 2, "max_seq_len": 64,
 BYTES = Tokenizer(None, 256, "bytes")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two (no OpenMP hand-off), and -n 2 workers share 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed=0, **overrides):

@@ -24,13 +24,7 @@ TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinysto
 LIMIT = 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread is faster than two (no OpenMP hand-off), and -n 2 workers share 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

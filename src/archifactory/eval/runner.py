@@ -224,12 +224,9 @@ def evaluate(
         task = get_task(name)
         # pass@k depends on how many samples and at what temperature: part of the evaluation's identity
         version = task.version + (f"+n{samples}+t{temperature if samples > 1 else 0.0}" if task.kind == "code" else "")
-        if store is not None and not force and store.has(target.run_id, target.model_hash, name, version, limit):
-            done = [m for m in store.metrics(target.run_id, name) if m.model_hash == target.model_hash
-                    and m.task_version == version and m.limit == limit]
-            records.append(EvaluationRecord(run_id=target.run_id, model_hash=target.model_hash, task=name,
-                                            task_version=version, limit=limit,
-                                            n_items=done[0].n_items if done else 0, metrics=done))
+        stored = None if force else stored_record(store, target, name, version, limit)
+        if stored is not None:
+            records.append(stored)
             if console is not None:
                 console.print(f"{name}: already evaluated (limit {limit}), skipped", highlight=False)
             continue
@@ -284,6 +281,17 @@ def evaluate(
     return records
 
 
+def stored_record(store, target, task: str, version: str, limit) -> EvaluationRecord | None:
+    """The stored evaluation of ``target``'s weights on ``task`` at ``version`` and ``limit``, or None: an
+    evaluation already in the store is not run again."""
+    if store is None or not store.has(target.run_id, target.model_hash, task, version, limit):
+        return None
+    done = [m for m in store.metrics(target.run_id, task)
+            if m.model_hash == target.model_hash and m.task_version == version and m.limit == limit]
+    return EvaluationRecord(run_id=target.run_id, model_hash=target.model_hash, task=task, task_version=version,
+                            limit=limit, n_items=done[0].n_items if done else 0, metrics=done)
+
+
 def _evaluate_lm_eval(target, names, limit, store, force, include_path, include_defaults, device, batch_size, null,
                       env, console) -> list[EvaluationRecord]:
     """lm-eval tasks through :class:`~archifactory.eval.lm_eval_adapter.ArchifactoryLM`, stored like ours."""
@@ -301,12 +309,9 @@ def _evaluate_lm_eval(target, names, limit, store, force, include_path, include_
         entry = manager.task_index[name[len(PREFIX):]]
         source = Path(entry.yaml_path).read_bytes() if entry.yaml_path else name.encode()
         version = f"lm_eval-{lm_eval.__version__}+{hashlib.sha256(source).hexdigest()[:12]}"
-        if store is not None and not force and store.has(target.run_id, target.model_hash, name, version, limit):
-            done = [m for m in store.metrics(target.run_id, name) if m.model_hash == target.model_hash
-                    and m.task_version == version and m.limit == limit]
-            records.append(EvaluationRecord(run_id=target.run_id, model_hash=target.model_hash, task=name,
-                                            task_version=version, limit=limit,
-                                            n_items=done[0].n_items if done else 0, metrics=done))
+        stored = None if force else stored_record(store, target, name, version, limit)
+        if stored is not None:
+            records.append(stored)
             continue
         todo.append((name, version))
     if not todo:
