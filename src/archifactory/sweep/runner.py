@@ -26,6 +26,7 @@ import yaml
 
 from archifactory.config import dump_config
 from archifactory.errors import MissingDependencyError
+from archifactory.locking import hold_directory
 from archifactory.sweep.spec import BASELINE, PlannedRun, SweepSpec, plan, spec_yaml
 from archifactory.sweep.stats import LR_SELECTION, choose_lrs, is_selection_run
 from archifactory.sweep.store import Store
@@ -108,6 +109,13 @@ class SweepRunner:
         return [r for r in runs if r.run_id not in done]
 
     def run(self) -> dict[str, int]:
+        """Train every pending run; holds the sweep directory's lock throughout, so a second
+        ``archifactory sweep`` on the same directory refuses at once (:class:`DirectoryBusyError`)."""
+        with hold_directory(self.sweep_dir, ".sweep.lock", "sweep directory",
+                            "wait for that sweep to finish (re-running resumes it) or choose another --dir"):
+            return self._run()
+
+    def _run(self) -> dict[str, int]:
         attempted: set[str] = set()
         wave = 0
         while True:  # wave 2: the compared runs at the lr that the finished lr-selection runs chose

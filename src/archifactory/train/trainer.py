@@ -29,6 +29,7 @@ import torch
 from archifactory.config import ConfigError, dump_config
 from archifactory.data.loader import PackedLoader, eval_batches
 from archifactory.data.shards import build_shards
+from archifactory.locking import hold_directory
 from archifactory.model.lm import CausalLM
 from archifactory.train import checkpoint as ckpt
 from archifactory.train.config import RunConfig
@@ -346,12 +347,19 @@ class Trainer:
         barrier(self.dist)
 
     def run(self) -> dict:
-        self.setup()
-        try:
-            return self._loop()
-        finally:
-            self.metrics.close()
-            shutdown(self.dist)
+        """Train to the budget. The main process holds the run directory's lock throughout, so a second
+        trainer on the same directory refuses at once (:class:`DirectoryBusyError`)."""
+        held = contextlib.ExitStack()
+        if int(os.environ.get("RANK", "0")) == 0:
+            held.enter_context(hold_directory(self.cfg.run_dir(), ".train.lock", "run directory",
+                                              "wait for that run to finish or choose another out_dir"))
+        with held:
+            self.setup()
+            try:
+                return self._loop()
+            finally:
+                self.metrics.close()
+                shutdown(self.dist)
 
     def _loop(self) -> dict:
         tc = self.cfg.train
