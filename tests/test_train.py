@@ -197,19 +197,122 @@ def test_nan_loss_stops_with_clear_message_and_keeps_checkpoint(tmp_path, monkey
     original = Trainer.train_step
 
     def poisoned(self):
-        if self.step == 5:
+        if self.step == 5:  # during step 6 as metrics.jsonl numbers it
             with torch.no_grad():
                 self.model.embed.weight[0, 0] = float("nan")
         return original(self)
 
     monkeypatch.setattr(Trainer, "train_step", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"loss became nan at step 5 .*step_00000004"):
+    with pytest.raises(NonFiniteLossError, match=r"step 6 of run .*: loss became nan, so the update was not applied; .*step_00000004 \(step 4\)") as err:
         trainer.run()
+    assert "bf16" not in str(err.value) and "fp16" not in str(err.value)  # an fp32 run: no precision advice
     last = tmp_path / "run" / "checkpoints" / "step_00000004"
     assert (last / "model.safetensors").is_file()
     from safetensors.torch import load_file
 
     assert all(torch.isfinite(t).all() for t in load_file(last / "model.safetensors").values())
+    (record,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "nonfinite"]
+    assert record["step"] == 6 and record["action"] == "stopped" and math.isnan(record["loss"])
+
+
+def _infinite_gradient_at(monkeypatch, steps):
+    """Make the gradient of one weight infinite (the loss stays finite) during the given steps, numbered
+    as in metrics.jsonl; records the weights and optimizer state before and after each train_step."""
+    original = Trainer.train_step
+    seen = []
+
+    def poisoned(self):
+        hook = None
+        if self.step + 1 in steps:
+            hook = self.model.blocks[0].ffn.down_proj.weight.register_hook(lambda g: g * float("inf"))
+        before = {k: v.clone() for k, v in self.model.state_dict().items()}
+        state_before = {k: v.clone() for k, v in self.optimizer.state_dict()["state"].get(0, {}).items()}
+        try:
+            out = original(self)
+        finally:
+            if hook is not None:
+                hook.remove()
+        after = self.model.state_dict()
+        state_after = self.optimizer.state_dict()["state"].get(0, {})
+        unchanged = all(torch.equal(before[k], after[k]) for k in before) and all(
+            torch.equal(state_before[k], state_after[k]) for k in state_before)
+        seen.append((self.step + 1, out[2], unchanged))
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    return seen
+
+
+def test_infinite_gradient_is_never_applied_and_the_named_checkpoint_is_good(tmp_path, monkeypatch):
+    # the issue's case: lr=10, no warmup, no clipping, a checkpoint every 2 steps, gradient norm inf at step 7
+    data = run_config(tmp_path, max_steps=20, checkpoint_every=2, grad_clip=None)
+    data["optimizer"]["lr"], data["schedule"]["warmup_steps"] = 10.0, 0
+    seen = _infinite_gradient_at(monkeypatch, {7})
+    with pytest.raises(NonFiniteLossError, match=r"step 7 of run .*: gradient norm became inf, so the update was not applied; .*"
+                                                 r"step_00000006 \(step 6\).*train.grad_clip=1.0") as err:
+        train(load_run_config(data))
+    assert "bf16" not in str(err.value)
+    assert seen[-1] == (7, False, True)  # step 7 left weights and optimizer state untouched
+    run = tmp_path / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000004", "step_00000006"]
+    (record,) = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "nonfinite"]
+    assert record["step"] == 7 and record["grad_norm"] == float("inf") and math.isfinite(record["loss"])
+    # the named checkpoint is good: the run resumes from it (weights and optimizer state finite) and finishes
+    monkeypatch.undo()
+    data["train"]["max_steps"] = 9
+    data["optimizer"]["lr"] = 1e-3
+    summary = train(load_run_config(data))
+    assert summary["steps"] == 9 and math.isfinite(summary["val_loss"])
+
+
+def test_skip_drops_nonfinite_steps_and_stops_after_too_many_in_a_row(tmp_path, monkeypatch):
+    seen = _infinite_gradient_at(monkeypatch, {3, 4})
+    summary = train(load_run_config(run_config(tmp_path, "skip", max_steps=8, nonfinite="skip")))
+    assert [(step, applied, unchanged) for step, applied, unchanged in seen if not applied] == [(3, False, True),
+                                                                                               (4, False, True)]
+    assert summary["steps"] == 8 and summary["skipped_steps"] == 2 and math.isfinite(summary["val_loss"])
+    records = read_metrics(tmp_path / "skip" / "metrics.jsonl")
+    assert [(r["step"], r["action"]) for r in records if r["kind"] == "nonfinite"] == [(3, "skipped"), (4, "skipped")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 5, 6, 7, 8]
+    monkeypatch.undo()
+    _infinite_gradient_at(monkeypatch, set(range(3, 100)))
+    with pytest.raises(NonFiniteLossError, match=r"step 5 of run .*: gradient norm became inf, so the update was not applied \(3 steps in a row\)"):
+        train(load_run_config(run_config(tmp_path, "stuck", max_steps=20, nonfinite="skip", max_consecutive_skips=3)))
+
+
+def test_fp16_scaler_overflow_is_skipped_and_advice_fits_precision(tmp_path, monkeypatch):
+    seen = _infinite_gradient_at(monkeypatch, {2})
+    trainer = Trainer(load_run_config(run_config(tmp_path, "fp16", max_steps=4, precision="fp16")))
+    summary = trainer.run()  # an overflow with a finite loss is the gradient scaler's signal: skipped, scale lowered
+    assert summary["skipped_steps"] == 1 and seen[1] == (2, False, True)
+    assert trainer.scaler.get_scale() == 2.0**16 / 2  # halved once (GradScaler's backoff_factor 0.5)
+    monkeypatch.undo()
+    original = Trainer.train_step
+
+    def nan_weights(self):
+        if self.step == 2:
+            with torch.no_grad():
+                self.model.embed.weight.fill_(float("nan"))
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "train_step", nan_weights)
+    with pytest.raises(NonFiniteLossError, match=r"step 3 of run .*: loss became nan and the weights are non-finite \(embed.weight\).*precision=bf16"):
+        train(load_run_config(run_config(tmp_path, "fp16b", max_steps=6, precision="fp16", nonfinite="skip")))
+
+
+def test_nonfinite_optimizer_state_is_never_checkpointed(tmp_path, monkeypatch):
+    original = Trainer.train_step
+
+    def poisoned(self):
+        out = original(self)
+        if self.step == 2:  # finishing step 3: an overflowed second moment, weights still finite
+            next(iter(self.optimizer.state.values()))["exp_avg_sq"].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"optimizer state .*exp_avg_sq.*nothing was saved.*step_00000002"):
+        train(load_run_config(run_config(tmp_path, max_steps=8, checkpoint_every=2)))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000002"]
 
 
 def test_vocab_too_small_is_a_config_error(tmp_path):

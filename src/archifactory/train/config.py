@@ -52,6 +52,13 @@ class TrainConfig(Strict):
     (``archifactory.train.precision``)."""
     compile: bool = False
     grad_clip: float | None = Field(1.0, gt=0)
+    nonfinite: Literal["stop", "skip"] = "stop"
+    """A step whose loss or gradient norm is NaN or infinite is never applied. ``stop``: the run stops
+    (its checkpoints, all finite, are kept); ``skip``: the update is dropped (weights and optimizer state
+    untouched, the batch consumed, a ``kind: nonfinite`` line in metrics.jsonl) and the run stops after
+    ``max_consecutive_skips`` such steps in a row. Under fp16 the gradient scaler's own skips (an overflow
+    while it lowers its scale, with a finite loss) are always skipped, and counted the same way."""
+    max_consecutive_skips: int = Field(10, ge=1)
     eval_every: int = Field(100, ge=1)
     eval_tokens: int = Field(65536, ge=1)
     """Validation targets scored per evaluation: the split's first ``eval_tokens`` rounded down to whole

@@ -41,7 +41,8 @@ from archifactory.train.schedule import lr_multiplier
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and its last good checkpoint is kept."""
+    """The loss, the gradients or the weights became NaN or infinite; the run stopped before using
+    them, and its checkpoints (all finite) are kept."""
 
 
 def default_cache_dir() -> Path:
@@ -154,6 +155,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", tc.loggers, self.run_dir,
                                      cfg.model_dump(mode="json"), enabled=self.dist.is_main)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.skipped_steps, self.consecutive_skips = 0, 0
         if self.resume:
             self._resume()
 
@@ -173,9 +175,26 @@ class Trainer:
                      f"it is evaluated as one window of {n - 1} targets")
 
     def _resume(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
+        """Resume from the newest intact checkpoint; a damaged one is reported and passed over."""
+        damaged = []
+        for path in reversed(ckpt.checkpoint_dirs(self.run_dir)):
+            try:
+                self._load(path)
+            except ckpt.CheckpointError as err:
+                self.log(f"warning: {err}; trying the checkpoint before it")
+                damaged.append(path.name)
+                continue
+            if damaged:
+                self.log(f"warning: passed over damaged checkpoint(s) {', '.join(damaged)}; they are "
+                         "replaced as training reaches their steps again")
             return
+        if damaged:
+            raise ckpt.CheckpointError(
+                f"no intact checkpoint in {self.run_dir / 'checkpoints'} (damaged: {', '.join(damaged)}); "
+                "delete that folder or pass --fresh to start the run over"
+            )
+
+    def _load(self, path: Path) -> None:
         if self.fsdp:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -198,6 +217,7 @@ class Trainer:
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         self.elapsed_before = float(state["elapsed"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if self.device.type == "cuda" and "rng_cuda" in state:
@@ -224,8 +244,10 @@ class Trainer:
             return True
         return tc.max_time_s is not None and elapsed >= tc.max_time_s
 
-    def train_step(self) -> tuple[float, float]:
-        """One optimizer step (with accumulation); returns (mean loss, grad norm)."""
+    def train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step (with accumulation); returns (mean loss, grad norm, applied). A step whose
+        loss or gradient norm is NaN or infinite is not applied: weights and optimizer state stay as
+        they were (under fp16 the gradient scaler still lowers its scale)."""
         tc = self.cfg.train
         self.train_model.train()
         total = torch.zeros((), device=self.device)
@@ -239,9 +261,6 @@ class Trainer:
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         total = all_reduce_mean(total, self.dist)
-        if not torch.isfinite(total):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(self._nonfinite_message(float(total)))
         self.scaler.unscale_(self.optimizer)
         if tc.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
@@ -249,11 +268,15 @@ class Trainer:
             grad_norm = torch.linalg.vector_norm(
                 torch.stack([p.grad.norm() for p in self.model.parameters() if p.grad is not None])
             )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        # every process holds the same reduced loss and norm, so all take the same decision
+        loss, norm = float(total), float(grad_norm)
+        applied = math.isfinite(loss) and math.isfinite(norm)
+        if applied:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()  # no-op without fp16; after an overflow it lowers the scale
         self.model.after_optimizer_step()  # once per step: MoE bias balancing from the whole step's loads
         self.optimizer.zero_grad(set_to_none=True)
-        return float(total), float(grad_norm)
+        return loss, norm, applied
 
     def _gradient_sync(self, sync: bool):
         """Skip the gradient all-reduce on accumulation micro-steps before the last."""
@@ -266,13 +289,49 @@ class Trainer:
             return contextlib.nullcontext()
         return self.train_model.no_sync()
 
-    def _nonfinite_message(self, value: float) -> str:
-        last = ckpt.latest_checkpoint(self.run_dir)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been written yet"
-        return (
-            f"loss became {value} at step {self.step} of run {self.run_dir}; training stopped and {kept}. "
-            "Lower optimizer.lr, keep train.grad_clip on, or try precision=bf16 instead of fp16."
-        )
+    def _nonfinite_step(self, loss: float, grad_norm: float, lr: float, elapsed: float) -> None:
+        """Step ``self.step`` was not applied (non-finite loss or gradient): record it in metrics.jsonl,
+        then skip it or stop the run, as ``train.nonfinite`` says."""
+        tc = self.cfg.train
+        self.skipped_steps += 1
+        self.consecutive_skips += 1
+        what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm}"
+        scaler_overflow = self.scaler.is_enabled() and math.isfinite(loss)  # fp16: the scaler's own signal
+        stop = (tc.nonfinite == "stop" and not scaler_overflow) or self.consecutive_skips >= tc.max_consecutive_skips
+        if not stop and not math.isfinite(loss):
+            bad = ckpt.nonfinite_tensors(dict(self.model.named_parameters()))
+            if self._anywhere(bad):  # skipping cannot help once the weights themselves are non-finite
+                what += f" and the weights are non-finite ({', '.join(bad[:3]) or 'on another process'})"
+                stop = True
+        self.metrics.write({"kind": "nonfinite", "step": self.step, "tokens": self.tokens_seen, "loss": loss,
+                            "grad_norm": grad_norm, "lr": lr, "elapsed_s": elapsed,
+                            "action": "stopped" if stop else "skipped", "skipped_steps": self.skipped_steps})
+        if not stop:
+            self.log(f"warning: step {self.step}: {what}; update skipped ({self.consecutive_skips} in a row, "
+                     f"{self.skipped_steps} in all; the run stops after {tc.max_consecutive_skips} in a row)")
+            return
+        what += ", so the update was not applied"
+        if self.consecutive_skips > 1:
+            what += f" ({self.consecutive_skips} steps in a row)"
+        raise NonFiniteLossError(self._nonfinite_message(what, lr))
+
+    def _nonfinite_message(self, what: str, lr: float) -> str:
+        """One line: what went wrong at which step (as numbered in metrics.jsonl), which checkpoint is
+        good, and advice that fits this run's settings and precision."""
+        tc = self.cfg.train
+        last = ckpt.latest_checkpoint(self.run_dir)  # written only after a finiteness check
+        kept = (f"the last good checkpoint is {last} (step {ckpt.checkpoint_step(last)}), which a rerun resumes from"
+                if last else "no checkpoint had been written yet")
+        advice = [f"lower optimizer.lr (the rate at this step was {lr:.3g})"]
+        advice.append("turn on gradient clipping (train.grad_clip=1.0)" if tc.grad_clip is None
+                      else f"lower train.grad_clip (now {tc.grad_clip:g})")
+        advice.append("lengthen the warmup (schedule.warmup_steps)")
+        if self.scaler.is_enabled():
+            advice.append("use precision=bf16 on hardware that has it (fp16 overflows above 65504)")
+        if tc.nonfinite == "stop":
+            advice.append("set train.nonfinite=skip to drop such steps")
+        return (f"step {self.step} of run {self.run_dir} (as numbered in metrics.jsonl): {what}; training stopped "
+                f"and {kept}. To continue: {', '.join(advice[:-1])}, or {advice[-1]}.")
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -321,9 +380,24 @@ class Trainer:
             self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
 
+    def _anywhere(self, bad: list[str]) -> bool:
+        """Whether any process found something (FSDP ranks check different shards)."""
+        return float(all_reduce_mean(torch.tensor(float(len(bad)), device=self.device), self.dist)) > 0
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if any weight or optimizer state is NaN or infinite (on
+        any process), so that nothing non-finite is ever saved."""
+        bad = ckpt.nonfinite_tensors(dict(self.model.state_dict()))
+        bad += ckpt.nonfinite_tensors([s for s in self.optimizer.state.values()], "optimizer state ")
+        if self._anywhere(bad):
+            where = ", ".join(bad[:3]) or "on another process"
+            raise NonFiniteLossError(self._nonfinite_message(
+                f"weights or optimizer state became NaN or infinite ({where}); nothing was saved", self.optimizer.param_groups[0]["lr"]))
+
     def save(self, elapsed: float) -> None:
         """Checkpoint the evaluated weights (a schedule-free optimizer's average, with its state in eval
         mode, from which :meth:`_resume` returns to the training weights exactly)."""
+        self.check_finite()
         with evaluation_weights(self.optimizer):
             self._save(elapsed)
 
@@ -338,6 +412,7 @@ class Trainer:
             "elapsed": elapsed,
             "optimizer": optimizer_state,
             "rng_cpu": torch.get_rng_state(),
+            "skipped_steps": self.skipped_steps,
         }
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
@@ -381,11 +456,15 @@ class Trainer:
                 elapsed = self.elapsed_before + time.time() - start
                 position, total = self.progress_fraction(elapsed)
                 lr = set_lr(self.optimizer, lr_multiplier(self.cfg.schedule, position, total))
-                loss, grad_norm = self.train_step()
+                loss, grad_norm, applied = self.train_step()
                 self.step += 1
                 self.tokens_seen += tc.tokens_per_step()
                 window_tokens += tc.tokens_per_step()
-                if self.step % tc.log_every == 0 or self.step == 1:
+                if applied:
+                    self.consecutive_skips = 0
+                else:
+                    self._nonfinite_step(loss, grad_norm, lr, self.elapsed_before + time.time() - start)
+                if applied and (self.step % tc.log_every == 0 or self.step == 1):
                     now = time.time()
                     tps = window_tokens / max(now - window_start, 1e-9)
                     window_start, window_tokens = now, 0
@@ -432,6 +511,7 @@ class Trainer:
         return {
             "name": self.cfg.name,
             "steps": self.step,
+            "skipped_steps": self.skipped_steps,
             "tokens": self.tokens_seen,
             "elapsed_s": elapsed,
             "tokens_per_s": self.tokens_seen / max(elapsed, 1e-9),
