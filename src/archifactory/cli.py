@@ -200,7 +200,12 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with r
     """Write report.html and report.md for a sweep, from its results database alone."""
     if not (sweep_dir / "results.sqlite").is_file():
         _fail(f"{sweep_dir / 'results.sqlite'} not found: run `archifactory sweep` first")
-    _write_report(sweep_dir)
+    from archifactory.sweep.store import StoreDamagedError
+
+    try:
+        _write_report(sweep_dir)
+    except StoreDamagedError as err:
+        _fail(str(err))
 
 
 @app.command("eval")
@@ -244,6 +249,7 @@ def generate(
     """Sample text from a trained run's model."""
     from archifactory.data.tokenizer import Tokenizer
     from archifactory.errors import InputError
+    from archifactory.integrity import CorruptFileError
     from archifactory.model.lm import CausalLM
 
     if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -253,6 +259,8 @@ def generate(
         tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
     except (FileNotFoundError, ConfigError) as err:
         _fail(f"{err} (train the run first: archifactory train CONFIG)")
+    except CorruptFileError as err:
+        _fail(f"{err}; re-running `archifactory train` on the run's config.yaml writes it again")
     ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
     for i in range(samples):
         out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import xxhash
 
+from archifactory.errors import UserError
+
 ALGORITHM = "xxh3_128"
 CHECKSUMS = "checksums.json"
 _CHUNK = 1 << 22  # 4 MiB
 
 
-class CorruptFileError(RuntimeError):
+class CorruptFileError(UserError, RuntimeError):
     """A file does not match the size or digest recorded when it was written, or cannot be parsed."""
 
 

@@ -1,7 +1,9 @@
 """Token shards: each split's documents encoded in batches and written as one flat memmap of token ids
 (uint16 when the vocabulary fits, else uint32), an end-of-document id after every document, with a
 manifest (corpus fingerprint, tokenizer hash, counts). A second run with the same corpus and tokenizer
-reuses them.
+reuses them after checking every file against the manifest (each file's size and XXH3 digest;
+the manifest carries a digest of itself): a damaged cache entry (truncated or garbled shard, damaged
+manifest) is reported and rebuilt from the corpus, never read.
 
 Beside each split's tokens, ``SPLIT_bytes.bin`` (uint32, one per token) holds the UTF-8 bytes of the text
 each token covers, counted from the token's span in the document (:meth:`Tokenizer.encode_batch_with_bytes`);
@@ -10,12 +12,14 @@ no token covered), so the counts of a split sum to its UTF-8 length (``manifest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -23,8 +27,9 @@ import numpy as np
 
 from archifactory.data.tokenizer import Tokenizer, trailing_bytes
 from archifactory.errors import InputError
+from archifactory.integrity import bytes_digest, file_digest, mismatch
 
-MANIFEST_VERSION = 2  # 2: per-token byte counts (SPLIT_bytes.bin)
+MANIFEST_VERSION = 3  # 2: per-token byte counts (SPLIT_bytes.bin); 3: file sizes and digests
 ENCODE_BATCH = 256
 BYTES_DTYPE = np.uint32
 
@@ -38,7 +43,12 @@ class ShardSet:
         info = self.manifest["splits"][split]
         if info["tokens"] == 0:
             return np.zeros(0, dtype=self.manifest["dtype"])
-        return np.memmap(self.directory / f"{split}.bin", dtype=self.manifest["dtype"], mode="r")
+        path = self.directory / f"{split}.bin"
+        expected = info["tokens"] * np.dtype(self.manifest["dtype"]).itemsize
+        if path.stat().st_size != expected:  # cheap, every time: a shard changed since it was checked
+            raise ValueError(f"token shard {path} has {path.stat().st_size:,} bytes, its manifest says {expected:,}; "
+                             f"delete {self.directory} to rebuild it")
+        return np.memmap(path, dtype=self.manifest["dtype"], mode="r")
 
     def token_bytes(self, split: str) -> np.ndarray:
         """UTF-8 bytes of text each token of ``split`` covers, aligned with :meth:`tokens` (uint32)."""
@@ -69,12 +79,15 @@ def build_shards(
     or return the shards already there."""
     key = shard_key(corpus, tokenizer)
     directory = Path(cache_dir) / "shards" / key
-    manifest_path = directory / "manifest.json"
-    if manifest_path.is_file():
+    if directory.exists():
         try:
-            return ShardSet(directory, json.loads(manifest_path.read_text()))
-        except json.JSONDecodeError:
-            shutil.rmtree(directory)  # a corrupt manifest: rebuild from the corpus
+            return ShardSet(directory, read_manifest(directory, key))
+        except DamagedShardsError as err:  # rebuild from the corpus; keep the damaged entry aside
+            warnings.warn(f"{err}; rebuilding it from the corpus", stacklevel=2)
+            aside = directory.with_name(f"{key}.damaged-{os.getpid()}")
+            with contextlib.suppress(OSError):
+                directory.rename(aside)
+                shutil.rmtree(aside, ignore_errors=True)
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     tmp = directory.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -100,12 +113,44 @@ def build_shards(
         "splits": splits,
         "build_seconds": round(time.time() - start, 2),
     }
+    manifest["manifest_digest"] = _manifest_digest(manifest)
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     try:
         tmp.rename(directory)  # atomic: a killed build leaves only a tmp directory behind
     except OSError:
         shutil.rmtree(tmp)  # another process finished the same shards first
-    return ShardSet(directory, json.loads(manifest_path.read_text()))
+    return ShardSet(directory, read_manifest(directory, key))
+
+
+class DamagedShardsError(ValueError):
+    """A shard cache entry does not match its manifest, or the manifest is damaged."""
+
+
+def _manifest_digest(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_digest"}
+    return bytes_digest(json.dumps(body, sort_keys=True).encode())
+
+
+def read_manifest(directory: Path, key: str | None = None) -> dict:
+    """The manifest of shard directory ``directory``, after checking it (its own digest, version, key)
+    and every file it lists (size, then digest); raises :class:`DamagedShardsError` naming what is wrong."""
+    where = f"token shard cache entry {directory}"
+    try:
+        manifest = json.loads((directory / "manifest.json").read_bytes())
+        if not isinstance(manifest, dict) or manifest.get("manifest_digest") != _manifest_digest(manifest):
+            raise ValueError("its digest does not match")
+    except FileNotFoundError:
+        raise DamagedShardsError(f"{where} has no manifest.json") from None
+    except ValueError as err:  # JSON or UTF-8 damage, or a changed field
+        raise DamagedShardsError(f"{where}: manifest.json is damaged ({err})") from None
+    if manifest.get("version") != MANIFEST_VERSION or (key is not None and manifest.get("key") != key):
+        raise DamagedShardsError(f"{where} was written by another version")
+    for split, info in manifest["splits"].items():
+        for name, expected in info["files"].items():
+            problem = mismatch(directory / name, expected)
+            if problem:
+                raise DamagedShardsError(f"{where}: {problem}")
+    return manifest
 
 
 def _write_split(docs: Iterator[str], tokenizer: Tokenizer, directory: Path, split: str, dtype, content, progress):
@@ -141,4 +186,6 @@ def _write_split(docs: Iterator[str], tokenizer: Tokenizer, directory: Path, spl
         if batch:
             flush()
     np.save(directory / f"{split}_doc_starts.npy", np.asarray(starts, dtype=np.int64))
-    return {"tokens": n_tokens, "documents": n_docs, "bytes": n_bytes}
+    files = {name: file_digest(directory / name)
+             for name in (f"{split}.bin", f"{split}_bytes.bin", f"{split}_doc_starts.npy")}
+    return {"tokens": n_tokens, "documents": n_docs, "bytes": n_bytes, "files": files}

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator, Literal
 
@@ -19,6 +21,7 @@ from pydantic import Field
 
 from archifactory.config import Component
 from archifactory.errors import InputError, UnavailableError
+from archifactory.integrity import CorruptFileError, verify_sidecar, write_sidecar
 from archifactory.registry import register_tokenizer
 
 EOS_TOKEN = "<|endoftext|>"
@@ -70,24 +73,35 @@ class Tokenizer:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
+        """Write the tokenizer, with its size and digest in ``<path>.checksum`` (checked by :meth:`load`)."""
         path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
         if self.backend is None:
-            path.write_text(json.dumps({"kind": "bytes"}))
+            tmp.write_text(json.dumps({"kind": "bytes"}))
         else:
-            self.backend.save(str(path))
+            self.backend.save(str(tmp))
+        tmp.replace(path)
+        write_sidecar(path)
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        """Load what :meth:`save` wrote (a tokenizers JSON file, or the bytes marker)."""
+        """Load what :meth:`save` wrote (a tokenizers JSON file, or the bytes marker). Raises
+        :class:`CorruptFileError` when the file does not match its checksum or cannot be parsed."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
-        text = path.read_text()
-        if json.loads(text).get("kind") == "bytes":
-            return cls(None, 256, "bytes")
-        backend = HFTokenizer.from_str(text)
+        problem = verify_sidecar(path)
+        try:
+            if problem:
+                raise ValueError(problem)
+            text = path.read_text(encoding="utf-8")
+            if json.loads(text).get("kind") == "bytes":
+                return cls(None, 256, "bytes")
+            backend = HFTokenizer.from_str(text)
+        except Exception as err:  # UTF-8, JSON or the tokenizers parser: the file is damaged
+            raise CorruptFileError(f"tokenizer file {path} is damaged ({type(err).__name__}: {err})") from None
         return cls(backend, _eos_id(backend, path), path.stem)
 
 
@@ -163,7 +177,10 @@ class BPETokenizerConfig(TokenizerConfig):
         size = self.vocab_size or vocab_size
         path = Path(cache_dir) / "tokenizers" / f"bpe-{size}-{self.cache_key(corpus)}.json"
         if path.is_file():
-            return Tokenizer.load(path)
+            try:
+                return Tokenizer.load(path)
+            except CorruptFileError as err:  # a cache entry: train it again
+                warnings.warn(f"{err}; training it again", stacklevel=2)
         backend = HFTokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()
@@ -176,9 +193,10 @@ class BPETokenizerConfig(TokenizerConfig):
         )
         backend.train_from_iterator(_limit(corpus.split("train"), self.max_train_documents), trainer=trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
         backend.save(str(tmp))
-        tmp.replace(path)
+        tmp.replace(path)  # several processes may train the same tokenizer at once: each writes whole
+        write_sidecar(path)
         return Tokenizer.load(path)
 
 
@@ -198,7 +216,11 @@ class HFTokenizerConfig(TokenizerConfig):
         if path.suffix == ".json":
             if not path.is_file():
                 raise FileNotFoundError(f"tokenizer file not found: {path}")
-            backend = HFTokenizer.from_file(str(path))
+            try:
+                backend = HFTokenizer.from_file(str(path))
+            except Exception as err:  # the tokenizers parser raises a bare Exception
+                raise CorruptFileError(f"tokenizer file {path} cannot be read ({err}); replace it with a "
+                                       "complete Hugging Face tokenizer.json") from None
         else:
             try:
                 backend = HFTokenizer.from_pretrained(self.name_or_path)

@@ -306,25 +306,39 @@ class CausalLM(nn.Module):
     # ------------------------------------------------------------------------------------------ saving
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.yaml`` and ``model.safetensors`` to ``directory``."""
+        """Write ``config.yaml`` and ``model.safetensors`` to ``directory``, with both files' sizes and
+        digests in ``checksums.json`` (verified by :meth:`from_pretrained`)."""
         from safetensors.torch import save_model
+
+        from archifactory.integrity import write_checksums
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         dump_config(self.config, directory / "config.yaml")
         save_model(self, str(directory / "model.safetensors"))
+        write_checksums(directory, ["config.yaml", "model.safetensors"])
         return directory
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "CausalLM":
+        """Load what :meth:`save_pretrained` wrote; raises :class:`~archifactory.integrity.CorruptFileError`
+        when a file does not match its checksum or cannot be read."""
         from safetensors.torch import load_model
+
+        from archifactory.integrity import CorruptFileError, verify_checksums
 
         directory = Path(directory)
         for name in ("config.yaml", "model.safetensors"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} is missing: not a saved archifactory model")
+        problems = verify_checksums(directory)
+        if problems:
+            raise CorruptFileError(f"saved model {directory} is damaged: {'; '.join(problems)}")
         model = cls(load_model_config(directory / "config.yaml"))
-        load_model(model, str(directory / "model.safetensors"), device=str(device))
+        try:
+            load_model(model, str(directory / "model.safetensors"), device=str(device))
+        except Exception as err:  # safetensors' own error types: a damaged header or a wrong shape
+            raise CorruptFileError(f"{directory / 'model.safetensors'} cannot be read ({type(err).__name__}: {err})") from None
         return model.to(device)
 
     def extra_repr(self) -> str:

@@ -29,7 +29,7 @@ from archifactory.errors import MissingDependencyError
 from archifactory.locking import hold_directory
 from archifactory.sweep.spec import BASELINE, PlannedRun, SweepSpec, plan, spec_yaml
 from archifactory.sweep.stats import LR_SELECTION, choose_lrs, is_selection_run
-from archifactory.sweep.store import Store
+from archifactory.sweep.store import Store, StoreDamagedError
 from archifactory.train.metrics import read_metrics
 
 
@@ -87,7 +87,7 @@ class SweepRunner:
     def __init__(self, spec: SweepSpec, root: Path, sweep_dir: Path, console=None) -> None:
         self.spec, self.root, self.sweep_dir = spec, Path(root), Path(sweep_dir)
         self.console = console
-        self.store = Store(self.sweep_dir / "results.sqlite")
+        self.store = self._open_store(self.sweep_dir / "results.sqlite")
         self.executor = submitit_executor(spec, self.sweep_dir) if spec.executor == "submitit" else None
         self._finished_shown: set[str] = set()  # runs whose progress line is final
 
@@ -95,6 +95,21 @@ class SweepRunner:
         """The lr each grid variant's finished lr-selection runs choose (variants with none yet: absent)."""
         selection = [r for r in self.store.finals() if is_selection_run(r)]
         return {v: c.chosen_lr for v, c in choose_lrs(selection).items()}
+
+    def _open_store(self, path: Path) -> Store:
+        """The sweep's results database; a damaged one is moved aside and a new one started: each
+        finished run is then recorded again from its run directory (its trainer resumes at the last
+        step from its final checkpoint, so nothing is trained twice)."""
+        try:
+            return Store(path)
+        except StoreDamagedError as err:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                part = path.with_name(path.name + suffix)
+                if part.exists():
+                    part.rename(path.with_name(f"{path.name}.damaged-{stamp}{suffix}"))
+            self._print(f"warning: {err}. Moved it to {path.name}.damaged-{stamp}; starting a new one")
+            return Store(path)
 
     def plan(self) -> list[PlannedRun]:
         runs = plan(self.spec, self.root, self.sweep_dir, self.chosen_lrs())

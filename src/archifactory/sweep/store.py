@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from archifactory.errors import UserError
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sweep (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -78,16 +80,27 @@ CREATE TABLE IF NOT EXISTS final (
 """
 
 
+class StoreDamagedError(UserError, RuntimeError):
+    """The results database is not a readable SQLite database, or fails SQLite's integrity check."""
+
+
 class Store:
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
-        """``read_only``: open an existing database without writing (reports on read-only media)."""
+        """``read_only``: open an existing database without writing (reports on read-only media).
+        Raises :class:`StoreDamagedError` if the file is damaged (SQLite's ``quick_check``)."""
         self.path = Path(path)
         self.read_only = read_only
         if read_only:
             if not self.path.is_file():
                 raise FileNotFoundError(f"results database not found: {self.path}")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.connect() as db:
+            check = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if check != ["ok"]:
+            raise self._damaged("; ".join(check[:3]))
+        if read_only:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.transaction() as db:
             db.executescript(SCHEMA)
             if not self._has_purpose(db):  # a store written before lr-selection runs existed
@@ -96,6 +109,12 @@ class Store:
     @staticmethod
     def _has_purpose(db: sqlite3.Connection) -> bool:
         return any(row[1] == "purpose" for row in db.execute("PRAGMA table_info(runs)"))
+
+    def _damaged(self, reason: str) -> StoreDamagedError:
+        return StoreDamagedError(
+            f"results database {self.path} is damaged ({reason}); move it aside and re-run the sweep "
+            "(`archifactory sweep SPEC --dir DIR`): finished runs are recovered from their run directories"
+        )
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
@@ -106,6 +125,10 @@ class Store:
         db.row_factory = sqlite3.Row
         try:
             yield db
+        except sqlite3.DatabaseError as err:
+            if type(err) is sqlite3.DatabaseError:  # "file is not a database", "disk image is malformed"
+                raise self._damaged(str(err)) from None
+            raise
         finally:
             db.close()
 

@@ -4,8 +4,10 @@ and peak memory."""
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,11 @@ class MetricsWriter:
     def __init__(self, path: Path, loggers: list[str], run_dir: Path, config: dict, enabled: bool = True) -> None:
         self.path = Path(path)
         self.enabled = enabled
+        if enabled and self.path.is_file() and self.path.stat().st_size:
+            with open(self.path, "rb+") as f:  # a killed writer may have left a partial last line: end it
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
         self.loggers = [_make_logger(name, run_dir, config) for name in loggers] if enabled else []
 
     def write(self, record: dict[str, Any]) -> None:
@@ -71,11 +78,27 @@ class MetricsWriter:
             getattr(logger, "close", lambda: None)()
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, warn=None) -> list[dict]:
+    """The records of a metrics.jsonl file. A damaged line (a partial write from a killed process, bad
+    bytes) is skipped with a warning naming the file and line (through ``warn``, default
+    :func:`warnings.warn`), so that the records around it are kept."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, damaged = [], []
+    for number, line in enumerate(path.read_bytes().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict) or "step" not in record:
+                raise ValueError("not a metrics record")
+            records.append(record)
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            damaged.append(number)
+    if damaged:
+        (warn or warnings.warn)(f"{path}: skipped {len(damaged)} damaged line(s) ({', '.join(map(str, damaged[:5]))})")
+    return records
 
 
 def _make_logger(name: str, run_dir: Path, config: dict):
