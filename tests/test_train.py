@@ -243,7 +243,7 @@ def _infinite_gradient_at(monkeypatch, steps):
     return seen
 
 
-def test_infinite_gradient_is_never_applied_and_the_named_checkpoint_is_good(tmp_path, monkeypatch):
+def test_infinite_gradient_is_never_applied_and_the_named_checkpoint_is_good(tmp_path, monkeypatch, capsys):
     # the case: lr=10, no warmup, no clipping, a checkpoint every 2 steps, gradient norm inf at step 7
     data = run_config(tmp_path, max_steps=20, checkpoint_every=2, grad_clip=None)
     data["optimizer"]["lr"], data["schedule"]["warmup_steps"] = 10.0, 0
@@ -261,8 +261,12 @@ def test_infinite_gradient_is_never_applied_and_the_named_checkpoint_is_good(tmp
     monkeypatch.undo()
     data["train"]["max_steps"] = 9
     data["optimizer"]["lr"] = 1e-3
+    capsys.readouterr()
     summary = train(load_run_config(data))
     assert summary["steps"] == 9 and math.isfinite(summary["val_loss"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step_00000006 at step 6" in out
+    assert "with a changed config: optimizer.lr: 10.0 -> 0.001; train.max_steps: 20 -> 9" in out
 
 
 def test_skip_drops_nonfinite_steps_and_stops_after_too_many_in_a_row(tmp_path, monkeypatch):

@@ -218,6 +218,10 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        if "config_json" in state:
+            changed = _changed_fields(json.loads(state["config_json"]), self.cfg.model_dump(mode="json"))
+            if changed:
+                self.log(f"note: resuming {path} with a changed config: {'; '.join(changed[:8])}")
         self.elapsed_before = float(state["elapsed"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if self.device.type == "cuda" and "rng_cuda" in state:
@@ -413,6 +417,7 @@ class Trainer:
             "optimizer": optimizer_state,
             "rng_cpu": torch.get_rng_state(),
             "skipped_steps": self.skipped_steps,
+            "config_json": json.dumps(self.cfg.model_dump(mode="json"), sort_keys=True),
         }
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
@@ -547,6 +552,16 @@ class Trainer:
             disable=not enabled,
             console=self.console,
         )
+
+
+def _changed_fields(old, new, prefix: str = "") -> list[str]:
+    """``a.b: old -> new`` for every leaf that differs between two config dumps."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new)):
+            out += _changed_fields(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
 def train(cfg: RunConfig, resume: bool = True, console=None) -> dict:
