@@ -415,6 +415,23 @@ def test_bias_update_once_per_optimizer_step(top_k):
     assert torch.equal(bias, before)
 
 
+def test_skipped_step_discards_its_loads():
+    """A step whose update was skipped (non-finite gradients) does not move the bias, and its counts do
+    not leak into the next step's update."""
+    torch.manual_seed(12)
+    rate = 0.01
+    moe = overloaded_moe(rate).train()
+    x = torch.rand(4, 8, D) + 0.5
+    moe(x)
+    moe.after_optimizer_step(applied=False)
+    assert torch.count_nonzero(moe.routing_bias) == 0 and torch.count_nonzero(moe.step_load) == 0
+    reference = overloaded_moe(rate).train()
+    for module in (moe, reference):
+        module(x)
+        module.after_optimizer_step()
+    torch.testing.assert_close(moe.routing_bias, reference.routing_bias, rtol=0, atol=0)
+
+
 def test_bias_update_sums_micro_batches_like_the_full_batch():
     """Gradient accumulation: the loads of every micro-batch of a step add up before the one update."""
     torch.manual_seed(14)

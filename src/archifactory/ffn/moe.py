@@ -177,12 +177,14 @@ class MoE(FFN):
         return y.reshape(shape), self.aux_losses(logits, chosen)
 
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, applied: bool = True) -> None:
         """Auxiliary-loss-free balancing (DeepSeek-V3, Wang et al. 2024): ``b_i += rate * sign(mean_j c_j - c_i)``
         with ``c_i`` the assignments expert i received in this step's training forwards, summed over
         micro-batches and (all-reduced) over processes; then the count restarts. Collective under
-        ``torch.distributed``: every process must call it once per optimizer step."""
-        if not self.bias_update_rate:
+        ``torch.distributed``: every process must call it once per optimizer step. A skipped step
+        (``applied=False``) discards its counts: the bias moves only with updates that were applied."""
+        if not self.bias_update_rate or not applied:
+            self.step_load.zero_()
             return
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.step_load, op=dist.ReduceOp.SUM)

@@ -290,14 +290,15 @@ class CausalLM(nn.Module):
         """Which implementation each layer's mixer runs."""
         return {i: b.mixer.kernel_path() for i, b in enumerate(self.blocks)}
 
-    def after_optimizer_step(self) -> None:
+    def after_optimizer_step(self, applied: bool = True) -> None:
         """Updates that are not gradient steps and happen once per optimizer step (MoE routing-bias
-        balancing): calls ``after_optimizer_step()`` on every submodule that defines it. Training loops
-        call it right after ``optimizer.step()``; under ``torch.distributed`` it is collective (every
-        process calls it), since such updates reduce their statistics across processes."""
+        balancing): calls ``after_optimizer_step(applied)`` on every submodule that defines it. Training
+        loops call it right after ``optimizer.step()``, with ``applied=False`` for a step whose update was
+        skipped (non-finite loss or gradients): its statistics are then discarded, not applied. Under
+        ``torch.distributed`` it is collective only when ``applied`` (every process takes the same decision)."""
         for module in self.modules():
             if module is not self and callable(getattr(module, "after_optimizer_step", None)):
-                module.after_optimizer_step()
+                module.after_optimizer_step(applied)
 
     def moe_loads(self) -> dict[int, torch.Tensor]:
         """Per MoE layer, the share of routed assignments each expert got since the last reset."""

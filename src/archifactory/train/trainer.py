@@ -278,7 +278,8 @@ class Trainer:
         if applied:
             self.scaler.step(self.optimizer)
         self.scaler.update()  # no-op without fp16; after an overflow it lowers the scale
-        self.model.after_optimizer_step()  # once per step: MoE bias balancing from the whole step's loads
+        # once per step: MoE bias balancing from the whole step's loads (discarded if the step was skipped)
+        self.model.after_optimizer_step(applied)
         self.optimizer.zero_grad(set_to_none=True)
         return loss, norm, applied
 
