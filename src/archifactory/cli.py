@@ -154,9 +154,12 @@ def train(
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the run directory and start over."),
 ) -> None:
     """Train one run to its budget, resuming from the run directory's latest checkpoint."""
+    from archifactory.config import load_yaml
     from archifactory.train import NonFiniteLossError, load_run_config
     from archifactory.train import train as run_training
 
+    if load_yaml(config_path).get("stage") == "sft":  # a post-training run config
+        return _run_sft(config_path, set_ or [], fresh)
     cfg = load_run_config(config_path, set_ or [])
     try:
         run_training(cfg, resume=not fresh, console=console)
@@ -236,6 +239,42 @@ def eval_(
 
 @app.command()
 @guarded
+def sft(
+    source: Path = typer.Argument(..., metavar="RUN_DIR", help="A pretrained run directory, or an SFT run config "
+                                  "YAML (stage: sft)."),
+    data: Optional[str] = typer.Option(None, help="Chat data: a .json/.jsonl/.parquet file or a hub dataset name."),
+    data_format: str = typer.Option("auto", "--format", help="auto | messages | dolphin_r1 | prompt_completion | "
+                                    "alpaca | limo"),
+    out: Optional[Path] = typer.Option(None, "--out", help="SFT run directory (default RUN_DIR/sft)."),
+    set_: Optional[List[str]] = SetOption,
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the SFT run directory."),
+) -> None:
+    """Supervised fine-tuning of a pretrained run on chat data, with the project's chat template."""
+    if source.is_file():
+        if data is not None:
+            _fail("--data is for a run directory; an SFT config names its data in data.source")
+        return _run_sft(source, set_ or [], fresh)
+    if data is None:
+        _fail("give the chat data: archifactory sft RUN_DIR --data FILE")
+    config = {"name": f"{source.name}-sft", "base": str(source), "data": {"source": data, "format": data_format},
+              "out_dir": str(out or source / "sft")}
+    _run_sft(config, set_ or [], fresh)
+
+
+def _run_sft(source, overrides: List[str], fresh: bool) -> None:
+    from archifactory.posttrain.sft import load_sft_config
+    from archifactory.posttrain.sft import sft as run_sft
+    from archifactory.train import NonFiniteLossError
+
+    try:
+        cfg = load_sft_config(source, overrides)
+        run_sft(cfg, resume=not fresh, console=console)
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
+        _fail(str(err))
+
+
+@app.command()
+@guarded
 def generate(
     run_dir: Path = typer.Argument(..., help="A run directory (with model/ and tokenizer.json)."),
     prompt: str = typer.Option("", help="Text to continue; empty starts from the end-of-document token."),
@@ -245,6 +284,9 @@ def generate(
     top_p: Optional[float] = typer.Option(None, max=1.0, help="Nucleus sampling mass, in (0, 1]."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1 - 2**20),
     samples: int = typer.Option(1, min=1, max=2**20, help="How many continuations."),
+    chat: bool = typer.Option(False, "--chat", help="Treat --prompt as a user message and answer it with the "
+                              "run's chat template (an SFT run)."),
+    system: Optional[str] = typer.Option(None, help="With --chat: a system message."),
 ) -> None:
     """Sample text from a trained run's model."""
     from archifactory.data.tokenizer import Tokenizer
@@ -261,6 +303,20 @@ def generate(
         _fail(f"{err} (train the run first: archifactory train CONFIG)")
     except CorruptFileError as err:
         _fail(f"{err}; re-running `archifactory train` on the run's config.yaml writes it again")
+    if chat:
+        from archifactory.posttrain.chat import ChatTemplate, chat_reply
+
+        try:
+            template = ChatTemplate.load(run_dir)
+        except FileNotFoundError as err:
+            _fail(str(err))
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        for i in range(samples):
+            reply = chat_reply(model, tokenizer, template, messages, max_new_tokens, temperature=temperature,
+                               top_k=top_k, top_p=top_p, seed=seed + i)
+            console.rule(f"sample {i + 1}")
+            console.print(reply, highlight=False, markup=False)
+        return
     ids = [tokenizer.eos_id] + tokenizer.encode(prompt)
     for i in range(samples):
         out = model.generate(ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

@@ -102,7 +102,13 @@ class KVCache:
 
 class Attention(Mixer):
     """With ``output_projection=False`` the module returns the concatenated heads ``(B, T, H * hd)``
-    without ``o_proj``, for mixers that fuse attention with other heads before one projection (Hymba)."""
+    without ``o_proj``, for mixers that fuse attention with other heads before one projection (Hymba).
+
+    Packed documents (``forward(x, documents=ids)``) are kept apart by masking attention across them
+    (document masking). RoPE and ALiBi depend only on the distance between query and key, so positions
+    need no reset: a packed document computes what it computes alone, up to rounding."""
+
+    supports_documents = True
 
     def __init__(self, cfg: AttentionConfig, ctx: BuildContext, output_projection: bool = True) -> None:
         super().__init__(ctx)
@@ -134,8 +140,13 @@ class Attention(Mixer):
     def init_cache(self, batch_size: int, device, dtype) -> KVCache:
         return KVCache(window=self.window)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> tuple[torch.Tensor, KVCache | None]:
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, documents: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, KVCache | None]:
+        """``documents``: optional (B, T) ids of the packed document each token belongs to (training only)."""
         B, T, _ = x.shape
+        if documents is not None and cache is not None:
+            raise ValueError("documents (packed sequences) are for training forwards; decode one sequence per row")
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -150,7 +161,7 @@ class Attention(Mixer):
             k, v, k_pos = cache.update(k, v)
         else:
             k_pos = q_pos
-        y = self.attend(q, k, v, q_pos, k_pos).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        y = self.attend(q, k, v, q_pos, k_pos, documents).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         return (y if self.o_proj is None else self.o_proj(y)), cache
 
     def transform_kv(self, k: torch.Tensor, v: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,33 +169,38 @@ class Attention(Mixer):
         KV-shifting attention mixes in the previous token's keys and values."""
         return k, v
 
-    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    def _mask(
+        self, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype, documents: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """``None`` for plain causal attention over a fresh sequence; otherwise a boolean ``(Tq, Tk)``
-        mask, or an additive ``(H, Tq, Tk)`` one when ALiBi is on."""
-        plain = self.window is None and self.alibi is None and len(q_pos) == len(k_pos)
+        mask, or an additive ``(H, Tq, Tk)`` one when ALiBi is on; with ``documents`` (B, T) a leading
+        batch dimension ``(B, 1 or H, Tq, Tk)`` that also blocks keys of other documents."""
+        plain = self.window is None and self.alibi is None and len(q_pos) == len(k_pos) and documents is None
         if plain:
             return None
         offset = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk)
         allowed = offset >= 0
         if self.window is not None:
             allowed = allowed & (offset < self.window)
+        if documents is not None:
+            allowed = allowed & (documents[:, None, :, None] == documents[:, None, None, :])  # (B, 1, Tq, Tk)
         if self.alibi is None:
             return allowed
         return self.alibi.bias(q_pos, k_pos).masked_fill(~allowed, float("-inf")).to(dtype)
 
-    def _attend_sdpa(self, q, k, v, q_pos, k_pos) -> torch.Tensor:
-        mask = self._mask(q_pos, k_pos, q.dtype)
+    def _attend_sdpa(self, q, k, v, q_pos, k_pos, documents=None) -> torch.Tensor:
+        mask = self._mask(q_pos, k_pos, q.dtype, documents)
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )
 
-    def _attend_explicit(self, q, k, v, q_pos, k_pos) -> torch.Tensor:
+    def _attend_explicit(self, q, k, v, q_pos, k_pos, documents=None) -> torch.Tensor:
         group = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         logits = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Tq, Tk)
         logits = self.softcap * torch.tanh(logits / self.softcap)
-        mask = self._mask(q_pos, k_pos, logits.dtype)
+        mask = self._mask(q_pos, k_pos, logits.dtype, documents)
         if mask is None:
             mask = q_pos[:, None] >= k_pos[None, :]
         if mask.dtype == torch.bool:

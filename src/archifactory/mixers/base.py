@@ -27,6 +27,11 @@ class MixerConfig(Component):
 
 
 class Mixer(nn.Module):
+    supports_documents: ClassVar[bool] = False
+    """Whether ``forward(x, documents=ids)`` keeps packed documents apart (``ids``: (B, T), the document
+    each token belongs to): no token reads an earlier document. Mixers without it are trained on padded
+    rows instead of packed ones (see ``CausalLM.document_blockers``)."""
+
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()
         self.d_model = ctx.d_model

@@ -57,6 +57,8 @@ class ShiftKVCache(KVCache):
 
 
 class KVShiftAttention(Attention):
+    supports_documents = False  # the key/value shift reads the previous token, across a document boundary
+
     def __init__(self, cfg: KVShiftConfig, ctx: BuildContext) -> None:
         super().__init__(cfg, ctx)
         # Column 0 weighs the current token, column 1 the previous one; one row per key/value head.

@@ -29,34 +29,40 @@ class Block(nn.Module):
             residual
         ]
 
-    def forward(self, x: torch.Tensor, cache: Any = None, ffn_cache: Any = None) -> tuple[torch.Tensor, Any, AuxLosses]:
-        """``cache``: the mixer's; ``ffn_cache``: the FFN's, for FFNs with state (None for most)."""
-        return self._forward(x, cache, ffn_cache)
+    def forward(
+        self, x: torch.Tensor, cache: Any = None, ffn_cache: Any = None, documents: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, Any, AuxLosses]:
+        """``cache``: the mixer's; ``ffn_cache``: the FFN's, for FFNs with state (None for most);
+        ``documents``: (B, T) packed-document ids for the mixer (see ``Mixer.supports_documents``)."""
+        return self._forward(x, cache, ffn_cache, documents)
 
     def _ffn(self, h, ffn_cache):
         return self.ffn(h) if ffn_cache is None else self.ffn(h, ffn_cache)
 
-    def _pre(self, x, cache, ffn_cache):
-        h, cache = self.mixer(self.mixer_norm(x), cache)
+    def _mix(self, h, cache, documents):
+        return self.mixer(h, cache) if documents is None else self.mixer(h, cache, documents=documents)
+
+    def _pre(self, x, cache, ffn_cache, documents=None):
+        h, cache = self._mix(self.mixer_norm(x), cache, documents)
         x = x + h
         f, aux = self._ffn(self.ffn_norm(x), ffn_cache)
         return x + f, cache, aux
 
-    def _post(self, x, cache, ffn_cache):
-        h, cache = self.mixer(x, cache)
+    def _post(self, x, cache, ffn_cache, documents=None):
+        h, cache = self._mix(x, cache, documents)
         x = self.mixer_norm(x + h)
         f, aux = self._ffn(x, ffn_cache)
         return self.ffn_norm(x + f), cache, aux
 
-    def _sandwich(self, x, cache, ffn_cache):
-        h, cache = self.mixer(self.mixer_norm(x), cache)
+    def _sandwich(self, x, cache, ffn_cache, documents=None):
+        h, cache = self._mix(self.mixer_norm(x), cache, documents)
         x = x + self.mixer_post_norm(h)
         f, aux = self._ffn(self.ffn_norm(x), ffn_cache)
         return x + self.ffn_post_norm(f), cache, aux
 
-    def _parallel(self, x, cache, ffn_cache):
+    def _parallel(self, x, cache, ffn_cache, documents=None):
         normed = self.mixer_norm(x)
-        h, cache = self.mixer(normed, cache)
+        h, cache = self._mix(normed, cache, documents)
         f, aux = self._ffn(normed, ffn_cache)
         return x + h + f, cache, aux
 

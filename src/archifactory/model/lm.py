@@ -13,6 +13,7 @@ from torch import nn
 
 from archifactory.config import dump_config, to_yaml
 from archifactory.errors import InputError
+from archifactory.ffn.base import FFN
 from archifactory.model.block import Block
 from archifactory.model.config import ModelConfig, load_model_config
 from archifactory.model.sampling import sample_next
@@ -107,7 +108,20 @@ class CausalLM(nn.Module):
             [block.ffn.init_cache(batch_size, device, dtype) for block in self.blocks],
         )
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: ModelCache | None = None):
+    def document_blockers(self) -> list[str]:
+        """The parts that cannot keep packed documents apart (a mixer without ``supports_documents``, an
+        FFN with state), as ``"layer 2 mixer Mamba2"``; empty when ``forward(..., document_ids=...)`` works."""
+        out = []
+        for i, block in enumerate([*self.blocks, *self.mtp_blocks]):
+            if not block.mixer.supports_documents:
+                out.append(f"layer {i} mixer {type(block.mixer).__name__}")
+            if type(block.ffn).init_cache is not FFN.init_cache:  # an FFN with state (token shift)
+                out.append(f"layer {i} ffn {type(block.ffn).__name__}")
+        return out
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, cache: ModelCache | None = None, document_ids: torch.Tensor | None = None
+    ):
         """Run embedding and blocks; returns the trunk output (before the final norm) and summed aux losses."""
         B, T = input_ids.shape
         x = self.embed(input_ids)
@@ -115,17 +129,26 @@ class CausalLM(nn.Module):
             x = x * torch.tensor(self.embedding_scale, dtype=x.dtype)
         start = cache.pos if cache is not None else 0
         if self.pos_embed is not None:
-            if start + T > self.config.max_seq_len:  # Python ints: no device sync, no graph break
-                raise InputError(
-                    f"position {start + T - 1} is beyond the absolute position table's "
-                    f"max_seq_len={self.config.max_seq_len}; use shorter inputs or a larger model.max_seq_len"
-                )
-            x = x + self.pos_embed(torch.arange(start, start + T, device=input_ids.device)).to(x.dtype)
+            if document_ids is None:
+                if start + T > self.config.max_seq_len:  # Python ints: no device sync, no graph break
+                    raise InputError(
+                        f"position {start + T - 1} is beyond the absolute position table's "
+                        f"max_seq_len={self.config.max_seq_len}; use shorter inputs or a larger model.max_seq_len"
+                    )
+                positions = torch.arange(start, start + T, device=input_ids.device)
+            else:
+                positions = document_positions(document_ids)  # restarts at each document: < T
+                if T > self.config.max_seq_len:
+                    raise InputError(
+                        f"a packed row of {T} tokens may hold a document beyond the absolute position table's "
+                        f"max_seq_len={self.config.max_seq_len}; use shorter rows or a larger model.max_seq_len"
+                    )
+            x = x + self.pos_embed(positions).to(x.dtype)
         aux: dict[str, torch.Tensor] = {}
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             ffn_cache = cache.ffn_layers[i] if cache is not None else None
-            x, layer_cache, block_aux = block(x, layer_cache, ffn_cache)
+            x, layer_cache, block_aux = block(x, layer_cache, ffn_cache, document_ids)
             if cache is not None:
                 cache.layers[i] = layer_cache
             for name, value in block_aux.items():
@@ -146,12 +169,28 @@ class CausalLM(nn.Module):
         input_ids: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: ModelCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> LMOutput:
         """``input_ids`` (B, T); ``targets`` (B, T) holds the next token at each position, or -100 where no
-        loss is taken (padding, document ends)."""
+        loss is taken (padding, document ends). ``document_ids`` (B, T), for rows packing several documents:
+        the document each token belongs to (consecutive runs of equal ids); no token then reads another
+        document, and absolute positions restart at each document. Needs every part to support it
+        (:meth:`document_blockers` is empty). The multi-token heads' targets k tokens ahead may cross into
+        the next document (mask them in ``targets`` if that matters)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-        hidden, aux = self.hidden_states(input_ids, cache)
+        if document_ids is not None:
+            if document_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"document_ids shape {tuple(document_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
+            blockers = self.document_blockers()
+            if blockers:
+                raise ValueError(
+                    f"packed documents cannot be kept apart by {', '.join(blockers)}: "
+                    "give one document per row (padding) for this model"
+                )
+        hidden, aux = self.hidden_states(input_ids, cache, document_ids)
         logits = self.logits(hidden)
         if targets is None:
             return LMOutput(logits=logits, aux_losses=aux, cache=cache)
@@ -167,7 +206,7 @@ class CausalLM(nn.Module):
                     f"{len(self.mtp_blocks)}; use sequences longer than mtp_heads"
                 )
             mtp = [
-                cross_entropy(self.logits(block(hidden)[0]), shift_targets(targets, i + 1))
+                cross_entropy(self.logits(block(hidden, documents=document_ids)[0]), shift_targets(targets, i + 1))
                 for i, block in enumerate(self.mtp_blocks)
             ]
             aux["mtp"] = self.config.mtp_loss_weight * torch.stack(mtp).mean()
@@ -347,6 +386,17 @@ class CausalLM(nn.Module):
 
     def config_yaml(self) -> str:
         return to_yaml(self.config)
+
+
+def document_positions(document_ids: torch.Tensor) -> torch.Tensor:
+    """Each token's position within its document: (B, T) ids of consecutive documents -> (B, T) offsets
+    that restart at 0 wherever the id changes."""
+    T = document_ids.shape[1]
+    index = torch.arange(T, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return index - first
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

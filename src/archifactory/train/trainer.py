@@ -92,18 +92,6 @@ class Trainer:
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
-        # rank 0 trains the tokenizer and writes shards; the others then read them from the cache
-        if self.dist.is_main:
-            self.tokenizer, self.shards = prepare_data(cfg, self.log)
-        barrier(self.dist)
-        if not self.dist.is_main:
-            self.tokenizer, self.shards = prepare_data(cfg, lambda *_: None)
-        if self.dist.is_main:
-            self.tokenizer.save(self.run_dir / "tokenizer.json")
-            (self.run_dir / "data.json").write_text(json.dumps(
-                {"shards": str(self.shards.directory), **{k: v for k, v in self.shards.manifest.items() if k != "corpus"}},
-                indent=2,
-            ))
         world = self.dist.world_size
         micro = tc.micro_batch_size or tc.batch_size // world
         if tc.batch_size % (micro * world):
@@ -111,13 +99,9 @@ class Trainer:
                 f"train.batch_size={tc.batch_size} is not a multiple of micro_batch_size ({micro}) x processes ({world})"
             )
         self.accum = tc.batch_size // (micro * world)
-        self.loader = PackedLoader(self.shards.tokens("train"), tc.seq_len, micro * world, cfg.data.seed,
-                                   self.dist.rank, world)
-        self.val_tokens = self.shards.tokens("val")
-        self.val_bytes = self.shards.token_bytes("val")
-        self._check_validation_split()
+        self.setup_data(micro * world)
         torch.manual_seed(tc.seed)
-        self.model = CausalLM(cfg.model).to(self.device)
+        self.model = self.build_model().to(self.device)
         self.fsdp = self.dist.enabled and tc.parallel == "fsdp"
         self.train_model = self.model
         if self.fsdp:
@@ -158,6 +142,31 @@ class Trainer:
         self.skipped_steps, self.consecutive_skips = 0, 0
         if self.resume:
             self._resume()
+
+    def setup_data(self, global_micro_batch: int) -> None:
+        """Tokenizer, training loader and validation data (a hook: post-training stages read other data)."""
+        cfg, tc = self.cfg, self.cfg.train
+        # rank 0 trains the tokenizer and writes shards; the others then read them from the cache
+        if self.dist.is_main:
+            self.tokenizer, self.shards = prepare_data(cfg, self.log)
+        barrier(self.dist)
+        if not self.dist.is_main:
+            self.tokenizer, self.shards = prepare_data(cfg, lambda *_: None)
+        if self.dist.is_main:
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
+            (self.run_dir / "data.json").write_text(json.dumps(
+                {"shards": str(self.shards.directory), **{k: v for k, v in self.shards.manifest.items() if k != "corpus"}},
+                indent=2,
+            ))
+        self.loader = PackedLoader(self.shards.tokens("train"), tc.seq_len, global_micro_batch, cfg.data.seed,
+                                   self.dist.rank, self.dist.world_size)
+        self.val_tokens = self.shards.tokens("val")
+        self.val_bytes = self.shards.token_bytes("val")
+        self._check_validation_split()
+
+    def build_model(self) -> CausalLM:
+        """The model to train, on CPU (a hook: post-training stages start from a trained one)."""
+        return CausalLM(self.cfg.model)
 
     def _check_validation_split(self) -> None:
         """Evaluation needs a validation split with text in it; one shorter than a window is evaluated as
@@ -256,12 +265,8 @@ class Trainer:
         self.train_model.train()
         total = torch.zeros((), device=self.device)
         for micro in range(self.accum):
-            x, y = self.loader.batch(self.step * self.accum + micro)
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self._gradient_sync(micro == self.accum - 1):
-                with self.autocast():
-                    out = self.train_model(x, y)
-                loss = out.loss / self.accum
+                loss = self.micro_loss(self.step * self.accum + micro)
                 self.scaler.scale(loss).backward()
             total += loss.detach()
         total = all_reduce_mean(total, self.dist)
@@ -282,6 +287,15 @@ class Trainer:
         self.model.after_optimizer_step(applied)
         self.optimizer.zero_grad(set_to_none=True)
         return loss, norm, applied
+
+    def micro_loss(self, index: int) -> torch.Tensor:
+        """Loss of global micro-batch ``index``, scaled so that a step's micro-batch losses sum to the step's
+        loss (a hook: SFT weighs micro-batches by their trained tokens)."""
+        x, y = self.loader.batch(index)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        with self.autocast():
+            out = self.train_model(x, y)
+        return out.loss / self.accum
 
     def _gradient_sync(self, sync: bool):
         """Skip the gradient all-reduce on accumulation micro-steps before the last."""
