@@ -134,6 +134,12 @@ def test_local_json_jsonl_and_parquet_give_the_same_records(tmp_path):
         load_records(str(tmp_path / "bad.jsonl"))
     with pytest.raises(FileNotFoundError, match="not found"):
         load_records(str(tmp_path / "missing.jsonl"))
+    # anything else is a hub dataset for `datasets.load_dataset`: a hub-style folder of data files here
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    assert load_records(str(tmp_path / "hub"), split="train") == records
+    with pytest.raises(RuntimeError, match="could not load dataset 'no/such-dataset'"):
+        load_records("no/such-dataset")
 
 
 # ----------------------------------------------------------------------------------- template and tokens

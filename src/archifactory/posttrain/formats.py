@@ -16,7 +16,7 @@ Formats (``format: auto`` picks one from a record's keys, in this order):
   (which ends with the final answer); ``answer`` is not trained on, it stays for answer checking.
 
 Sources: a local ``.json`` (a list of records), ``.jsonl`` or ``.parquet`` file, or a Hugging Face hub
-dataset name (through ``datasets``, with ``subset`` and ``split``).
+dataset name or local dataset folder (through ``datasets.load_dataset``, with ``subset`` and ``split``).
 """
 
 from __future__ import annotations
@@ -128,8 +128,10 @@ def load_records(source: str, split: str = "train", subset: str | None = None, b
         if not isinstance(data, list):
             raise ValueError(f"{path} must hold a JSON list of records (or use .jsonl, one record per line)")
         return data
-    if path.exists():
+    if path.is_file():
         raise ValueError(f"{path}: unknown file type {suffix!r}; give a .json, .jsonl or .parquet file")
+    if path.is_dir():
+        source = str(path)  # a local dataset folder (data files or a downloaded hub repository)
     try:
         import datasets
     except ImportError:

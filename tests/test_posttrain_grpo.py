@@ -1,0 +1,218 @@
+"""GRPO: task checkers and answer extraction, group advantages, and the clipped loss with its gradient
+for each loss type, against a hand computation and against TRL's GRPOTrainer._compute_loss."""
+
+import collections
+import fractions
+import math
+import types
+
+import pytest
+import torch
+
+from archifactory.posttrain.grpo_loss import group_advantages, grpo_loss
+from archifactory.posttrain.tasks import (
+    AnswerDataTask,
+    ArithmeticTask,
+    CountdownTask,
+    build_task,
+    evaluate_expression,
+    final_answer,
+)
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        ("The sum is 579.", "579"),
+        ("12 + 3 = 15\n#### 15", "15"),
+        ("Answer: 1,234 apples, not 7", "1,234"),
+        ("<think>\nmaybe 12, maybe 13\n</think>\n\n13", "13"),
+        ("no number here", None),
+        ("#### -4.5", "-4.5"),
+    ],
+)
+def test_final_answer(completion, answer):
+    assert final_answer(completion) == answer
+
+
+def test_arithmetic_problems_are_seeded_exact_and_split():
+    add, mul = ArithmeticTask("+", digits=3, seed=1), ArithmeticTask("*", digits=2, seed=1)
+    p = add.problem(5)
+    a, b = (int(v) for v in p.prompt.removeprefix("What is ").removesuffix("?").split(" + "))
+    assert 100 <= a < 1000 and 100 <= b < 1000 and p.answer == str(a + b)
+    assert add.problem(5) == p and add.problem(5, "test") != p and ArithmeticTask("+", 3, seed=2).problem(5) != p
+    assert add.correct(f"It is {a + b}.", p) and not add.correct(f"It is {a + b + 1}.", p)
+    assert not add.correct("I do not know", p) and add.well_formed("7", p) and not add.well_formed("none", p)
+    q = mul.problem(0)
+    x, y = (int(v) for v in q.prompt.removeprefix("What is ").removesuffix("?").split(" * "))
+    assert q.answer == str(x * y) and mul.correct(f"#### {x * y}", q)
+
+
+def test_countdown_checker_is_exact_and_every_problem_is_solvable():
+    task = CountdownTask(n_numbers=3, max_number=20, seed=0)
+    for i in range(20):
+        p = task.problem(i)
+        assert len(p.numbers) == 3 and int(p.answer) > 0
+    p = type(task.problem(0))("", "24", (4, 6, 1))
+    assert task.correct("<answer>4 * 6 * 1</answer>", p)
+    assert task.correct("<think>hmm</think> (6 - 1) * 4 + 4 ... no\n<answer>(1 + 6 - 1) * 4</answer>", p) is False
+    assert not task.correct("<answer>4 * 6</answer>", p)  # every number exactly once
+    assert not task.correct("<answer>4 * 6 * 1 * 1</answer>", p)
+    assert not task.correct("<answer>__import__('os')</answer>", p)
+    assert task.correct("4*6/1 = 24", p)
+    assert evaluate_expression("(7 - 1) / 4") == (fractions.Fraction(3, 2), [7, 1, 4])
+    for bad in ("2 ** 3", "abs(2)", "1 / 0", "x + 1"):
+        with pytest.raises(ValueError):
+            evaluate_expression(bad)
+
+
+def test_gsm8k_style_records(tmp_path):
+    import json
+
+    rows = [{"question": f"Q{i}", "answer": f"work...\n#### {i * 1000:,}"} for i in range(10)]
+    path = tmp_path / "gsm.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    task = build_task("gsm8k", data=path, test_fraction=0.2)
+    assert len(task.splits["test"]) == 2 and len(task.splits["train"]) == 8
+    assert {p.prompt for p in task.splits["test"]}.isdisjoint(p.prompt for p in task.splits["train"])
+    p = task.problem(3)
+    i = int(p.prompt[1:])
+    assert p.answer == str(i * 1000) and task.correct(f"so #### {i * 1000:,}", p) and not task.correct("#### 1", p)
+    with pytest.raises(ValueError, match="record 0 lacks 'q'"):
+        AnswerDataTask(str(path), question_field="q")
+    with pytest.raises(ValueError, match="unknown task"):
+        build_task("chess")
+
+
+# ------------------------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages_match_trl():
+    from trl.trainer.utils import nanstd
+
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.5, 0.0, 1.0])
+    grouped = rewards.view(-1, 3)
+    expected = (rewards - grouped.mean(1).repeat_interleave(3)) / (nanstd(grouped, dim=1).repeat_interleave(3) + 1e-4)
+    assert torch.allclose(group_advantages(rewards, 3), expected)
+    assert torch.allclose(group_advantages(rewards, 3)[3:6], torch.zeros(3))  # all equal: no signal
+    by_hand = [(1 - 1 / 3) / (math.sqrt((2 * (1 / 3) ** 2 + (2 / 3) ** 2) / 2) + 1e-4)]
+    assert group_advantages(rewards, 3)[0].item() == pytest.approx(by_hand[0], rel=1e-6)
+    batch = (rewards - grouped.mean(1).repeat_interleave(3)) / (nanstd(rewards) + 1e-4)
+    assert torch.allclose(group_advantages(rewards, 3, "batch"), batch)
+    assert torch.allclose(group_advantages(rewards, 3, "none"), rewards - grouped.mean(1).repeat_interleave(3))
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(rewards, 4)
+
+
+# ------------------------------------------------------------------------------------------------- loss
+
+# a fixed small batch: 4 completions (2 groups of 2), 3 token slots, the last of rows 1 and 3 is padding
+LOGP = [[-1.0, -0.5, -2.0], [-0.3, -1.2, -0.7], [-2.2, -0.1, -0.9], [-0.6, -0.8, -1.5]]
+OLD = [[-1.1, -0.9, -2.0], [-0.3, -0.8, -0.7], [-2.0, -0.4, -0.5], [-0.9, -0.8, -1.5]]
+REF = [[-1.3, -0.4, -1.8], [-0.5, -1.0, -0.2], [-2.1, -0.3, -1.1], [-0.2, -0.9, -1.0]]
+MASK = [[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 1, 0]]
+ADV = [0.9, -0.9, -1.2, 1.2]
+EPS = 0.2
+
+
+def hand_loss_and_grad(loss_type: str, beta: float, max_len: int = 3):
+    """Plain-Python loss and d loss / d logp for each token, from the formulas in grpo_loss.py's docstring."""
+    B, T = len(LOGP), len(LOGP[0])
+    n_total = sum(map(sum, MASK))
+    per, dper = [[0.0] * T for _ in range(B)], [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        for t in range(T):
+            r = math.exp(LOGP[b][t] - OLD[b][t])
+            a = ADV[b]
+            rc = min(max(r, 1 - EPS), 1 + EPS)
+            unclipped = r * a <= rc * a
+            per[b][t] = -min(r * a, rc * a)
+            dper[b][t] = -a * r if unclipped else 0.0  # d(r)/d(logp) = r; the clipped branch is constant
+            d = REF[b][t] - LOGP[b][t]
+            per[b][t] += beta * (math.exp(d) - d - 1)
+            dper[b][t] += beta * (1 - math.exp(d))
+    weight = [[0.0] * T for _ in range(B)]
+    for b in range(B):
+        for t in range(T):
+            if MASK[b][t]:
+                weight[b][t] = {
+                    "grpo": 1 / (sum(MASK[b]) * B),
+                    "bnpo": 1 / n_total,
+                    "dapo": 1 / n_total,
+                    "dr_grpo": 1 / (B * max_len),
+                }[loss_type]
+    loss = sum(per[b][t] * weight[b][t] for b in range(B) for t in range(T))
+    grad = [[dper[b][t] * weight[b][t] for t in range(T)] for b in range(B)]
+    return loss, grad
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_loss_and_gradient_match_a_hand_computation(loss_type, beta):
+    logp = torch.tensor(LOGP, dtype=torch.float64, requires_grad=True)
+    out = grpo_loss(logp, torch.tensor(OLD, dtype=torch.float64), torch.tensor(ADV, dtype=torch.float64),
+                    torch.tensor(MASK), ref_logprobs=torch.tensor(REF, dtype=torch.float64), beta=beta,
+                    epsilon_low=EPS, loss_type=loss_type, max_completion_length=3)
+    out.loss.backward()
+    loss, grad = hand_loss_and_grad(loss_type, beta)
+    assert out.loss.item() == pytest.approx(loss, rel=1e-12)
+    assert torch.allclose(logp.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    # the batch has clipped tokens on both sides, so the test exercises the clip
+    ratio = torch.exp(torch.tensor(LOGP) - torch.tensor(OLD))
+    assert ((ratio > 1 + EPS) & (torch.tensor(ADV)[:, None] > 0)).any() and ((ratio < 1 - EPS) & (torch.tensor(ADV)[:, None] < 0)).any()
+    clipped = ((ratio < 1 - EPS) & (torch.tensor(ADV)[:, None] < 0)) | ((ratio > 1 + EPS) & (torch.tensor(ADV)[:, None] > 0))
+    assert out.clip_fraction.item() == pytest.approx((clipped & torch.tensor(MASK).bool()).sum().item() / 10)
+
+
+def test_dapo_normalises_over_the_whole_step():
+    """Split in two micro-batches with the step's token count, the gradients add up to the full batch's."""
+    logp = torch.tensor(LOGP, dtype=torch.float64, requires_grad=True)
+    args = dict(epsilon_low=EPS, loss_type="dapo")
+    full = grpo_loss(logp, torch.tensor(OLD, dtype=torch.float64), torch.tensor(ADV, dtype=torch.float64),
+                     torch.tensor(MASK), **args)
+    (g_full,) = torch.autograd.grad(full.loss, logp)
+    parts = [grpo_loss(logp[s], torch.tensor(OLD, dtype=torch.float64)[s], torch.tensor(ADV, dtype=torch.float64)[s],
+                       torch.tensor(MASK)[s], n_tokens=10, **args).loss for s in (slice(0, 2), slice(2, 4))]
+    (g_parts,) = torch.autograd.grad(sum(parts), logp)
+    assert torch.allclose(g_parts, g_full, rtol=1e-12)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_loss_and_gradient_match_trl(loss_type, beta):
+    """TRL's GRPOTrainer._compute_loss (trl 1.16.0) run on the same log-probabilities: the model call is
+    replaced by a function returning them, the trainer by the attributes the loss reads."""
+    trl = pytest.importorskip("trl", reason="TRL is an optional reference (pip install trl)")
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    logp = torch.tensor(LOGP, requires_grad=True)
+    accelerator = types.SimpleNamespace(num_processes=1, sync_gradients=True, reduce=lambda x, reduction: x,
+                                        gather=lambda x: x, gather_for_metrics=lambda x: x)
+    stub = types.SimpleNamespace(
+        beta=beta, loss_type=loss_type, epsilon_low=EPS, epsilon_high=EPS, top_entropy_quantile=1.0,
+        off_policy_mask_threshold=None, importance_sampling_level="token", use_vllm=False,
+        max_completion_length=3, current_gradient_accumulation_steps=1, aux_loss_enabled=False,
+        _entropy_bonus_enabled=False, model=types.SimpleNamespace(training=True), accelerator=accelerator,
+        args=types.SimpleNamespace(delta=None, use_bias_correction_kl=False, steps_per_generation=1),
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros_like(logp), None),
+    )
+    inputs = {
+        "prompt_ids": torch.zeros(4, 1, dtype=torch.long), "prompt_mask": torch.ones(4, 1, dtype=torch.long),
+        "completion_ids": torch.zeros(4, 3, dtype=torch.long), "completion_mask": torch.tensor(MASK),
+        "advantages": torch.tensor(ADV), "old_per_token_logps": torch.tensor(OLD),
+        "ref_per_token_logps": torch.tensor(REF), "num_items_in_batch": torch.tensor(10.0),
+    }
+    expected = GRPOTrainer._compute_loss(stub, None, inputs)
+    (expected_grad,) = torch.autograd.grad(expected, logp)
+    ours = grpo_loss(logp, torch.tensor(OLD), torch.tensor(ADV), torch.tensor(MASK), ref_logprobs=torch.tensor(REF),
+                     beta=beta, epsilon_low=EPS, loss_type=loss_type, max_completion_length=3)
+    (grad,) = torch.autograd.grad(ours.loss, logp)
+    assert ours.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert torch.allclose(grad, expected_grad, rtol=1e-6, atol=1e-9)
+    assert ours.clip_fraction.item() == pytest.approx(stub._metrics["train"]["clip_ratio/region_mean"][0], rel=1e-6)
+    if beta:
+        assert ours.kl.item() == pytest.approx(stub._metrics["train"]["kl"][0], rel=1e-6)
+    assert trl.__version__
