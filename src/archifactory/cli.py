@@ -158,8 +158,11 @@ def train(
     from archifactory.train import NonFiniteLossError, load_run_config
     from archifactory.train import train as run_training
 
-    if load_yaml(config_path).get("stage") == "sft":  # a post-training run config
+    stage = load_yaml(config_path).get("stage")
+    if stage == "sft":  # post-training run configs
         return _run_sft(config_path, set_ or [], fresh)
+    if stage == "grpo":
+        return grpo(config_path, "addition", None, set_ or [], fresh)
     cfg = load_run_config(config_path, set_ or [])
     try:
         run_training(cfg, resume=not fresh, console=console)
@@ -269,6 +272,32 @@ def _run_sft(source, overrides: List[str], fresh: bool) -> None:
     try:
         cfg = load_sft_config(source, overrides)
         run_sft(cfg, resume=not fresh, console=console)
+    except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
+        _fail(str(err))
+
+
+@app.command()
+@guarded
+def grpo(
+    source: Path = typer.Argument(..., metavar="RUN_DIR", help="An SFT run directory, or a GRPO run config YAML "
+                                  "(stage: grpo)."),
+    task: str = typer.Option("addition", help="addition | multiplication | countdown | gsm8k (with --set task.data=...)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="GRPO run directory (default RUN_DIR/grpo)."),
+    set_: Optional[List[str]] = SetOption,
+    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the GRPO run directory."),
+) -> None:
+    """Reinforcement on a verifiable task (GRPO) from an SFT run."""
+    from archifactory.posttrain.grpo import grpo as run_grpo
+    from archifactory.posttrain.grpo import load_grpo_config
+    from archifactory.train import NonFiniteLossError
+
+    if source.is_file():
+        config = source
+    else:
+        config = {"name": f"{source.name}-grpo", "base": str(source), "task": {"name": task},
+                  "out_dir": str(out or source / "grpo")}
+    try:
+        run_grpo(load_grpo_config(config, set_ or []), resume=not fresh, console=console)
     except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
         _fail(str(err))
 

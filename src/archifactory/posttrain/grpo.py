@@ -1,0 +1,296 @@
+"""GRPO on verifiable tasks, from an SFT run: a run config with ``stage: grpo``.
+
+Each optimizer step draws ``batch_size / num_generations`` prompts from the task (a pure function of the
+step, so resume is exact), renders each with the SFT run's chat template, samples ``num_generations``
+completions per prompt with the model's cached ``generate`` (stopping at ``<|im_end|>``), rewards them
+(1 for a correct final answer, plus ``format_reward`` when one can be read at all), normalises the rewards
+within each group and takes the clipped GRPO loss (:mod:`archifactory.posttrain.grpo_loss`). The
+completion mask covers the completion up to and including its ``<|im_end|>``, as TRL's.
+
+Differences from TRL's ``GRPOTrainer``: one policy update per generation batch (TRL's default
+``num_iterations=1``, so the old log-probabilities are the current ones, detached, and the ratio is 1 at
+the update: the clip matters only with several updates, which are not offered yet); the validation metric is
+greedy exact-match accuracy on held-out problems (``eval_accuracy``), not a loss.
+
+```
+grpo_run_dir/  config.yaml, tokenizer.json, chat_template.jinja (copied from the SFT run), metrics.jsonl
+               (kind "grpo": reward, pass_rate, completion_length, kl, clip_fraction per step;
+               kind "eval": eval_accuracy), checkpoints/, model/, summary.json
+```
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import shutil
+import types
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from archifactory.config import ConfigError, Strict, apply_overrides, load_yaml, validate
+from archifactory.data.tokenizer import Tokenizer
+from archifactory.model.lm import IGNORE_INDEX, CausalLM
+from archifactory.posttrain.chat import IM_END, TEMPLATE_FILE, ChatTemplate
+from archifactory.posttrain.grpo_loss import LossType, RewardScale, group_advantages, grpo_loss, token_logprobs
+from archifactory.posttrain.tasks import Problem, Task, build_task
+from archifactory.train.config import OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig, expand_run_data
+from archifactory.train.distributed import all_reduce_mean
+from archifactory.train.trainer import Trainer
+
+
+class GRPOTaskConfig(Strict):
+    name: Literal["addition", "multiplication", "countdown", "gsm8k"] = "addition"
+    digits: int = Field(3, ge=1, le=30)
+    """addition / multiplication: digits of each operand."""
+    n_numbers: int = Field(3, ge=2, le=6)
+    """countdown: numbers to combine."""
+    max_number: int = Field(20, ge=1)
+    """countdown: the numbers are drawn from 1..max_number."""
+    data: str | None = None
+    """gsm8k: a local file or hub dataset with ``question`` and ``answer`` (``#### N``) fields."""
+    seed: int = Field(0, ge=0)
+    """Problem stream; held-out problems come from a separate stream (or, for data, a held-out draw)."""
+
+    def build(self) -> Task:
+        options = {"countdown": {"n_numbers": self.n_numbers, "max_number": self.max_number}}.get(self.name, {})
+        return build_task(self.name, digits=self.digits, seed=self.seed, data=self.data, **options)
+
+
+class GRPOOptions(Strict):
+    num_generations: int = Field(8, ge=2)
+    """Completions per prompt (the group)."""
+    max_completion_length: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    epsilon_high: float | None = Field(None, gt=0)
+    """Upper clip (DAPO's clip-higher); ``None``: ``epsilon``."""
+    beta: float = Field(0.0, ge=0)
+    """KL weight to the frozen starting model; 0 (TRL's default) keeps no reference model."""
+    loss_type: LossType = "dapo"
+    scale_rewards: RewardScale = "group"
+    format_reward: float = Field(0.0, ge=0)
+    """Added to the reward when a final answer can be read (0: correctness only)."""
+    eval_problems: int = Field(64, ge=1)
+    """Held-out problems answered greedily for ``eval_accuracy``."""
+
+
+def _grpo_train_default() -> TrainConfig:
+    return TrainConfig(seq_len=256, batch_size=64, max_steps=50, eval_every=25, checkpoint_every=25, grad_clip=1.0)
+
+
+class GRPORunConfig(RunConfig):
+    """A run config with ``stage: grpo``: the SFT run to start from, the task, GRPO options, and the
+    usual optimizer / schedule / train sections (``train.batch_size``: completions per step)."""
+
+    stage: Literal["grpo"] = "grpo"
+    base: str
+    """The SFT run directory (model/, tokenizer.json, chat_template.jinja)."""
+    task: GRPOTaskConfig = Field(default_factory=GRPOTaskConfig)
+    data: None = None
+    """Unused: the task generates the prompts."""
+    grpo: GRPOOptions = Field(default_factory=GRPOOptions)
+    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=0.0))
+    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(kind="constant", warmup_steps=0))
+    train: TrainConfig = Field(default_factory=_grpo_train_default)
+
+    @model_validator(mode="after")
+    def _groups_fit(self):
+        micro = self.train.micro_batch_size or self.train.batch_size
+        if micro % self.grpo.num_generations:
+            raise ValueError(
+                f"train.micro_batch_size (or batch_size) = {micro} completions must hold whole groups of "
+                f"grpo.num_generations={self.grpo.num_generations}; use a multiple of it"
+            )
+        return self
+
+
+def load_grpo_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> GRPORunConfig:
+    data = dict(source) if isinstance(source, dict) else load_yaml(source)
+    data = apply_overrides(data, overrides)
+    if data.get("stage", "grpo") != "grpo":
+        raise ConfigError(f"stage: {data.get('stage')!r} is not a GRPO config (expected stage: grpo)")
+    data.setdefault("stage", "grpo")
+    if "base" not in data:
+        raise ConfigError("base: missing; give the SFT run directory (base: runs/NAME/sft)")
+    base = Path(data["base"])
+    for name in ("tokenizer.json", TEMPLATE_FILE, "model/config.yaml", "model/model.safetensors"):
+        if not (base / name).is_file():
+            raise ConfigError(f"base: {base / name} is missing; GRPO starts from a finished SFT run (archifactory sft)")
+    data.setdefault("model", load_yaml(base / "model" / "config.yaml"))
+    data = expand_run_data(data)
+    data["data"] = None
+    return validate(GRPORunConfig, data)
+
+
+class GRPOTrainer(Trainer):
+    """The pretraining trainer with prompts from a task, rollouts and the GRPO loss as its micro-batch loss."""
+
+    cfg: GRPORunConfig
+
+    def setup_data(self, global_micro_batch: int) -> None:
+        cfg = self.cfg
+        base = Path(cfg.base)
+        self.tokenizer = Tokenizer.load(base / "tokenizer.json")
+        self.template = ChatTemplate.load(base)
+        self.end_id = self.tokenizer.backend.token_to_id(IM_END)
+        self.task = cfg.task.build()
+        G, world = cfg.grpo.num_generations, self.dist.world_size
+        if global_micro_batch % (G * world):
+            raise ConfigError(
+                f"each process's micro-batch ({global_micro_batch // world} completions) must hold whole groups of "
+                f"grpo.num_generations={G}"
+            )
+        self.prompts_per_micro = global_micro_batch // G  # global, all processes
+        self.loader = types.SimpleNamespace(batch_size=global_micro_batch, stream_hash=self._stream_hash)
+        self.shards = types.SimpleNamespace(manifest={
+            "corpus_fingerprint": f"task:{cfg.task.model_dump_json()}", "tokenizer_hash": self.tokenizer.fingerprint(),
+        })
+        if self.dist.is_main:
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
+            shutil.copyfile(base / TEMPLATE_FILE, self.run_dir / TEMPLATE_FILE)
+        self._rollouts: list[dict] = []
+
+    def build_model(self) -> CausalLM:
+        model = CausalLM.from_pretrained(Path(self.cfg.base) / "model")
+        if model.config != self.cfg.model:
+            raise ConfigError(f"model: differs from the SFT run's ({self.cfg.base}/model/config.yaml); leave it out")
+        self.ref_model = None
+        if self.cfg.grpo.beta:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        return model
+
+    # ------------------------------------------------------------------------------------------ rollouts
+
+    def prompt_index(self, micro_index: int, k: int) -> int:
+        """Global index of this process's ``k``-th prompt in global micro-batch ``micro_index``."""
+        per_rank = self.prompts_per_micro // self.dist.world_size
+        return micro_index * self.prompts_per_micro + self.dist.rank * per_rank + k
+
+    def _stream_hash(self, n_batches: int) -> str:
+        h = hashlib.sha256(f"grpo:{self.cfg.task.model_dump_json()}:{self.prompts_per_micro}".encode())
+        for i in range(n_batches * self.prompts_per_micro):
+            h.update(self.task.problem(i).prompt.encode())
+        return h.hexdigest()[:16]
+
+    def reward(self, completion: str, problem: Problem) -> tuple[float, bool]:
+        correct = self.task.correct(completion, problem)
+        fmt = self.cfg.grpo.format_reward * float(self.task.well_formed(completion, problem))
+        return float(correct) + fmt, correct
+
+    @torch.no_grad()
+    def rollout(self, micro_index: int) -> dict:
+        """Sample, decode and reward this process's groups of global micro-batch ``micro_index``; returns
+        right-padded rows (prompt + completion), the completion targets and the advantages."""
+        opts, G = self.cfg.grpo, self.cfg.grpo.num_generations
+        rows, targets, rewards, correct, lengths = [], [], [], [], []
+        for k in range(self.prompts_per_micro // self.dist.world_size):
+            index = self.prompt_index(micro_index, k)
+            problem = self.task.problem(index)
+            prompt = self.template.generation_prompt([{"role": "user", "content": problem.prompt}], self.tokenizer)
+            seed = int.from_bytes(hashlib.sha256(f"{self.cfg.task.seed}:{index}".encode()).digest()[:4], "little")
+            out = self.model.generate(torch.tensor([prompt] * G), opts.max_completion_length,
+                                      temperature=opts.temperature, top_k=opts.top_k, seed=seed,
+                                      eos_token_id=self.end_id)
+            for row in out.tolist():
+                completion = row[len(prompt):]
+                if self.end_id in completion:  # keep the first end-of-turn, drop the padding after it
+                    completion = completion[: completion.index(self.end_id) + 1]
+                reward, ok = self.reward(self.tokenizer.decode([t for t in completion if t != self.end_id]), problem)
+                rows.append(prompt + completion)
+                targets.append([IGNORE_INDEX] * (len(prompt) - 1) + completion)
+                rewards.append(reward)
+                correct.append(ok)
+                lengths.append(len(completion))
+        T = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), T), self.end_id, dtype=torch.long)
+        target_ids = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+        for i, (row, target) in enumerate(zip(rows, targets)):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            target_ids[i, : len(target)] = torch.tensor(target)
+        rewards_t = torch.tensor(rewards)
+        return {
+            "input_ids": input_ids, "targets": target_ids, "rewards": rewards_t,
+            "advantages": group_advantages(rewards_t, G, opts.scale_rewards),
+            "correct": torch.tensor(correct, dtype=torch.float), "lengths": torch.tensor(lengths, dtype=torch.float),
+        }
+
+    def micro_loss(self, index: int) -> torch.Tensor:
+        opts = self.cfg.grpo
+        if index % self.accum == 0:  # sample the whole step first: DAPO normalises by all its tokens
+            was_training = self.model.training
+            self._rollouts = [self.rollout(i) for i in range(index, index + self.accum)]
+            self.model.train(was_training)
+            local = torch.tensor(float(sum(int((r["targets"] != IGNORE_INDEX).sum()) for r in self._rollouts)))
+            self._step_tokens = float(all_reduce_mean(local.to(self.device), self.dist)) * self.dist.world_size
+            self._step_stats = []
+        r = self._rollouts[index % self.accum]
+        x, y = r["input_ids"].to(self.device), r["targets"].to(self.device)
+        mask = y != IGNORE_INDEX
+        with self.autocast():
+            logits = self.train_model(x).logits
+        logprobs = token_logprobs(logits, y, opts.temperature)
+        ref = None
+        if self.ref_model is not None:
+            with torch.no_grad(), self.autocast():
+                ref = token_logprobs(self.ref_model(x).logits, y, opts.temperature)
+        out = grpo_loss(
+            logprobs, logprobs.detach(), r["advantages"].to(self.device), mask, ref_logprobs=ref, beta=opts.beta,
+            epsilon_low=opts.epsilon, epsilon_high=opts.epsilon_high, loss_type=opts.loss_type,
+            n_tokens=self._step_tokens / self.dist.world_size, max_completion_length=opts.max_completion_length,
+        )
+        loss = out.loss if opts.loss_type == "dapo" else out.loss / self.accum
+        self._step_stats.append((r, out))
+        if index % self.accum == self.accum - 1:
+            self._write_step_metrics()
+        return loss
+
+    def _write_step_metrics(self) -> None:
+        stats = self._step_stats
+        values = {
+            "reward": torch.cat([r["rewards"] for r, _ in stats]).mean(),
+            "pass_rate": torch.cat([r["correct"] for r, _ in stats]).mean(),
+            "completion_length": torch.cat([r["lengths"] for r, _ in stats]).mean(),
+            "kl": torch.stack([o.kl.float().cpu() for _, o in stats]).mean(),
+            "clip_fraction": torch.stack([o.clip_fraction.float().cpu() for _, o in stats]).mean(),
+        }
+        record = {k: float(all_reduce_mean(v.to(self.device), self.dist)) for k, v in values.items()}
+        self.metrics.write({"kind": "grpo", "step": self.step + 1, **record})
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Greedy exact-match accuracy on ``eval_problems`` held-out problems."""
+        return {"eval_accuracy": exact_match(self.model, self.tokenizer, self.template, self.task,
+                                             self.cfg.grpo.eval_problems, self.cfg.grpo.max_completion_length)}
+
+    def _summary(self, elapsed: float, last_eval: dict) -> dict:
+        return {**super()._summary(elapsed, last_eval), "stage": "grpo", "base": self.cfg.base,
+                "task": self.cfg.task.name}
+
+
+@torch.no_grad()
+def exact_match(model: CausalLM, tokenizer: Tokenizer, template: ChatTemplate, task: Task, n: int,
+                max_new_tokens: int, split: str = "test") -> float:
+    """Share of the first ``n`` problems of ``split`` answered correctly by greedy decoding."""
+    end = tokenizer.backend.token_to_id(IM_END)
+    was_training = model.training
+    right = 0
+    for i in range(n):
+        problem = task.problem(i, split)
+        prompt = template.generation_prompt([{"role": "user", "content": problem.prompt}], tokenizer)
+        out = model.generate(prompt, max_new_tokens, temperature=0, eos_token_id=end)[len(prompt):].tolist()
+        out = out[: out.index(end)] if end in out else out
+        right += task.correct(tokenizer.decode(out), problem)
+    model.train(was_training)
+    return right / n
+
+
+def grpo(cfg: GRPORunConfig | str | Path | dict, overrides: Iterable[str] = (), resume: bool = True, console=None) -> dict:
+    """Reinforce ``cfg.base`` (an SFT run) on ``cfg.task``; resumes from the latest checkpoint."""
+    if not isinstance(cfg, GRPORunConfig):
+        cfg = load_grpo_config(cfg, overrides)
+    return GRPOTrainer(cfg, resume=resume, console=console).run()
