@@ -257,7 +257,7 @@ def test_packed_conversations_give_the_loss_each_gives_alone(chat_tokenizer):
     examples, _ = tokenize_conversations(conversations(load_records(str(ALPACA))[:3]), ChatTemplate(), tokenizer, 60)
     for overrides in ([], ["position.kind=learned"], ["mixer.window=8", "mixer.logit_softcap=30"], ["position.kind=alibi"]):
         torch.manual_seed(0)
-        model = CausalLM(load_model_config("tiny", ["vocab_size=516", "max_seq_len=200", *overrides]))
+        model = CausalLM(load_model_config("tiny", ["vocab_size=516", "max_seq_len=200", "n_layers=2", *overrides]))
         batch = collate([examples], ids[IM_END], length=200, pack=True)
         logits = model(batch.input_ids, document_ids=batch.document_ids).logits
         nll = torch.nn.functional.cross_entropy(logits[0], batch.targets[0], reduction="none")
@@ -300,10 +300,10 @@ def sft_config(base, tmp_path, name="sft", **train):
 
 
 def test_accumulation_gives_the_full_batch_gradient(base_run, tmp_path):
-    """Micro-batches are weighted by their trained tokens: two micro-batches of 2 rows give the gradient
+    """Micro-batches are weighted by their trained tokens: four micro-batches of 1 row give the gradient
     of one batch of 4 rows, which is the gradient of (summed loss over trained tokens / their number)."""
     grads = []
-    for micro in (4, 2, 1):
+    for micro in (4, 1):
         trainer = SFTTrainer(load_sft_config(sft_config(base_run, tmp_path, f"acc{micro}", micro_batch_size=micro)),
                              resume=False)
         trainer.setup()
@@ -321,7 +321,6 @@ def test_accumulation_gives_the_full_batch_gradient(base_run, tmp_path):
     for name, g in grads[0].items():
         assert torch.allclose(g, by_hand[name], atol=1e-6)
         assert torch.allclose(grads[1][name], g, atol=1e-6), name
-        assert torch.allclose(grads[2][name], g, atol=1e-6), name
 
 
 def test_sft_run_learns_resumes_exactly_and_chats(base_run, tmp_path):
