@@ -380,3 +380,12 @@ def test_cli_sft_and_generate_chat(base_run, tmp_path):
     assert result.exit_code == 2 and "chat_template.jinja" in result.output
     result = runner.invoke(app, ["sft", str(tmp_path / "nowhere"), "--data", str(ALPACA)])
     assert result.exit_code == 2 and "pretrain the base run" in result.output
+
+
+def test_sft_configs_take_the_sft_defaults_unless_given(base_run, tmp_path):
+    cfg = load_sft_config({"base": str(base_run), "data": {"source": str(ALPACA)}})
+    assert (cfg.optimizer.name, cfg.optimizer.lr, cfg.optimizer.weight_decay) == ("adamw", 3e-4, 0.0)
+    assert (cfg.schedule.kind, cfg.schedule.min_lr_ratio) == ("linear", 0.0)
+    assert cfg.model.vocab_size == 516 and cfg.stage == "sft"
+    given = load_sft_config({"base": str(base_run), "data": {"source": str(ALPACA)}}, ["optimizer.lr=0.01"])
+    assert given.optimizer.lr == 0.01

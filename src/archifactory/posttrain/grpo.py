@@ -31,13 +31,17 @@ from typing import Iterable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from archifactory.config import ConfigError, Strict, apply_overrides, load_yaml, validate
+from archifactory.config import ConfigError, Strict, apply_overrides, component_field, load_yaml, validate
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.model.lm import IGNORE_INDEX, CausalLM
 from archifactory.posttrain.chat import IM_END, TEMPLATE_FILE, ChatTemplate
+from archifactory.posttrain.sft import _stage_defaults
 from archifactory.posttrain.grpo_loss import LossType, RewardScale, group_advantages, grpo_loss, token_logprobs
 from archifactory.posttrain.tasks import Problem, Task, build_task
-from archifactory.train.config import OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig, expand_run_data
+from archifactory.registry import OPTIMIZERS, SCHEDULES
+from archifactory.train.config import RunConfig, TrainConfig, expand_run_data
+from archifactory.train.optim import AdamWConfig
+from archifactory.train.schedule import ConstantSchedule, LinearSchedule
 from archifactory.train.distributed import all_reduce_mean
 from archifactory.train.trainer import Trainer
 
@@ -94,8 +98,8 @@ class GRPORunConfig(RunConfig):
     data: None = None
     """Unused: the task generates the prompts."""
     grpo: GRPOOptions = Field(default_factory=GRPOOptions)
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=1e-4, weight_decay=0.0))
-    schedule: ScheduleConfig = Field(default_factory=lambda: ScheduleConfig(kind="constant", warmup_steps=0))
+    optimizer: component_field(OPTIMIZERS) = Field(default_factory=lambda: AdamWConfig(lr=1e-4, weight_decay=0.0))
+    schedule: component_field(SCHEDULES) = Field(default_factory=lambda: ConstantSchedule(warmup_steps=0))
     train: TrainConfig = Field(default_factory=_grpo_train_default)
 
     @model_validator(mode="after")
@@ -122,7 +126,7 @@ def load_grpo_config(source: str | Path | dict, overrides: Iterable[str] = ()) -
         if not (base / name).is_file():
             raise ConfigError(f"base: {base / name} is missing; GRPO starts from a finished SFT run (archifactory sft)")
     data.setdefault("model", load_yaml(base / "model" / "config.yaml"))
-    data = expand_run_data(data)
+    data = expand_run_data(_stage_defaults(GRPORunConfig, data))
     data["data"] = None
     return validate(GRPORunConfig, data)
 

@@ -38,13 +38,16 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from archifactory.config import ConfigError, Strict, apply_overrides, load_yaml, validate
+from archifactory.config import ConfigError, Strict, apply_overrides, component_field, load_yaml, validate
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.model.lm import CausalLM
 from archifactory.posttrain.chat import IM_END, ChatTemplate, add_chat_tokens, resize_vocab
 from archifactory.posttrain.formats import Format, conversations, load_records
 from archifactory.posttrain.sft_data import SFTLoader, eval_batches, tokenize_conversations
-from archifactory.train.config import OptimizerConfig, RunConfig, ScheduleConfig, TrainConfig, expand_run_data
+from archifactory.registry import OPTIMIZERS, SCHEDULES
+from archifactory.train.config import RunConfig, TrainConfig, expand_run_data
+from archifactory.train.optim import AdamWConfig
+from archifactory.train.schedule import ConstantSchedule, LinearSchedule
 from archifactory.train.trainer import Trainer
 
 
@@ -88,15 +91,25 @@ class SFTRunConfig(RunConfig):
     sft: SFTOptions = Field(default_factory=SFTOptions)
     # Fine-tuning defaults: a tenth of the pretraining learning rate, no weight decay (TRL's default), a
     # linear decay to 0 after a short warmup (TRL: linear, no warmup).
-    optimizer: OptimizerConfig = Field(default_factory=lambda: OptimizerConfig(lr=3e-4, weight_decay=0.0))
-    schedule: ScheduleConfig = Field(
-        default_factory=lambda: ScheduleConfig(kind="linear", warmup_fraction=0.03, min_lr_ratio=0.0)
+    optimizer: component_field(OPTIMIZERS) = Field(default_factory=lambda: AdamWConfig(lr=3e-4, weight_decay=0.0))
+    schedule: component_field(SCHEDULES) = Field(
+        default_factory=lambda: LinearSchedule(warmup_fraction=0.03, min_lr_ratio=0.0)
     )
     train: TrainConfig = Field(default_factory=_sft_train_default)
 
 
 def base_tokenizer(base: Path) -> Tokenizer:
     return Tokenizer.load(base / "tokenizer.json")
+
+
+def _stage_defaults(cls, data: dict) -> dict:
+    """The stage's own optimizer and schedule where the config names none (``expand_run_data`` would
+    otherwise fill in the pretraining defaults)."""
+    data = dict(data)
+    for key in ("optimizer", "schedule"):
+        if key not in data:
+            data[key] = cls.model_fields[key].default_factory().model_dump(mode="json")
+    return data
 
 
 def load_sft_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> SFTRunConfig:
@@ -119,7 +132,9 @@ def load_sft_config(source: str | Path | dict, overrides: Iterable[str] = ()) ->
         tokenizer_size = base_tokenizer(base).vocab_size + len(added)
         model["vocab_size"] = max(int(model["vocab_size"]), tokenizer_size)
         data["model"] = model
-    data = expand_run_data({k: v for k, v in data.items() if k != "data"}) | {"data": data.get("data")}
+    chat_data = data.get("data")
+    data = expand_run_data(_stage_defaults(SFTRunConfig, {k: v for k, v in data.items() if k != "data"}))
+    data["data"] = chat_data
     return validate(SFTRunConfig, data)
 
 
