@@ -388,4 +388,6 @@ def test_sft_configs_take_the_sft_defaults_unless_given(base_run, tmp_path):
     assert (cfg.schedule.kind, cfg.schedule.min_lr_ratio) == ("linear", 0.0)
     assert cfg.model.vocab_size == 516 and cfg.stage == "sft"
     given = load_sft_config({"base": str(base_run), "data": {"source": str(ALPACA)}}, ["optimizer.lr=0.01"])
-    assert given.optimizer.lr == 0.01
+    assert (given.optimizer.lr, given.optimizer.weight_decay) == (0.01, 0.0)  # an override refines the SFT default
+    muon = load_sft_config({"base": str(base_run), "data": {"source": str(ALPACA)}}, ["optimizer.name=muon"])
+    assert muon.optimizer.name == "muon"

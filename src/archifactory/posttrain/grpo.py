@@ -115,7 +115,7 @@ class GRPORunConfig(RunConfig):
 
 def load_grpo_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> GRPORunConfig:
     data = dict(source) if isinstance(source, dict) else load_yaml(source)
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(_stage_defaults(GRPORunConfig, data), overrides)
     if data.get("stage", "grpo") != "grpo":
         raise ConfigError(f"stage: {data.get('stage')!r} is not a GRPO config (expected stage: grpo)")
     data.setdefault("stage", "grpo")
@@ -126,7 +126,7 @@ def load_grpo_config(source: str | Path | dict, overrides: Iterable[str] = ()) -
         if not (base / name).is_file():
             raise ConfigError(f"base: {base / name} is missing; GRPO starts from a finished SFT run (archifactory sft)")
     data.setdefault("model", load_yaml(base / "model" / "config.yaml"))
-    data = expand_run_data(_stage_defaults(GRPORunConfig, data))
+    data = expand_run_data(data)
     data["data"] = None
     return validate(GRPORunConfig, data)
 

@@ -116,7 +116,7 @@ def load_sft_config(source: str | Path | dict, overrides: Iterable[str] = ()) ->
     """An SFT run config from YAML or a mapping: ``base`` is read for the model (its vocabulary grown by
     the chat tokens the base tokenizer lacks) unless ``model`` is given."""
     data = dict(source) if isinstance(source, dict) else load_yaml(source)
-    data = apply_overrides(data, overrides)
+    data = apply_overrides(_stage_defaults(SFTRunConfig, data), overrides)
     if data.get("stage", "sft") != "sft":
         raise ConfigError(f"stage: {data.get('stage')!r} is not an SFT config (expected stage: sft)")
     data.setdefault("stage", "sft")
@@ -133,7 +133,7 @@ def load_sft_config(source: str | Path | dict, overrides: Iterable[str] = ()) ->
         model["vocab_size"] = max(int(model["vocab_size"]), tokenizer_size)
         data["model"] = model
     chat_data = data.get("data")
-    data = expand_run_data(_stage_defaults(SFTRunConfig, {k: v for k, v in data.items() if k != "data"}))
+    data = expand_run_data({k: v for k, v in data.items() if k != "data"})
     data["data"] = chat_data
     return validate(SFTRunConfig, data)
 
