@@ -254,7 +254,7 @@ def grpo_config(base, tmp_path, name="grpo", **train):
         "grpo": {"num_generations": 4, "max_completion_length": 4, "eval_problems": 4},
         "optimizer": {"lr": 1e-3},
         "train": {"batch_size": 8, "micro_batch_size": 4, "max_steps": 4, "eval_every": 2, "checkpoint_every": 2,
-                  "log_every": 1, "threads": 1, "progress": False, **train},
+                  "log_every": 1, "threads": 1, "progress": False, "precision": "fp32", **train},
         "out_dir": str(tmp_path / name),
     }
 

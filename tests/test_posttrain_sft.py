@@ -294,7 +294,7 @@ def sft_config(base, tmp_path, name="sft", **train):
         "data": {"source": str(ALPACA), "max_examples": 60, "val_fraction": 0.1},
         "optimizer": {"lr": 1e-3},
         "train": {"seq_len": 128, "batch_size": 4, "max_steps": 4, "eval_every": 2, "checkpoint_every": 2,
-                  "log_every": 1, "threads": 1, "progress": False, **train},
+                  "log_every": 1, "threads": 1, "progress": False, "precision": "fp32", **train},
         "out_dir": str(tmp_path / name),
     }
 
