@@ -153,3 +153,10 @@ def test_argument_and_file_errors_are_one_line(tmp_path):
     assert_one_line_error(runner.invoke(app, ["generate", str(tmp_path), "--top-p", "0"]), "--top-p 0.0 must be in (0, 1]")
     assert_one_line_error(runner.invoke(app, ["generate", str(tmp_path)]), "missing", "train the run first")
     assert_one_line_error(runner.invoke(app, ["report", str(tmp_path)]), "results.sqlite")
+
+
+def test_output_directory_that_is_a_file_is_one_line(tmp_path):
+    taken = tmp_path / "taken.yaml"
+    taken.write_text("x: 1\n")
+    result = runner.invoke(app, ["train", str(run_yaml(tmp_path)), "--set", f"out_dir={taken}"])
+    assert_one_line_error(result, "taken.yaml exists and is not a directory", "choose another output directory")

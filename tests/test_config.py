@@ -210,3 +210,18 @@ def test_plain_names_stay_inside_and_out_dir_goes_anywhere(tmp_path):
     outside = tmp_path.parent / "elsewhere"
     cfg = validate(RunConfig, {"name": "x", "out_dir": str(outside), "model": BASE, "train": {"max_steps": 1}})
     assert cfg.run_dir() == outside
+
+
+def test_switching_optimizer_starts_from_its_defaults_and_keeps_lr():
+    """Like a component's kind: `optimizer.name=adam` must not inherit AdamW's weight_decay 0.1 (an L2 term
+    for Adam), nor Muon's fields; the learning rate (what a sweep's lr grid sets) is kept."""
+    from archifactory.train import load_run_config
+
+    base = {"model": "tiny", "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1, "betas": [0.9, 0.99]},
+            "train": {"max_steps": 1}}
+    cfg = load_run_config(base, ["optimizer.name=adam"])
+    assert cfg.optimizer.name == "adam" and cfg.optimizer.lr == 1e-3 and cfg.optimizer.weight_decay == 0.0
+    cfg = load_run_config(base, ["optimizer.name=sgd"])  # betas is not an SGD field: dropped, not an error
+    assert cfg.optimizer.name == "sgd" and cfg.optimizer.lr == 1e-3
+    assert load_run_config(base, ["optimizer.name=adamw"]).optimizer.weight_decay == 0.1  # same name: refined
+    assert apply_overrides({"name": "run", "x": 1}, ["name=other"]) == {"name": "other", "x": 1}  # a run's name

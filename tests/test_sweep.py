@@ -180,3 +180,13 @@ def test_rerun_resumes_an_interrupted_run_from_its_checkpoint(tmp_path):
     assert "resumed from" in (sweep_dir / "runs" / "baseline-s0" / "train.log").read_text()
     final = Store(sweep_dir / "results.sqlite").finals()[0]
     assert final["tokens"] == 8 * 32 * 6
+
+
+def test_baseline_is_a_reserved_variant_name_and_lr_grids_do_not_repeat():
+    spec = {"name": "s", "base": {}, "budget": {"tokens": 1}, "lr_selection_seeds": [10]}
+    with pytest.raises(ConfigError, match="variants.baseline: 'baseline' is the base run itself"):
+        validate(SweepSpec, {**spec, "variants": {"baseline": ["model.position.kind=none"]}})
+    for grid in ([1e-3, 1e-3], [1e-3, 1.0000001e-3]):  # the second pair would share run names (lr0.001)
+        with pytest.raises(ConfigError, match=r"variants.v.lr: .* repeats a learning rate"):
+            validate(SweepSpec, {**spec, "variants": {"v": {"lr": grid}}})
+    assert validate(SweepSpec, {**spec, "variants": {"v": {"lr": [1e-3, 1.1e-3]}}}).variants["v"].lr == [1e-3, 1.1e-3]

@@ -33,8 +33,11 @@ def run_config(tmp_path, name="run", **train):
                  "tokenizer": {"kind": "bytes"}, "cache_dir": str(tmp_path / "cache")},
         "optimizer": {"name": "adamw", "lr": 3e-3},
         "schedule": {"kind": "cosine", "warmup_steps": 2},
+        # fp32 unless a test asks otherwise: these tests compare runs to 1e-5, and precision=auto would pick
+        # bf16 on a CPU with native bf16 (and fp32 on one without)
         "train": {"seq_len": 32, "batch_size": 8, "max_steps": 12, "eval_every": 6, "eval_tokens": 2048,
-                  "log_every": 1, "checkpoint_every": 4, "threads": 1, "progress": False, **train},
+                  "log_every": 1, "checkpoint_every": 4, "threads": 1, "progress": False, "precision": "fp32",
+                  **train},
         "out_dir": str(tmp_path / name),
     }
 
@@ -138,7 +141,7 @@ def test_a_validation_split_shorter_than_one_window_is_scored_whole(tmp_path):
 
 
 def test_train_run_writes_everything(tmp_path):
-    cfg = load_run_config(run_config(tmp_path))
+    cfg = load_run_config(run_config(tmp_path, precision="auto"))  # the default, resolved and recorded
     summary = train(cfg)
     run = tmp_path / "run"
     for name in ("config.yaml", "tokenizer.json", "data.json", "metrics.jsonl", "summary.json", "model/model.safetensors"):

@@ -57,6 +57,8 @@ def user_error_message(err: BaseException) -> str | None:
     if isinstance(err, OSError) and err.errno in NO_SPACE:
         where = f" writing {err.filename}" if err.filename else ""
         return f"no space left on the device{where} ({err.strerror}); free some space or choose another directory"
+    if isinstance(err, FileExistsError):  # e.g. an output directory given as the path of an existing file
+        return f"{err.filename} exists and is not a directory ({err.strerror}); choose another output directory"
     if isinstance(err, (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
         return str(err)
     # torch's CPU allocator reports a failed allocation as a plain RuntimeError

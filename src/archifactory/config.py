@@ -310,13 +310,26 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+#: Fields whose component is chosen by ``name`` rather than ``kind`` (a registry keyed on ``name``).
+NAME_KEYED_FIELDS = frozenset({"optimizer"})
+#: What a switch of optimizer keeps: the learning rate means the same for every optimizer (a sweep's lr
+#: grid sets it); every other field starts from the new optimizer's defaults.
+SHARED_ON_SWITCH = ("lr",)
+
+
+def _selects_component(keys: list[str]) -> bool:
+    """Does the override ``keys`` choose a component (``a.kind=...``, ``optimizer.name=...``)?"""
+    return keys[-1] == "kind" or (keys[-1] == "name" and len(keys) >= 2 and keys[-2] in NAME_KEYED_FIELDS)
+
+
 def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     """Return a copy of the raw config mapping ``data`` with dotted overrides applied.
 
     Integer segments index lists (``layer_overrides.0.mixer.window=64``). Intermediate mappings that do
     not exist yet are created, so ``position.kind=alibi`` works on a config that did not name a position.
     Setting ``kind`` to a different kind starts that component afresh from the new kind's defaults
-    (``position.kind=alibi`` drops RoPE's ``theta``); later overrides then refine it.
+    (``position.kind=alibi`` drops RoPE's ``theta``); later overrides then refine it. Switching
+    ``optimizer.name`` likewise starts from the new optimizer's defaults, keeping only ``lr``.
     """
     data = copy.deepcopy(data)
     for text in overrides:
@@ -336,8 +349,10 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
         if isinstance(node, list):
             node[_list_index(node, last, text)] = value
         elif isinstance(node, dict):
-            if last == "kind" and node.get("kind") != value:
+            if _selects_component(keys) and node.get(last) != value:
+                kept = {k: node[k] for k in SHARED_ON_SWITCH if k in node} if last == "name" else {}
                 node.clear()
+                node.update(kept)
             node[last] = value
         else:
             raise ConfigError(f"override {text!r}: parent of {last!r} is a {type(node).__name__}, not a mapping")

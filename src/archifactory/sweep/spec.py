@@ -119,6 +119,15 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _names(self):
+        if BASELINE in self.variants:
+            raise ValueError(f"variants.{BASELINE}: '{BASELINE}' is the base run itself (always run); give this "
+                             "variant another name")
+        for name, variant in self.variants.items():
+            # each grid value names its selection runs (VARIANT-lrLR-sSEED): two values must not share a name
+            labels = [f"{lr:g}" for lr in variant.lr or []]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"variants.{name}.lr: {variant.lr} repeats a learning rate (to 6 significant "
+                                 f"digits: {labels}); give each value once")
         for name in self.variants:
             try:
                 # run ids <variant>[-lr<lr>]-s<seed> become folders under <sweep>/runs/: room for the suffix
