@@ -182,10 +182,8 @@ def test_rerun_resumes_an_interrupted_run_from_its_checkpoint(tmp_path):
     assert final["tokens"] == 8 * 32 * 6
 
 
-def test_baseline_is_a_reserved_variant_name_and_lr_grids_do_not_repeat():
+def test_lr_grids_do_not_repeat_a_value():
     spec = {"name": "s", "base": {}, "budget": {"tokens": 1}, "lr_selection_seeds": [10]}
-    with pytest.raises(ConfigError, match="variants.baseline: 'baseline' is the base run itself"):
-        validate(SweepSpec, {**spec, "variants": {"baseline": ["model.position.kind=none"]}})
     for grid in ([1e-3, 1e-3], [1e-3, 1.0000001e-3]):  # the second pair would share run names (lr0.001)
         with pytest.raises(ConfigError, match=r"variants.v.lr: .* repeats a learning rate"):
             validate(SweepSpec, {**spec, "variants": {"v": {"lr": grid}}})

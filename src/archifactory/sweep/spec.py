@@ -14,7 +14,8 @@ variants:
   learned: {overrides: [model.position.kind=learned], lr: [1.0e-3, 3.0e-3]}   # an lr grid
 ```
 
-The baseline (the base unchanged) is always run, as the variant named ``baseline``. Every run reads the
+The baseline (the base unchanged) is always run, as the variant named ``baseline``; a variant given that
+name redefines it (``kv_heads.yaml`` makes MHA the baseline). Every run reads the
 same token stream (the base's data config and ``data.seed``); the seed changes model initialisation.
 
 A variant with a learning-rate grid (``lr`` with several values) runs the grid on ``lr_selection_seeds``
@@ -119,9 +120,6 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _names(self):
-        if BASELINE in self.variants:
-            raise ValueError(f"variants.{BASELINE}: '{BASELINE}' is the base run itself (always run); give this "
-                             "variant another name")
         for name, variant in self.variants.items():
             # each grid value names its selection runs (VARIANT-lrLR-sSEED): two values must not share a name
             labels = [f"{lr:g}" for lr in variant.lr or []]
