@@ -31,11 +31,11 @@ from typing import Iterable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from archifactory.config import ConfigError, Strict, apply_overrides, component_field, load_yaml, validate
+from archifactory.config import ConfigError, Strict, component_field, load_yaml, validate
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.model.lm import IGNORE_INDEX, CausalLM
 from archifactory.posttrain.chat import IM_END, TEMPLATE_FILE, ChatTemplate
-from archifactory.posttrain.sft import _stage_defaults
+from archifactory.posttrain.sft import stage_data
 from archifactory.posttrain.grpo_loss import LossType, RewardScale, group_advantages, grpo_loss, token_logprobs
 from archifactory.posttrain.tasks import Problem, Task, build_task
 from archifactory.registry import OPTIMIZERS, SCHEDULES
@@ -114,17 +114,10 @@ class GRPORunConfig(RunConfig):
 
 
 def load_grpo_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> GRPORunConfig:
-    data = dict(source) if isinstance(source, dict) else load_yaml(source)
-    data = apply_overrides(_stage_defaults(GRPORunConfig, data), overrides)
-    if data.get("stage", "grpo") != "grpo":
-        raise ConfigError(f"stage: {data.get('stage')!r} is not a GRPO config (expected stage: grpo)")
-    data.setdefault("stage", "grpo")
-    if "base" not in data:
-        raise ConfigError("base: missing; give the SFT run directory (base: runs/NAME/sft)")
-    base = Path(data["base"])
-    for name in ("tokenizer.json", TEMPLATE_FILE, "model/config.yaml", "model/model.safetensors"):
-        if not (base / name).is_file():
-            raise ConfigError(f"base: {base / name} is missing; GRPO starts from a finished SFT run (archifactory sft)")
+    data, base = stage_data(GRPORunConfig, source, overrides, "grpo", "a GRPO",
+                            ("tokenizer.json", TEMPLATE_FILE, "model/config.yaml", "model/model.safetensors"),
+                            "SFT run directory (base: runs/NAME/sft)",
+                            "GRPO starts from a finished SFT run (archifactory sft)")
     data.setdefault("model", load_yaml(base / "model" / "config.yaml"))
     data = expand_run_data(data)
     data["data"] = None

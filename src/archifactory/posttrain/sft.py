@@ -112,24 +112,39 @@ def _stage_defaults(cls, data: dict) -> dict:
     return data
 
 
+def stage_data(cls, source: str | Path | dict, overrides: Iterable[str], stage: str, label: str,
+               base_files: Iterable[str], base_hint: str, missing_advice: str) -> tuple[dict, Path]:
+    """A post-training stage's raw config (its defaults, then ``overrides``) and its ``base`` run
+    directory, checked: ``stage`` matches and every file in ``base_files`` exists under ``base``.
+
+    Raises:
+        ConfigError: another stage, no ``base``, or a missing base file (``missing_advice`` says what to do).
+    """
+    data = dict(source) if isinstance(source, dict) else load_yaml(source)
+    data = apply_overrides(_stage_defaults(cls, data), overrides)
+    if data.get("stage", stage) != stage:
+        raise ConfigError(f"stage: {data.get('stage')!r} is not {label} config (expected stage: {stage})")
+    data.setdefault("stage", stage)
+    if "base" not in data:
+        raise ConfigError(f"base: missing; give the {base_hint}")
+    base = Path(data["base"])
+    for name in base_files:
+        if not (base / name).is_file():
+            raise ConfigError(f"base: {base / name} is missing; {missing_advice}")
+    return data, base
+
+
 def load_sft_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> SFTRunConfig:
     """An SFT run config from YAML or a mapping: ``base`` is read for the model (its vocabulary grown by
     the chat tokens the base tokenizer lacks) unless ``model`` is given."""
-    data = dict(source) if isinstance(source, dict) else load_yaml(source)
-    data = apply_overrides(_stage_defaults(SFTRunConfig, data), overrides)
-    if data.get("stage", "sft") != "sft":
-        raise ConfigError(f"stage: {data.get('stage')!r} is not an SFT config (expected stage: sft)")
-    data.setdefault("stage", "sft")
-    if "base" not in data:
-        raise ConfigError("base: missing; give the pretrained run directory (base: runs/NAME)")
-    base = Path(data["base"])
-    for name in ("tokenizer.json", "model/config.yaml", "model/model.safetensors"):
-        if not (base / name).is_file():
-            raise ConfigError(f"base: {base / name} is missing; pretrain the base run to the end first")
+    data, base = stage_data(SFTRunConfig, source, overrides, "sft", "an SFT",
+                            ("tokenizer.json", "model/config.yaml", "model/model.safetensors"),
+                            "pretrained run directory (base: runs/NAME)", "pretrain the base run to the end first")
     if "model" not in data:
         model = load_yaml(base / "model" / "config.yaml")
-        _, _, added = add_chat_tokens(base_tokenizer(base))
-        tokenizer_size = base_tokenizer(base).vocab_size + len(added)
+        tokenizer = base_tokenizer(base)
+        _, _, added = add_chat_tokens(tokenizer)
+        tokenizer_size = tokenizer.vocab_size + len(added)
         model["vocab_size"] = max(int(model["vocab_size"]), tokenizer_size)
         data["model"] = model
     chat_data = data.get("data")
