@@ -96,6 +96,17 @@ def _limit_key(limit: int | None) -> int:
     return -1 if limit is None else int(limit)
 
 
+def metric_from_row(row: sqlite3.Row | dict) -> MetricResult:
+    """An ``eval_metrics`` row as the record it was stored from (``n_limit`` -1 is no limit)."""
+    return MetricResult(
+        run_id=row["run_id"], model_hash=row["model_hash"], task=row["task"], task_version=row["task_version"],
+        limit=None if row["n_limit"] < 0 else row["n_limit"], metric=row["metric"], value=row["value"],
+        chance=row["chance"], null_value=row["null_value"],
+        higher_is_better=None if row["higher_is_better"] is None else bool(row["higher_is_better"]),
+        n_items=row["n_items"],
+    )
+
+
 class EvalStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -148,16 +159,7 @@ class EvalStore:
             query, args = query + " AND task=?", [*args, task]
         with self.transaction() as db:
             rows = db.execute(query + " ORDER BY run_id, task, n_limit, metric", args).fetchall()
-        return [
-            MetricResult(
-                run_id=r["run_id"], model_hash=r["model_hash"], task=r["task"], task_version=r["task_version"],
-                limit=None if r["n_limit"] < 0 else r["n_limit"], metric=r["metric"], value=r["value"],
-                chance=r["chance"], null_value=r["null_value"],
-                higher_is_better=None if r["higher_is_better"] is None else bool(r["higher_is_better"]),
-                n_items=r["n_items"],
-            )
-            for r in rows
-        ]
+        return [metric_from_row(r) for r in rows]
 
     def evaluations(self, run_id: str | None = None) -> list[dict]:
         query, args = "SELECT * FROM evaluations", []

@@ -1,8 +1,10 @@
 """Statistics of a sweep, computed from the results store's rows alone.
 
-The rows are the dictionaries :meth:`Store.finals` returns (one per finished run: ``run_id``,
-``variant``, ``seed``, ``lr``, ``is_baseline`` and the ``final`` table's columns) and :meth:`Store.runs`
-returns (every run, with ``status``, ``error``, ``config_json``, ``changes_json``, ``env_json``).
+The rows are the typed records of :mod:`archifactory.results` (:class:`~archifactory.results.FinalRecord`:
+one per finished run, ``run_id``, ``variant``, ``seed``, ``lr``, ``is_baseline`` and the ``final`` table's
+columns; :class:`~archifactory.results.RunRecord`: every run, with ``status``, ``error``, ``config``,
+``changes``, ``env``), or the plain dictionaries :meth:`Store.finals` and :meth:`Store.runs` return (with
+the JSON columns as text): any row that answers ``row["key"]`` and ``row.get("key")``.
 
 - Per variant, over seeds: the mean and the 95% Student-t confidence interval of the final validation
   loss and bits per byte, ``mean ± t_{0.975, n-1} · s / √n`` (``scipy.stats.t.interval`` with the
@@ -148,7 +150,7 @@ def choose_lrs(selection_finals: Sequence[Row], metric: str = "val_loss") -> dic
     return choices
 
 
-def best_lr_runs(finals: Sequence[Row], metric: str = "val_loss") -> tuple[list[dict], dict[str, LrChoice]]:
+def best_lr_runs(finals: Sequence[Row], metric: str = "val_loss") -> tuple[list[Row], dict[str, LrChoice]]:
     """The compared runs, one lr per variant, and how each variant's lr was chosen.
 
     A variant with lr-selection runs (``purpose = "lr_selection"``) keeps its compared runs, which ran
@@ -175,7 +177,7 @@ def best_lr_runs(finals: Sequence[Row], metric: str = "val_loss") -> tuple[list[
             seeds = sorted({r["seed"] for rows in by_lr.values() for r in rows})
             choices[variant] = LrChoice(variant, best, means, {lr: len(rows) for lr, rows in by_lr.items()}, seeds,
                                         held_out=False)
-    kept = [dict(row) for row in compared if row.get("lr") == chosen[row["variant"]]]
+    kept = [row for row in compared if row.get("lr") == chosen[row["variant"]]]
     return kept, choices
 
 
@@ -400,6 +402,13 @@ def loads_or_none(text: str | None) -> Any:
         return None
 
 
+def json_column(row: Row, name: str) -> Any:
+    """A JSON column of a row: the parsed field ``name`` of a record (``config``, ``summary``...), or the
+    text column ``name_json`` of a plain store row, parsed (``None`` when empty or not JSON)."""
+    value = row.get(name)
+    return value if value is not None else loads_or_none(row.get(f"{name}_json"))
+
+
 def _find_key(data: Any, key: str) -> Any:
     """The first value stored under ``key`` in a nested mapping (breadth first), else ``None``."""
     queue = [data]
@@ -444,10 +453,10 @@ def fairness(runs: Sequence[Row], finals: Sequence[Row], spec_yaml: str | None =
     budgets = {}
     for run in runs:
         if run["run_id"] in finished:
-            train = (loads_or_none(run.get("config_json")) or {}).get("train") or {}
+            train = (json_column(run, "config") or {}).get("train") or {}
             budgets[run["run_id"]] = {k: train.get(k) for k in BUDGET_KEYS}
     identical_fields = {}
-    summaries = [loads_or_none(r.get("summary_json")) or {} for r in finals]
+    summaries = [json_column(r, "summary") or {} for r in finals]
     for key in ("corpus_fingerprint", "tokenizer_hash"):
         values = [s.get(key) for s in summaries if key in s]
         if values:

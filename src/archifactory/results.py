@@ -1,0 +1,178 @@
+"""Typed records of a sweep's results, as the results store (:mod:`archifactory.sweep.store`) keeps them
+and the report reads them.
+
+Each record's fields are the store's column names (``SELECT *`` rows validate as they are); a column
+that holds JSON text (``config_json``, ``changes_json``, ``env_json``, ``summary_json``) is parsed once,
+here, into a typed field without the ``_json`` suffix (``config``, ``changes``, ``env``, ``summary``), so
+no reader parses it again. Text that is not JSON (a store damaged by hand) reads as empty, as before.
+
+Records are frozen and also answer ``record["key"]`` and ``record.get("key")``, so the statistics in
+:mod:`archifactory.sweep.stats`, which take any mapping-like row, work on records and on plain rows alike.
+
+The evaluation records (one per run, task and metric) are :class:`archifactory.eval.store.MetricResult`,
+which the evaluator returns, :class:`~archifactory.eval.store.EvalStore` keeps and the report reads.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+
+def _parse_json(value: Any) -> Any:
+    """A JSON column's text -> its value; empty or non-JSON text -> ``None`` (already parsed values pass)."""
+    if value is None or not isinstance(value, (str, bytes)):
+        return value
+    if not value:
+        return None
+    try:
+        return json.loads(value)
+    except ValueError:
+        return None
+
+
+def _dict_or_empty(value: Any) -> Any:
+    value = _parse_json(value)
+    return value if isinstance(value, dict) else {}
+
+
+JsonDict = Annotated[dict[str, Any], BeforeValidator(_dict_or_empty)]
+"""A JSON object column: ``{}`` when empty, not JSON, or not an object."""
+
+
+class Record(BaseModel):
+    """Base of the results records: frozen, built from store rows, readable like a mapping."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in type(self).model_fields:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in type(self).model_fields else default
+
+
+class VariantChanges(BaseModel):
+    """``runs.changes_json``: what a variant changes against the sweep's base config."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    overrides: list[str] = Field(default_factory=list)
+    """Dotted ``key=value`` overrides (a mapping in the store is read as ``key=value`` lines)."""
+    description: str = ""
+    match_params: Any = None
+    """Iso-parameter matching: ``{"changed": {key: [before, after]}, "params_before", "params_after",
+    "target"}``, or ``None`` when the variant was not matched."""
+
+    @classmethod
+    def parse(cls, value: Any) -> VariantChanges:
+        data = _dict_or_empty(value)
+        overrides = data.get("overrides") or []
+        if isinstance(overrides, dict):
+            overrides = [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+        return cls(**{**data, "overrides": [str(o) for o in overrides],
+                      "description": str(data.get("description") or "")})
+
+
+class RunEnv(BaseModel):
+    """``runs.env_json``: where and how a finished run ran (from its summary)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    device: str | None = None
+    precision: str | None = None
+    torch: str | None = None
+    python: str | None = None
+    kernel_paths: dict[str, str] | None = None
+    """Layer index -> the kernel path that ran (``torch``, ``sdpa``, ``fla`` ...)."""
+    world_size: int | None = None
+
+
+def _run_env(value: Any) -> RunEnv | None:
+    data = _parse_json(value)
+    if isinstance(data, RunEnv) or data is None:
+        return data
+    return RunEnv.model_validate(data) if isinstance(data, dict) else None
+
+
+class SweepRecord(Record):
+    """The ``sweep`` table's one row."""
+
+    name: str = ""
+    spec_yaml: str = ""
+    created_at: float | None = None
+    env: Annotated[JsonDict, Field(default_factory=dict, validation_alias="env_json")]
+
+
+class RunRecord(Record):
+    """One row of ``runs``: a registered (variant, seed[, lr]) run and its state."""
+
+    run_id: str
+    variant: str
+    seed: int
+    lr: float | None = None
+    is_baseline: bool = False
+    status: str = "pending"
+    error: str | None = None
+    config: Annotated[JsonDict, Field(default_factory=dict, validation_alias="config_json")]
+    """The resolved run config (``RunConfig.model_dump(mode="json")``)."""
+    changes: Annotated[VariantChanges, BeforeValidator(VariantChanges.parse),
+                       Field(default_factory=VariantChanges, validation_alias="changes_json")]
+    run_dir: str = ""
+    env: Annotated[RunEnv | None, BeforeValidator(_run_env), Field(default=None, validation_alias="env_json")]
+    started_at: float | None = None
+    finished_at: float | None = None
+    purpose: str = "compare"
+    """``compare`` (a result the report compares) or ``lr_selection`` (only chooses the variant's lr)."""
+    stage: str = "pretrain"
+    """The training stage the run belongs to (``pretrain``, ``sft``, ``grpo``); ``pretrain`` in a store
+    without the column."""
+
+
+class FinalRecord(Record):
+    """A finished run's final figures (``final`` joined with its run's ``runs`` columns)."""
+
+    run_id: str
+    variant: str
+    seed: int
+    lr: float | None = None
+    is_baseline: bool = False
+    purpose: str = "compare"
+    stage: str = "pretrain"
+    val_loss: float | None = None
+    """Final validation loss (nats per token)."""
+    val_bpb: float | None = None
+    """Final validation bits per byte."""
+    val_ppl: float | None = None
+    params: int | None = None
+    active_params: int | None = None
+    flops_per_token: float | None = None
+    """Training FLOPs per token (forward + backward)."""
+    tokens_per_s: float | None = None
+    peak_mem_bytes: int | None = None
+    state_bytes: int | None = None
+    """KV-cache or recurrent-state bytes per sequence at the run's ``train.seq_len``."""
+    tokens: int | None = None
+    elapsed_s: float | None = None
+    stream_hash: str | None = None
+    summary: Annotated[JsonDict, Field(default_factory=dict, validation_alias="summary_json")]
+    """The run's whole ``summary.json`` (corpus fingerprint, tokenizer hash, ...)."""
+
+
+class MetricRecord(Record):
+    """One per-step record of ``metrics`` (``kind`` ``train`` or ``eval``)."""
+
+    run_id: str
+    kind: str
+    step: int
+    tokens: int | None = None
+    elapsed_s: float | None = None
+    loss: float | None = None
+    lr: float | None = None
+    tokens_per_s: float | None = None
+    val_loss: float | None = None
+    val_bpb: float | None = None
