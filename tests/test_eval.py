@@ -74,6 +74,52 @@ def test_batched_padded_scores_equal_single_sequences_for_every_mixer(kind):
         assert score.n_tokens == len(request.continuation)
 
 
+@pytest.mark.parametrize("kind", list(MIXERS))
+def test_shared_prefix_scores_equal_single_sequences_for_every_mixer(kind):
+    """Choices scored from one cached pass over their shared context equal an unpadded full pass over each
+    (context + choice): the cache of every mixer is copied per choice correctly (batch-first, no shared
+    storage between rows). Contexts of length 1 (no prefix pass), ungrouped requests and a window cut mix
+    in, as in a real task."""
+    cls = dict(MIXERS.items())[kind]
+    mixer = cls.contract_examples(32)[0]
+    model = af.CausalLM.from_config(af.ModelConfig.model_validate(
+        {**MODEL, "n_layers": 2, "mixer": mixer.model_dump(), "position": {"kind": "rope"}
+         if cls.uses_positions else {"kind": "none"}}))
+    g = torch.Generator().manual_seed(2)
+
+    def ids(n):
+        return tuple(torch.randint(0, 257, (n,), generator=g).tolist())
+
+    shared, single, long = ids(11), ids(1), ids(60)
+    requests = [Request(shared, ids(k)) for k in (1, 4, 2, 6)] + [Request(single, ids(k)) for k in (3, 1)]
+    # alone; then one context with a choice that fits the window and one cut by it (60 + 8 > 64 + 1)
+    requests += [Request(ids(7), ids(2)), Request(long, ids(3)), Request(long, ids(8))]
+    scores = score_requests(ModelScorer(model), requests, batch_size=3, share_prefix=True)
+    for request, score in zip(requests[:-1], scores):
+        expected, greedy = reference_logprob(model, request)
+        assert score.logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert score.greedy == greedy
+        assert score.n_tokens == len(request.continuation)
+    plain = score_requests(ModelScorer(model), requests, batch_size=3)[-1]  # the cut one: scored the plain way
+    assert scores[-1].logprob == pytest.approx(plain.logprob, rel=1e-5) and scores[-1].n_tokens == plain.n_tokens
+
+
+def test_reorder_cache_copies_rows_and_rejects_a_cache_without_batch_dimension():
+    from archifactory.mixers.base import select_cache_rows
+    from archifactory.mixers.attention import KVCache
+
+    cache = KVCache(window=None, k=torch.randn(2, 2, 3, 4), v=torch.randn(2, 2, 3, 4), pos=3)
+    index = torch.tensor([1, 1, 0])
+    selected = select_cache_rows([cache, {"s": torch.arange(2.0)[:, None]}], index)
+    assert selected[0].pos == 3 and selected[0].window is None and type(selected[0]) is KVCache
+    torch.testing.assert_close(selected[0].k, cache.k[[1, 1, 0]], rtol=0, atol=0)
+    assert selected[1]["s"].flatten().tolist() == [1.0, 1.0, 0.0]
+    selected[0].k[0].zero_()  # rows are copies: neither the other rows nor the original change
+    assert selected[0].k[1].abs().sum() > 0 and cache.k[1].abs().sum() > 0
+    with pytest.raises(ValueError, match="no batch dimension"):
+        select_cache_rows(torch.tensor(1.0), index)
+
+
 def test_greedy_flag_and_window_truncation_match_lm_eval_rules():
     model = tiny_model()
     # greedy continuation: generate with argmax, then the request must be flagged greedy
@@ -203,6 +249,8 @@ def test_run_dir_results_stored_and_rerun_skips(tmp_path, monkeypatch):
     direct, _ = eval_runner.score_task(ModelScorer(af.CausalLM.from_pretrained(run / "model")), get_task("piqa"),
                                        items, eval_runner.build_requests(items, BYTES))
     assert {k: m.value for k, m in piqa.items()} == pytest.approx(direct, rel=1e-12)
+    shared = evaluate(run, ["piqa"], limit=4, progress=False, share_prefix=True, force=True, store=tmp_path / "s.db")
+    assert {m.metric: m.value for m in shared[0].metrics} == pytest.approx(direct, rel=1e-5)
 
     def fail(*args, **kwargs):
         raise AssertionError("a stored evaluation was scored again")

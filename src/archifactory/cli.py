@@ -230,6 +230,8 @@ def eval_(
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="Folder of lm-eval task YAMLs."),
     samples: int = typer.Option(1, min=1, help="humaneval: completions per problem (greedy when 1)."),
     temperature: float = typer.Option(0.8, min=0.0, help="humaneval: sampling temperature when samples > 1."),
+    share_prefix: bool = typer.Option(False, "--share-prefix", help="Score each item's choices from one cached "
+                                      "pass over their shared context (same scores; faster for long contexts)."),
 ) -> None:
     """Score a trained run or saved model on zero-shot tasks; results go to RUN_DIR/eval.sqlite and
     evaluations already stored are skipped."""
@@ -237,7 +239,8 @@ def eval_(
 
     try:
         evaluate(target, tasks, limit, tokenizer=tokenizer, device=device, batch_size=batch_size, force=force,
-                 include_path=include_path, samples=samples, temperature=temperature, console=console)
+                 include_path=include_path, samples=samples, temperature=temperature, share_prefix=share_prefix,
+                 console=console)
     except (ConfigError, FileNotFoundError, KeyError, ValueError, ModuleNotFoundError) as err:
         _fail(str(err).strip("'\""))
 

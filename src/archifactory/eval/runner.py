@@ -124,11 +124,13 @@ def build_requests(items: Sequence[Item], tokenizer: Tokenizer) -> list[list[Req
 
 
 def score_task(scorer: TokenScorer, task: Task, items: Sequence[Item], requests: list[list[Request]],
-               batch_size: int = 16, on_scored=None) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Task metrics and per-item values of ``scorer`` on ``items``."""
+               batch_size: int = 16, on_scored=None, share_prefix: bool = False
+               ) -> tuple[dict[str, float], list[dict[str, float]]]:
+    """Task metrics and per-item values of ``scorer`` on ``items`` (``share_prefix``: see
+    :func:`~archifactory.eval.scoring.score_requests`)."""
     flat = [r for rs in requests for r in rs]
     unique = list(dict.fromkeys(flat))  # winogrande-like items share continuations; score each pair once
-    scores = dict(zip(unique, score_requests(scorer, unique, batch_size, on_scored)))
+    scores = dict(zip(unique, score_requests(scorer, unique, batch_size, on_scored, share_prefix)))
     loglikelihood = task.kind == "loglikelihood"
     per_item = [M.item_metrics(item, [scores[r] for r in rs], loglikelihood) for item, rs in zip(items, requests)]
     return M.aggregate(per_item, loglikelihood), per_item
@@ -174,6 +176,7 @@ def evaluate(
     lm_eval_defaults: bool = True,
     samples: int = 1,
     temperature: float = 0.8,
+    share_prefix: bool = False,
     console=None,
     progress: bool = True,
 ) -> list[EvaluationRecord]:
@@ -184,7 +187,10 @@ def evaluate(
     ``force``). Names ``lm_eval:NAME`` run lm-evaluation-harness task NAME through the adapter
     (:mod:`archifactory.eval.lm_eval_adapter`), with task YAMLs from ``include_path`` (and lm-eval's
     built-in tasks unless ``lm_eval_defaults`` is false). ``humaneval`` (pass@k) samples ``samples``
-    completions per problem at ``temperature`` (greedy when ``samples`` is 1). Raises ``KeyError`` for an
+    completions per problem at ``temperature`` (greedy when ``samples`` is 1). ``share_prefix`` scores the
+    choices of a multiple-choice item from one cached pass over their shared context (same scores to
+    rounding; see :func:`~archifactory.eval.scoring.score_requests` and ``benchmarks/eval_prefix.py`` for
+    when it is faster). Raises ``KeyError`` for an
     unknown task, ``FileNotFoundError`` for a directory that
     holds no model or tokenizer, ``ValueError`` for a bad limit.
     """
@@ -251,7 +257,8 @@ def evaluate(
             else:
                 requests = build_requests(items, target.tokenizer)
                 per_item = max(1.0, sum(len(r) for r in requests) / max(len(items), 1))
-                values, _ = score_task(scorer, task, items, requests, batch_size, lambda n: advance(n / per_item))
+                values, _ = score_task(scorer, task, items, requests, batch_size, lambda n: advance(n / per_item),
+                                       share_prefix)
                 null_values, _ = score_task(null, task, items, requests, batch_size=256)
                 chance = M.chance(items, task.kind == "loglikelihood")
             elapsed = time.time() - start

@@ -13,6 +13,13 @@ greedy (argmax) choice. This is lm-evaluation-harness's ``loglikelihood`` reques
 
 Requests are scored in batches of right-padded sequences, longest first; right padding cannot change a
 causal model's outputs at earlier positions, so each score equals a forward pass over that sequence alone.
+
+With ``share_prefix``, requests that share a context (the choices of one multiple-choice item) are scored
+from one cached pass over that context instead: the context runs once, its cache (KV cache or recurrent
+state) is copied for each choice, and the choices run as one right-padded batch from there. This is the
+same function (every mixer's cached forward equals its full forward: the mixer contract) computed in a
+different order, so scores agree to rounding; it saves the repeated context work, which is most of the
+work when contexts are long and choices short (MMLU, HellaSwag, ARC).
 """
 
 from __future__ import annotations
@@ -69,6 +76,33 @@ class ModelScorer:
         return picked.cpu(), (logits.argmax(-1) == targets).cpu()
 
 
+    @torch.no_grad()
+    def group_logprobs(self, context: Sequence[int], continuations: Sequence[Sequence[int]]
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per continuation: (log p of each of its tokens, whether each is the argmax), given ``context``,
+        from one cached pass over the context (see the module docstring). ``len(context) +
+        len(continuation)`` must not exceed ``max_length + 1`` (no window cut). Raises ``ValueError`` if
+        ``context`` is empty."""
+        if not context:
+            raise ValueError("an empty context has no position to predict the first continuation token from")
+        model = self.model
+        cache = model.init_cache(1, self.device)
+        if len(context) > 1:
+            model(torch.tensor([list(context[:-1])], device=self.device), cache=cache)
+        n, width = len(continuations), max(len(c) for c in continuations)
+        cache = model.reorder_cache(cache, torch.zeros(n, dtype=torch.long))  # the prefix's state, n times
+        inputs = torch.zeros(n, width, dtype=torch.long)
+        targets = torch.zeros(n, width, dtype=torch.long)
+        for row, cont in enumerate(continuations):
+            inputs[row, : len(cont)] = torch.tensor([context[-1], *cont[:-1]])
+            targets[row, : len(cont)] = torch.tensor(list(cont))
+        logits = model(inputs.to(self.device), cache=cache).logits.float()
+        targets = targets.to(self.device)
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu()
+        greedy = (logits.argmax(-1) == targets).cpu()
+        return [(picked[row, : len(c)], greedy[row, : len(c)]) for row, c in enumerate(continuations)]
+
+
 class UnigramScorer:
     """A null model: every position predicts the same distribution ``log_probs`` (V,), e.g. unigram
     frequencies of the training tokens, or uniform. It has no context at all."""
@@ -109,17 +143,40 @@ def score_requests(
     requests: Sequence[Request],
     batch_size: int = 16,
     on_scored: Callable[[int], None] | None = None,
+    share_prefix: bool = False,
 ) -> list[Score]:
-    """Score every request (see the module docstring); ``on_scored(n)`` is called after each batch."""
+    """Score every request (see the module docstring); ``on_scored(n)`` is called after each batch.
+
+    ``share_prefix``: score requests with the same context (and no window cut) from one cached pass over
+    the context, when ``scorer`` has ``group_logprobs`` (:class:`ModelScorer`); other requests, and every
+    request of a scorer without it, are batched as usual."""
     for i, r in enumerate(requests):
         if not r.continuation:
             raise ValueError(f"request {i} has an empty continuation: nothing to score")
         if not r.context:
             raise ValueError(f"request {i} has an empty context: start it with the end-of-document id")
-    # lm-eval's window: the last max_length + 1 tokens, of which the last max_length are targets
-    windows = [(r.context + r.continuation)[-(scorer.max_length + 1):] for r in requests]
-    order = sorted(range(len(requests)), key=lambda i: -len(windows[i]))
     scores: list[Score | None] = [None] * len(requests)
+    rest = list(range(len(requests)))
+    if share_prefix and hasattr(scorer, "group_logprobs"):
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(requests):
+            if len(r.context) + len(r.continuation) <= scorer.max_length + 1:
+                groups.setdefault(r.context, []).append(i)
+        shared = {i for members in groups.values() if len(members) > 1 for i in members}
+        rest = [i for i in rest if i not in shared]
+        for context, members in groups.items():
+            if len(members) < 2:
+                continue
+            for start in range(0, len(members), batch_size):
+                chunk = members[start:start + batch_size]
+                results = scorer.group_logprobs(context, [requests[i].continuation for i in chunk])
+                for i, (logprobs, greedy) in zip(chunk, results):
+                    scores[i] = Score(float(logprobs.double().sum()), bool(greedy.all()), len(logprobs))
+                if on_scored is not None:
+                    on_scored(len(chunk))
+    # lm-eval's window: the last max_length + 1 tokens, of which the last max_length are targets
+    windows = {i: (requests[i].context + requests[i].continuation)[-(scorer.max_length + 1):] for i in rest}
+    order = sorted(rest, key=lambda i: -len(windows[i]))
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         T = max(len(windows[i]) for i in batch) - 1

@@ -31,6 +31,12 @@ class FFN(nn.Module):
         (e.g. RWKV's token-shifting channel mix) takes it as ``forward(x, cache)`` and updates it."""
         return None
 
+    def reorder_cache(self, cache, index: torch.Tensor):
+        """The cache of batch rows ``index`` (see :meth:`archifactory.mixers.base.Mixer.reorder_cache`)."""
+        from archifactory.mixers.base import select_cache_rows
+
+        return select_cache_rows(cache, index)
+
     def flops_per_token(self) -> int:  # pragma: no cover
         raise NotImplementedError
 

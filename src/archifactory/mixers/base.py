@@ -6,6 +6,8 @@ chunk by chunk (down to one token at a time, as in generation) compute the same 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +40,13 @@ class Mixer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Any = None) -> tuple[torch.Tensor, Any]:  # pragma: no cover
         raise NotImplementedError
+
+    def reorder_cache(self, cache: Any, index: torch.Tensor) -> Any:
+        """The cache of batch rows ``index`` ((B',) int64; rows may repeat), e.g. one prefix's cache copied
+        for each of several continuations (transformers' ``_reorder_cache`` for beam search is the same
+        operation). The default copies rows of every tensor in the cache along dimension 0
+        (:func:`select_cache_rows`); a mixer whose cache is not batch-first overrides it."""
+        return select_cache_rows(cache, index)
 
     def init_cache(self, batch_size: int, device: torch.device | str, dtype: torch.dtype) -> Any:  # pragma: no cover
         """An empty cache (KV cache or recurrent state) for ``batch_size`` sequences."""
@@ -90,3 +99,25 @@ def check_heads_divide(n_heads: int, d_model: int, explicit_head_dim: int | None
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision recurrences run and keep their state in: at least fp32 (fp64 stays fp64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def select_cache_rows(cache: Any, index: torch.Tensor) -> Any:
+    """A copy of ``cache`` holding batch rows ``index`` of every tensor along dimension 0 (walks
+    dataclasses, lists, tuples and dicts; other values, e.g. position counters, are kept). Raises
+    ``ValueError`` for a tensor without a batch dimension."""
+    if isinstance(cache, torch.Tensor):
+        if cache.dim() == 0:
+            raise ValueError("a 0-d cache tensor has no batch dimension: override reorder_cache")
+        return cache.index_select(0, index.to(cache.device))
+    if dataclasses.is_dataclass(cache) and not isinstance(cache, type):
+        selected = copy.copy(cache)  # keeps the type, its methods and non-field attributes
+        for f in dataclasses.fields(cache):
+            setattr(selected, f.name, select_cache_rows(getattr(cache, f.name), index))
+        return selected
+    if isinstance(cache, tuple) and hasattr(cache, "_fields"):  # a named tuple
+        return type(cache)(*(select_cache_rows(c, index) for c in cache))
+    if isinstance(cache, (list, tuple)):
+        return type(cache)(select_cache_rows(c, index) for c in cache)
+    if isinstance(cache, dict):
+        return {k: select_cache_rows(v, index) for k, v in cache.items()}
+    return cache

@@ -136,6 +136,12 @@ class RecurrentMixer(Mixer):
                     nn.init.ones_(getattr(self.rnn, f"bias_ih_l{layer}")[H : 2 * H])
         init_linear(self.out_proj, self.out_std)
 
+    def reorder_cache(self, cache: RecurrentState, index: torch.Tensor) -> RecurrentState:
+        """torch's RNN states are ``(n_layers, B, hidden)``: rows are taken along dimension 1."""
+        index = index.to(cache.h.device)
+        return dataclasses.replace(cache, h=cache.h.index_select(1, index),
+                                   c=None if cache.c is None else cache.c.index_select(1, index))
+
     def init_cache(self, batch_size: int, device, dtype) -> RecurrentState:
         zeros = torch.zeros(self.n_layers, batch_size, self.hidden, device=device, dtype=compute_dtype(dtype))
         return RecurrentState(h=zeros, c=zeros.clone() if self.kind == "lstm" else None)

@@ -108,6 +108,15 @@ class CausalLM(nn.Module):
             [block.ffn.init_cache(batch_size, device, dtype) for block in self.blocks],
         )
 
+    def reorder_cache(self, cache: ModelCache, index: torch.Tensor) -> ModelCache:
+        """A new cache holding batch rows ``index`` ((B',) int64; rows may repeat) of ``cache``, each block
+        asking its mixer and FFN (their caches may lay out batch differently); ``cache`` is unchanged."""
+        return ModelCache(
+            [block.mixer.reorder_cache(c, index) for block, c in zip(self.blocks, cache.layers)],
+            [block.ffn.reorder_cache(c, index) for block, c in zip(self.blocks, cache.ffn_layers)],
+            cache.pos,
+        )
+
     def document_blockers(self) -> list[str]:
         """The parts that cannot keep packed documents apart (a mixer without ``supports_documents``, an
         FFN with state), as ``"layer 2 mixer Mamba2"``; empty when ``forward(..., document_ids=...)`` works."""
