@@ -45,15 +45,22 @@ JsonDict = Annotated[dict[str, Any], BeforeValidator(_dict_or_empty)]
 class Record(BaseModel):
     """Base of the results records: frozen, built from store rows, readable like a mapping."""
 
-    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="allow")
+    """A column this module does not name yet is kept as it is (``record.get("column")``)."""
 
     def __getitem__(self, key: str) -> Any:
-        if key not in type(self).model_fields:
-            raise KeyError(key)
-        return getattr(self, key)
+        if key in type(self).model_fields:
+            return getattr(self, key)
+        extra = self.__pydantic_extra__ or {}
+        if key in extra:
+            return extra[key]
+        raise KeyError(key)
 
     def get(self, key: str, default: Any = None) -> Any:
-        return getattr(self, key) if key in type(self).model_fields else default
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
 
 class VariantChanges(BaseModel):
@@ -131,6 +138,8 @@ class RunRecord(Record):
     stage: str = "pretrain"
     """The training stage the run belongs to (``pretrain``, ``sft``, ``grpo``); ``pretrain`` in a store
     without the column."""
+    parent_run_id: str | None = None
+    """The run a post-training stage starts from (``None`` for pretraining)."""
 
 
 class FinalRecord(Record):
@@ -142,7 +151,6 @@ class FinalRecord(Record):
     lr: float | None = None
     is_baseline: bool = False
     purpose: str = "compare"
-    stage: str = "pretrain"
     val_loss: float | None = None
     """Final validation loss (nats per token)."""
     val_bpb: float | None = None
@@ -159,12 +167,14 @@ class FinalRecord(Record):
     tokens: int | None = None
     elapsed_s: float | None = None
     stream_hash: str | None = None
+    exact_match: float | None = None
+    """Held-out greedy exact match on a GRPO task (post-training runs), else ``None``."""
     summary: Annotated[JsonDict, Field(default_factory=dict, validation_alias="summary_json")]
     """The run's whole ``summary.json`` (corpus fingerprint, tokenizer hash, ...)."""
 
 
 class MetricRecord(Record):
-    """One per-step record of ``metrics`` (``kind`` ``train`` or ``eval``)."""
+    """One per-step record of ``metrics`` (``kind`` ``train``, ``eval`` or ``grpo``)."""
 
     run_id: str
     kind: str
@@ -176,3 +186,11 @@ class MetricRecord(Record):
     tokens_per_s: float | None = None
     val_loss: float | None = None
     val_bpb: float | None = None
+    reward: float | None = None
+    """GRPO records: mean reward, pass rate, completion length, KL, clip fraction; ``eval_accuracy``: the
+    held-out greedy exact match."""
+    pass_rate: float | None = None
+    completion_length: float | None = None
+    kl: float | None = None
+    clip_fraction: float | None = None
+    eval_accuracy: float | None = None

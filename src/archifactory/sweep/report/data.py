@@ -28,6 +28,7 @@ class SweepData:
 
     sweep: SweepRecord
     runs: list[RunRecord]
+    """The runs variants are compared on (pretraining)."""
     order: list[str]
     """Variants, the baseline first, then in the order the runner registered them."""
     baseline: str | None
@@ -41,6 +42,8 @@ class SweepData:
     fairness: st.FairnessCheck
     eval_curves: dict[str, list[MetricRecord]] = field(default_factory=dict)
     train_curves: dict[str, list[MetricRecord]] = field(default_factory=dict)
+    stage_runs: list[RunRecord] = field(default_factory=list)
+    """Every registered run of every stage (pretraining and post-training: ``RunRecord.stage``)."""
     evals: list[MetricResult] = field(default_factory=list)
     """Evaluation results of the sweep's runs (one per run, task, item limit and metric: the newest
     evaluation where a run's weights were evaluated more than once)."""
@@ -85,6 +88,16 @@ def _registration_order(store: Store) -> list[str]:
         return [r[0] for r in db.execute("SELECT variant FROM runs GROUP BY variant ORDER BY MIN(rowid)")]
 
 
+def _every_stage(read, **kwargs):
+    """``store.runs`` / ``store.finals`` of every training stage (a store that knows stages reads the
+    pretraining runs by default and every stage with ``stage=None``)."""
+    import inspect
+
+    if "stage" in inspect.signature(read).parameters:
+        return read(stage=None, **kwargs)
+    return read(**kwargs)
+
+
 def read_evaluations(store: Store, run_ids: set[str]) -> list[MetricResult]:
     """The ``eval_metrics`` rows of ``run_ids`` in the store's file (none when the sweep stored no
     evaluation there); of several evaluations of one run, task and limit (a retrained run's new
@@ -115,6 +128,7 @@ def read_sweep_results(sweep_dir: str | Path) -> SweepData:
     if not sweep.name:
         sweep = sweep.model_copy(update={"name": Path(sweep_dir).resolve().name})
     runs = [RunRecord.model_validate(r) for r in store.runs()]
+    stage_runs = [RunRecord.model_validate(r) for r in _every_stage(store.runs)]
     all_finals = [FinalRecord.model_validate(r) for r in store.finals()]
     finals, lr_choices = st.best_lr_runs(all_finals)
     baseline = st.baseline_variant(runs)
@@ -142,5 +156,6 @@ def read_sweep_results(sweep_dir: str | Path) -> SweepData:
         fairness=st.fairness(runs, finals, sweep.spec_yaml),
         eval_curves=eval_curves,
         train_curves=train_curves,
-        evals=read_evaluations(store, {r.run_id for r in runs}),
+        stage_runs=stage_runs,
+        evals=read_evaluations(store, {r.run_id for r in stage_runs}),
     )

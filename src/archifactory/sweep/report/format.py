@@ -54,7 +54,8 @@ def fmt_bytes(x: float | None) -> str:
         return "—"
     for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
         if abs(x) >= scale:
-            return f"{x / scale:.3g} {suffix}"
+            value = x / scale
+            return f"{value:.3g} {suffix}" if abs(value) < 1000 else f"{value:.0f} {suffix}"  # not 1.01e+03
     return f"{x:.0f} B"
 
 

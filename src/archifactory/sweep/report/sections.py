@@ -26,6 +26,7 @@ from archifactory.sweep.report.document import (
     Strong,
     Table,
 )
+from archifactory.sweep.report.evals import evaluation_sections
 from archifactory.sweep.report.format import (
     describe_budget,
     fmt_bytes,
@@ -425,6 +426,7 @@ SECTION_BUILDERS: list[tuple[str, SectionBuilder]] = [
     ("results", results_section),
     ("plots", plots_section),
     ("lr_choice", lr_section),
+    ("evaluation", evaluation_sections),
     ("changes", changes_section),
     ("failures", failures_section),
     ("fairness", fairness_section),
