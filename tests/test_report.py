@@ -451,8 +451,8 @@ def test_user_text_is_drawn_and_written_literally(tmp_path, monkeypatch):
             store.record_results(run_id, metrics, {"val_loss": last["val_loss"] + 0.01 * i,
                                                    "val_bpb": last["val_bpb"], "tokens": STEPS * TOKENS_PER_STEP})
     drawn = []
-    original_png = figures._png
-    monkeypatch.setattr(figures, "_png", lambda fig: (drawn.append(fig), original_png(fig))[1])
+    original_png = figures.to_png
+    monkeypatch.setattr(figures, "to_png", lambda fig: (drawn.append(fig), original_png(fig))[1])
     monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)  # a user's matplotlibrc may say so
     html_path, md_path = write_report(tmp_path)
 

@@ -3,13 +3,14 @@ the Holm correction against statsmodels, the heat map's signs, sections per task
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
-from test_report import md_tables, run_config, table_with
+from test_report import chromium_binary, md_tables, open_in_chromium, run_config, table_with
 
 from archifactory.eval.store import EvalStore, EvaluationRecord, MetricResult
 from archifactory.sweep.report import read_sweep_results, write_report
@@ -198,3 +199,51 @@ def test_a_kind_without_results_has_no_section(tmp_path):
     # equal differences on both seeds: no test, said so
     assert rows[("acc ↑", "v")]["p (paired t)"] == "zero"
     assert rows[("acc ↑", "v")]["chance"] == "0.2500"
+
+
+def test_variant_names_are_drawn_literally_in_the_heat_map(tmp_path, monkeypatch):
+    import matplotlib
+    import matplotlib.text
+
+    from archifactory.sweep.report import figures
+
+    names = ["baseline", "cost$\\frac{$", "$x^2$ <b>"]
+    store = Store(tmp_path / "results.sqlite")
+    store.set_sweep("s", "name: s\n", {})
+    evals = EvalStore(tmp_path / "results.sqlite")
+    for i, variant in enumerate(names):
+        for seed in (0, 1):
+            run_id = f"v{i}-s{seed}"
+            store.add_run(run_id, variant, seed, None, i == 0, run_config("baseline", seed), {}, run_id)
+            store.record_results(run_id, [], {"val_loss": 3.0 + seed, "tokens_per_s": 100.0 + i})
+            evals.put(EvaluationRecord(run_id=run_id, model_hash="h", task="mqar", task_version="v1", limit=None,
+                                       n_items=5, metrics=[MetricResult(
+                                           run_id=run_id, model_hash="h", task="mqar", task_version="v1", limit=None,
+                                           metric="acc", value=0.5 + 0.1 * i + 0.01 * seed, n_items=5)]))
+    drawn = []
+    original = figures.to_png
+    monkeypatch.setattr(figures, "to_png", lambda fig: (drawn.append(fig), original(fig))[1])
+    monkeypatch.setitem(matplotlib.rcParams, "text.usetex", True)
+    html_path, _ = write_report(tmp_path)
+    heat = drawn[-1]  # the evaluation overview is drawn after the loss plots
+    texts = [t for t in heat.findobj(matplotlib.text.Text) if t.get_text()]
+    assert not [t.get_text() for t in texts if t.get_parse_math() or t.get_usetex()]
+    assert {"cost$\\frac{$", "$x^2$ <b>"} <= {t.get_text() for t in texts}
+    assert "$x^2$ &lt;b&gt;" in html_path.read_text()
+
+
+@pytest.mark.skipif(
+    chromium_binary() is None and not os.environ.get("ARCHIFACTORY_REQUIRE_CHROMIUM"),
+    reason="Chromium is not installed (Debian: apt-get install chromium)",
+)
+def test_page_with_evaluations_loads_in_headless_chromium(tmp_path):
+    build(tmp_path, stages=True)
+    html_path, _ = write_report(tmp_path)
+    result, errors = open_in_chromium(html_path)
+    assert errors == []
+    assert result["h2"][:4] == ["Results", "Plots", "Evaluation after pretrain", "Evaluation after sft"]
+    assert [i["alt"] for i in result["images"]] == ["Final validation loss per variant",  # no curves recorded
+                                                    "Evaluation overview after pretrain", "Evaluation overview after sft"]
+    for image in result["images"]:
+        assert image["data"] and image["complete"] and image["decoded"], image
+    assert result["bodyWidth"] <= 1280 and result["overflowing"] == 0

@@ -34,7 +34,8 @@ from archifactory.results import RunRecord
 from archifactory.sweep import stats as st
 from archifactory.sweep.report.data import SweepData
 from archifactory.sweep.report.document import Block, Paragraph, Section, Table
-from archifactory.sweep.report.figures import _new_figure, _png, figure_block
+from archifactory.sweep.report import figures
+from archifactory.sweep.report.figures import figure_block
 from archifactory.sweep.report.format import fmt_bytes, fmt_count, fmt_interval, fmt_p
 
 STAGE_ORDER = ("pretrain", "sft", "grpo")
@@ -309,7 +310,7 @@ def heat_map_figure(hm: HeatMap, baseline: str) -> bytes:
     from matplotlib import colormaps
 
     width = min(22.0, 3.0 + 0.75 * len(hm.columns))
-    fig, axes = _new_figure(width, 1.9 + 0.42 * len(hm.variants))
+    fig, axes = figures.new_figure(width, 1.9 + 0.42 * len(hm.variants))
     ax = axes[0]
     ax.grid(False)
     cmap = colormaps["RdBu"].with_extremes(bad="#eeeeee")  # red: worse, blue: better, grey: no value
@@ -326,7 +327,7 @@ def heat_map_figure(hm: HeatMap, baseline: str) -> bytes:
     ax.set_yticks(range(len(hm.variants)), [f"{v} ★" if v == baseline else v for v in hm.variants], fontsize=8.5)
     ax.spines[["left", "bottom"]].set_visible(False)
     fig.colorbar(image, ax=ax, fraction=0.025, pad=0.01, label="worse ←  → better")
-    return _png(fig)
+    return figures.to_png(fig)
 
 
 # -------------------------------------------------------------------------------------------- sections

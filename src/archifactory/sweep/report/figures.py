@@ -60,7 +60,9 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
     return np.convolve(y, kernel, mode="same") / np.convolve(np.ones_like(y), kernel, mode="same")
 
 
-def _new_figure(width: float, height: float, ncols: int = 1):
+def new_figure(width: float, height: float, ncols: int = 1):
+    """A matplotlib figure (``width`` x ``height`` inches, Agg canvas, no pyplot) with ``ncols`` axes in one
+    row, in the report's style (light grid, no top/right spines); returns ``(figure, axes)``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -73,7 +75,8 @@ def _new_figure(width: float, height: float, ncols: int = 1):
     return fig, axes
 
 
-def _png(fig) -> bytes:
+def to_png(fig) -> bytes:
+    """The figure as PNG bytes (no timestamp or software metadata, so equal figures give equal bytes)."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
@@ -108,7 +111,7 @@ def _curve_figure(data: SweepData, curves: dict[str, list], x_key: str, y_key: s
     x_min = min(b[0][0] for b in bands.values())
     x_max = max(b[0][-1] for b in bands.values())
     x_half = x_min + 0.5 * (x_max - x_min)
-    fig, axes = _new_figure(11, 4.0, 2)
+    fig, axes = new_figure(11, 4.0, 2)
     for ax, zoom in zip(axes, (False, True)):
         lows, highs = [], []
         for variant, (x, mean, low, high) in bands.items():
@@ -135,7 +138,7 @@ def _curve_figure(data: SweepData, curves: dict[str, list], x_key: str, y_key: s
         ax.set_title("second half (zoom)" if zoom else "whole run", fontsize=10)
     axes[0].legend(fontsize=8.5, frameon=False)
     fig.suptitle(title, fontsize=11.5)
-    return _png(fig)
+    return to_png(fig)
 
 
 def _count_formatter():
@@ -153,7 +156,7 @@ def final_figure(data: SweepData) -> bytes | None:
     from matplotlib.ticker import MaxNLocator
 
     has_diff = any(d.mean_diff is not None for d in data.diff_loss.values())
-    fig, axes = _new_figure(11, 0.9 + 0.45 * len(variants), 3 if has_diff else 2)
+    fig, axes = new_figure(11, 0.9 + 0.45 * len(variants), 3 if has_diff else 2)
     ypos = {v: len(variants) - 1 - i for i, v in enumerate(variants)}
     by_variant = st.group_by_variant(data.finals)
     for ax, metric, label in ((axes[0], "val_loss", "final val loss"), (axes[1], "val_bpb", "final bits per byte")):
@@ -192,7 +195,7 @@ def final_figure(data: SweepData) -> bytes | None:
         ax.set_xlabel("Δ val loss vs baseline (paired, 95% CI)")
         ax.xaxis.set_major_locator(MaxNLocator(nbins=5, symmetric=False))
     fig.suptitle("Final results: mean and 95% CI over seeds (dots: seeds; ★ and dashed line: baseline)", fontsize=11)
-    return _png(fig)
+    return to_png(fig)
 
 
 LITERAL_TEXT = {"text.parse_math": False, "text.usetex": False}
