@@ -239,9 +239,10 @@ def test_delta_layers_match_reference(cfg):
         torch.testing.assert_close(mixer(x)[0], delta_layer_reference(mixer, x), **FP32)
 
 
-def rwkv7_reference(mixer, x):
-    """RWKV-7 time mixing composed as fla's ``RWKV7Attention`` does (``fuse_norm=False``, without the value
-    residual), with fla's reference functions, from ``mixer``'s weights."""
+def rwkv7_reference(mixer, x, v_first=None):
+    """RWKV-7 time mixing composed as fla's ``RWKV7Attention`` does (``fuse_norm=False``; the value residual
+    ``torch.lerp(v, v_first, sigmoid(v_lora(xv)))`` after layer 0), with fla's reference functions, from
+    ``mixer``'s weights."""
     Bx, Tx, _ = x.shape
     nh, hd = mixer.n_heads, mixer.head_dim
     delta = token_shift_ref(x)  # x_{t-1} - x_t
@@ -251,6 +252,8 @@ def rwkv7_reference(mixer, x):
     w = -0.6065306597126334 * lora(mixer.decay, xw, torch.tanh).sigmoid()
     k = F.linear(xk, mixer.k_proj.weight)
     v = F.linear(xv, mixer.v_proj.weight)
+    if v_first is not None:
+        v = torch.lerp(v, v_first, lora(mixer.value_mix, xv, lambda t: t).sigmoid())
     a = lora(mixer.iclr, xa, lambda t: t).sigmoid()
     g = lora(mixer.gate, xg, torch.sigmoid)
     kk = F.normalize((k * mixer.k_k).reshape(Bx, Tx, nh, hd), dim=-1)
@@ -273,9 +276,15 @@ def rwkv7_reference(mixer, x):
 )
 def test_rwkv7_layer_matches_reference(cfg, layer_idx):
     mixer = build(cfg, layer_idx=layer_idx)
+    with torch.no_grad():  # the low-rank maps' first factors start at zero (as published): move them
+        for lora in mixer.low_rank_maps():
+            lora.down.weight.normal_(0, 0.3)
     x = torch.randn(2, 19, 24)
+    v_first = torch.randn(2, 19, 24) if layer_idx else None
     with torch.no_grad():
-        torch.testing.assert_close(mixer(x)[0], rwkv7_reference(mixer, x), **FP32)
+        cross_layer = {} if v_first is None else {"v_first": v_first}
+        torch.testing.assert_close(mixer(x, cross_layer=cross_layer)[0], rwkv7_reference(mixer, x, v_first), **FP32)
+        assert "v_first" in cross_layer  # layer 0 stored its values; a later layer read the given ones
 
 
 # ------------------------------------------------------------------------------------ configs, costs

@@ -145,7 +145,8 @@ RWKV7_NAMES = {
     "decay.down.weight": ("att.w1", (C, R)), "decay.up.weight": ("att.w2", (R, C)), "decay.up.bias": ("att.w0", (1, 1, C)),
     "iclr.down.weight": ("att.a1", (C, R)), "iclr.up.weight": ("att.a2", (R, C)), "iclr.up.bias": ("att.a0", (1, 1, C)),
     "gate.down.weight": ("att.g1", (C, R)), "gate.up.weight": ("att.g2", (R, C)),
-    "value.down.weight": ("att.v1", (C, R)), "value.up.weight": ("att.v2", (R, C)), "value.up.bias": ("att.v0", (1, 1, C)),
+    "value_mix.down.weight": ("att.v1", (C, R)), "value_mix.up.weight": ("att.v2", (R, C)),
+    "value_mix.up.bias": ("att.v0", (1, 1, C)),
 }
 
 
@@ -166,6 +167,15 @@ def test_rwkv6_channel_mix_decay_matches_rwkv_lm():
     ffn = FFNS.get("rwkv6_channel_mix")().build(ctx())
     roles = parameter_roles(ffn)
     assert decayed(ffn) == {n for n in roles if rwkv_lm_x060_decays(*RWKV6_FFN_NAMES[n])}
+
+
+def test_rwkv7_channel_mix_decay_matches_rwkv_lm():
+    ffn = FFNS.get("rwkv7_channel_mix")().build(ctx())
+    roles = parameter_roles(ffn)
+    names = {"mu_k": ("ffn.x_k", (1, 1, C)), "key.weight": ("ffn.key.weight", (4 * C, C)),
+             "value.weight": ("ffn.value.weight", (C, 4 * C))}
+    assert set(roles) == set(names)
+    assert decayed(ffn) == {n for n in roles if rwkv_lm_x070_decays(*names[n])}
 
 
 def test_no_weight_decay_flags_of_the_fla_layers_are_vectors_here():

@@ -98,3 +98,68 @@ class RWKV6ChannelMix(FFN):
     def flops_per_token(self) -> int:
         return 2 * (self.key.in_features * self.key.out_features + self.value.in_features * self.value.out_features
                     + self.receptance.in_features * self.receptance.out_features)
+
+
+@register_ffn
+class RWKV7ChannelMixConfig(FFNConfig):
+    """RWKV-7 channel mixing (BlinkDL/RWKV-LM ``RWKV_CMix_x070``; fla ``RWKV7FeedForward``)::
+
+        xk_t = x_t + (x_{t-1} - x_t) * mu_k,        y_t = relu(xk_t W_K)^2 W_V
+
+    RWKV-6's channel mix without the receptance gate, one token-shift mix, and a 4x hidden width.
+    Decoding needs the block's FFN cache, as for :class:`RWKV6ChannelMixConfig`."""
+
+    kind: Literal["rwkv7_channel_mix"] = "rwkv7_channel_mix"
+    hidden: int | None = Field(None, ge=1)
+    """Key width; ``None`` means the official ``4 * d_model`` rounded up to a multiple of 32."""
+
+    def resolved_hidden(self, d_model: int) -> int:
+        return self.hidden or 32 * -(-4 * d_model // 32)
+
+    def build(self, ctx: BuildContext) -> "RWKV7ChannelMix":
+        return RWKV7ChannelMix(ctx, self.resolved_hidden(ctx.d_model))
+
+    @classmethod
+    def contract_examples(cls, d_model: int) -> list["RWKV7ChannelMixConfig"]:
+        return [cls(), cls(hidden=40)]
+
+
+class RWKV7ChannelMix(FFN):
+    def __init__(self, ctx: BuildContext, hidden: int) -> None:
+        super().__init__()
+        d = ctx.d_model
+        self.d_model = d
+        self.layer_idx, self.n_layers = ctx.layer_idx, ctx.n_layers
+        self.mu_k = nn.Parameter(torch.empty(d))
+        self.key = nn.Linear(d, hidden, bias=False)  # W_K
+        self.value = nn.Linear(hidden, d, bias=False)  # W_V: writes into the residual stream
+        self.std, self.out_std = ctx.init.std, ctx.init.out_std(ctx.n_layers)
+        self.reset_parameters()
+
+    def param_roles(self):
+        return {"mu_k": VECTOR}  # RWKV-LM x070: x_k is an undecayed coefficient
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Official mix, ``mu_k = 1 - (i / d) ** ((1 - layer / n_layers) ** 4)``; ``init.std`` for W_K and
+        ``init.out_std`` for W_V (RWKV-LM uses orthogonal and zero matrices: the model's init recipe decides
+        those here, as for every FFN)."""
+        ramp = torch.arange(self.d_model, dtype=torch.float64) / self.d_model
+        self.mu_k.copy_(1.0 - ramp ** ((1.0 - self.layer_idx / self.n_layers) ** 4))
+        init_linear(self.key, self.std)
+        init_linear(self.value, self.out_std)
+
+    def init_cache(self, batch_size: int, device, dtype) -> TokenShiftCache:
+        return TokenShiftCache(last=torch.zeros(batch_size, self.d_model, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor, cache: TokenShiftCache | None = None) -> tuple[torch.Tensor, AuxLosses]:
+        """x: (B, T, D). Without ``cache`` the token before x[:, 0] is taken to be zeros."""
+        previous = cache.last[:, None].to(x.dtype) if cache is not None else torch.zeros_like(x[:, :1])
+        delta = torch.cat([previous, x[:, :-1]], dim=1) - x  # (B, T, D): x_{t-1} - x_t
+        if cache is not None:
+            cache.last = x[:, -1].to(cache.last.dtype)
+        k = F.relu(self.key(torch.addcmul(x, delta, self.mu_k.to(x.dtype)))).square()  # (B, T, hidden)
+        return self.value(k), {}
+
+    def flops_per_token(self) -> int:
+        return 2 * (self.key.in_features * self.key.out_features + self.value.in_features * self.value.out_features)

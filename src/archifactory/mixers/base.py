@@ -34,6 +34,19 @@ class Mixer(nn.Module):
     each token belongs to): no token reads an earlier document. Mixers without it are trained on padded
     rows instead of packed ones (see ``CausalLM.document_blockers``)."""
 
+    uses_cross_layer: ClassVar[bool] = False
+    """Whether ``forward(x, cache, cross_layer=d)`` takes ``d``, a dict the model creates for each forward
+    call and hands to every such mixer in layer order, for connections across layers (RWKV-7's value
+    residual: the layer-0 mixer stores its values there and later layers mix them in). Other mixers are
+    called without it."""
+
+    def zero_gradient_at_init(self) -> set[str]:
+        """Names of parameters whose gradient is zero at initialisation by design, because a factor they
+        multiply starts at zero as the published recipe has it (RWKV-7's low-rank maps: ``up(act(down x))``
+        with ``down = 0``). The contract test checks that these, and only these, get no gradient at the
+        first step and that they do get one after a single optimizer step."""
+        return set()
+
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()
         self.d_model = ctx.d_model

@@ -18,8 +18,16 @@ channel by ``w_t = exp(-e^{-0.5} sigmoid(.))`` in (0.545, 1). The pieces around 
 - per-head GroupNorm of the output, the "bonus" ``(r_t . (k_t * r_k)) v_t`` for the current token, an
   output gate and projection.
 
-Left out: the value residual (``v_first``: layer 0's values blended into every later layer's), since a
-mixer here sees only its own input; every layer therefore computes its values as layer 0 does.
+- the value residual (``value_residual``): the layer-0 mixer's values ``v_first`` are blended into every
+  later layer's, ``v_t <- lerp(v_t, v_first_t, sigmoid(v0 + LoRA_v(xv_t)))``; they travel through the
+  model's per-call ``cross_layer`` dict (:attr:`Mixer.uses_cross_layer`), per token, so cached decoding needs
+  nothing extra. A later layer without layer 0's values (no RWKV-7 at layer 0, or the mixer called on its
+  own) is an error.
+
+The low-rank maps are initialised as published (BlinkDL/RWKV-LM ``RWKV-v7/train_temp``; fla
+``LoRA._initialize_weights``): the first factor zero, the second orthogonal with gain 0.1. At the first step
+the second factor of a map whose activation is zero at zero (decay: tanh, learning rate and value: identity)
+therefore gets no gradient; it gets one once the first factor has moved (:meth:`RWKV7.zero_gradient_at_init`).
 
 The recurrence has two forms of one function (:func:`chunk_dplr`; :func:`recurrent_dplr` is the per-token
 spec): chunks of ``chunk_size`` tokens whose intra-chunk interactions are dense matrix products plus one
@@ -40,6 +48,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import MAX_COUNT, BuildContext
+from archifactory.errors import InputError
 from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, compute_dtype, linear_flops, padded_length
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.nn.init import init_linear
@@ -194,6 +203,12 @@ class RWKV7Config(MixerConfig):
     """Rank of the in-context learning rate's map; ``None``: the same rule as ``decay_rank``."""
     gate_rank: int | None = Field(None, ge=1)
     """Rank of the output gate's map; ``None``: fla's rule, ``max(32, round(5 sqrt(d) / 32) * 32)``."""
+    value_rank: int | None = Field(None, ge=1)
+    """Rank of the value residual's mixing map; ``None``: fla's rule,
+    ``max(32, round(1.7 sqrt(d) head_dim/64 / 32) * 32)``."""
+    value_residual: bool = True
+    """Blend the layer-0 RWKV-7 mixer's values into this layer's (RWKV-7 as published). Needs an RWKV-7
+    mixer with ``value_residual`` at layer 0 of the model; ``false`` computes every layer's values alone."""
     chunk_size: int = Field(32, ge=1, le=128)
     """Tokens per chunk of the training form (32 measured a little faster than 64 on CPU). At most 128:
     the chunked form factors pairwise decays as ``e^{L_i} e^{-L_j}``, and 128 tokens of the strongest
@@ -206,11 +221,13 @@ class RWKV7Config(MixerConfig):
     def resolved_head_dim(self, d_model: int) -> int:
         return self.head_dim or d_model // self.n_heads
 
-    def ranks(self, d_model: int) -> tuple[int, int, int]:
+    def ranks(self, d_model: int) -> tuple[int, int, int, int]:
+        """(decay, iclr, gate, value) ranks."""
         factor = self.resolved_head_dim(d_model) / 64
         lora = max(32, int(round(2.5 * d_model**0.5 * factor / 32) * 32))
         gate = max(32, int(round(5 * d_model**0.5 / 32) * 32))
-        return self.decay_rank or lora, self.iclr_rank or lora, self.gate_rank or gate
+        value = max(32, int(round(1.7 * d_model**0.5 * factor / 32) * 32))
+        return self.decay_rank or lora, self.iclr_rank or lora, self.gate_rank or gate, self.value_rank or value
 
     def check(self, ctx: BuildContext) -> None:
         check_heads_divide(self.n_heads, ctx.d_model, self.head_dim)
@@ -220,10 +237,11 @@ class RWKV7Config(MixerConfig):
 
     @classmethod
     def contract_examples(cls, d_model: int) -> list[RWKV7Config]:
+        # (the contract test builds layer 0, which provides v_first; later layers are tested in models)
         return [
             cls(n_heads=4, decay_rank=8, iclr_rank=4, gate_rank=8, chunk_size=4),
             cls(n_heads=2, decay_rank=4, iclr_rank=4, gate_rank=4, chunk_size=64),
-            cls(n_heads=1, head_dim=16, chunk_size=3),
+            cls(n_heads=1, head_dim=16, chunk_size=3, value_residual=False),
         ]
 
 
@@ -231,7 +249,8 @@ class RWKV7Config(MixerConfig):
 
 
 class LowRank(nn.Module):
-    """``up(act(down(x)))``: RWKV's cheap data-dependent maps (rank ``rank``)."""
+    """``up(act(down(x)))``: RWKV's cheap data-dependent maps (rank ``rank``); RWKV-LM's ``x @ w1`` is
+    ``down``, ``w2`` is ``up`` and the offset (``w0``, ``a0``, ``v0``) is ``up.bias``."""
 
     def __init__(self, d_in: int, d_out: int, rank: int, activation: Callable[[torch.Tensor], torch.Tensor],
                  bias: bool) -> None:
@@ -242,6 +261,22 @@ class LowRank(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(self.activation(self.down(x)))
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """As published (RWKV-LM x070 ``w1 = 0``, ``w2 = ortho_init(0.1)``; fla ``LoRA``): ``down`` zero, ``up``
+        orthogonal with gain ``0.1 * sqrt(rank / d_out)`` (``0.1`` when rank <= d_out), offset zero."""
+        nn.init.zeros_(self.down.weight)
+        rank, d_out = self.up.in_features, self.up.out_features
+        gain = 0.1 * (math.sqrt(rank / d_out) if rank > d_out else 1.0)
+        weight = torch.empty(self.up.weight.shape, dtype=torch.float32, device=self.up.weight.device)
+        self.up.weight.copy_(nn.init.orthogonal_(weight, gain=gain))
+        if self.up.bias is not None:
+            nn.init.zeros_(self.up.bias)
+
+    def zero_at_zero(self) -> bool:
+        """Whether ``act(0) == 0``, so that ``up.weight`` gets no gradient while ``down`` is zero."""
+        return float(self.activation(torch.zeros(()))) == 0.0
 
     def param_roles(self):
         # RWKV-LM (RWKV-v7/train_temp/src/model.py, configure_optimizers) decays only `.weight` matrices;
@@ -267,7 +302,7 @@ class RWKV7(Mixer):
         self.n_heads = H = cfg.n_heads
         self.head_dim = cfg.resolved_head_dim(d)
         self.inner = H * self.head_dim
-        decay_rank, iclr_rank, gate_rank = cfg.ranks(d)
+        decay_rank, iclr_rank, gate_rank, value_rank = cfg.ranks(d)
         self.chunk_size, self.backend = cfg.chunk_size, cfg.backend
         self.fla_op = "chunk_rwkv7"  # for select_backend
         self.layer_idx, self.n_layers = ctx.layer_idx, ctx.n_layers
@@ -280,6 +315,10 @@ class RWKV7(Mixer):
         self.decay = LowRank(d, self.inner, decay_rank, torch.tanh, bias=True)  # bias: the base decay w0
         self.iclr = LowRank(d, self.inner, iclr_rank, nn.Identity(), bias=True)  # the paper's a_t, before sigmoid
         self.gate = LowRank(d, self.inner, gate_rank, torch.sigmoid, bias=False)
+        # value residual: layer 0 provides v_first, later layers blend it in (bias: the offset v0)
+        self.provides_v_first = cfg.value_residual and ctx.layer_idx == 0
+        self.value_mix = (LowRank(d, self.inner, value_rank, nn.Identity(), bias=True)
+                          if cfg.value_residual and ctx.layer_idx > 0 else None)
         self.k_k = nn.Parameter(torch.empty(self.inner))  # scales k into the removal key kappa
         self.k_a = nn.Parameter(torch.empty(self.inner))  # how much iclr scales the written key
         self.r_k = nn.Parameter(torch.empty(H, self.head_dim))  # the bonus term's weights
@@ -298,9 +337,10 @@ class RWKV7(Mixer):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """RWKV-7's layer-dependent init (as in fla's ``RWKV7Attention``) for the token mixes, decay,
-        learning-rate and key parameters; ``init.std`` for the projections and low-rank factors (the
-        paper zero-inits the first factor of each low-rank map, which would give the second no gradient
-        at the first step); ``init.out_std`` for the output projection (the paper uses zeros)."""
+        learning-rate, value-residual and key parameters; the low-rank maps as published
+        (:meth:`LowRank.reset_parameters`); ``init.std`` for the r/k/v projections and ``init.out_std`` for
+        the output projection (the paper uses orthogonal and zero matrices: the model's init recipe decides
+        those here, as for every mixer)."""
         d, hd, n = self.d_model, self.head_dim, self.inner
         depth = self.layer_idx / max(self.n_layers - 1, 1)  # 0 at the first layer, 1 at the last
         shallowness = 1.0 - self.layer_idx / self.n_layers  # 1 at the first layer, towards 0
@@ -316,16 +356,24 @@ class RWKV7(Mixer):
         for proj in (self.r_proj, self.k_proj, self.v_proj):
             init_linear(proj, self.std)
         init_linear(self.o_proj, self.out_std)
-        for lora in (self.decay, self.iclr, self.gate):
-            init_linear(lora.down, self.std)
-            init_linear(lora.up, self.std)
+        for lora in self.low_rank_maps():
+            lora.reset_parameters()
         self.decay.up.bias.copy_(base_decay + 0.5 + zigzag * 2.5)
+        if self.value_mix is not None:
+            self.value_mix.up.bias.copy_(0.73 - linear * 0.4)
         self.iclr.up.bias.copy_(-0.19 + zigzag * 0.3 + linear * 0.4)
         self.k_k.copy_(0.71 - linear * 0.1)
         self.k_a.fill_(1.02)
         self.r_k.fill_(-0.04)
         self.norm_weight.fill_(((self.layer_idx + 1) / self.n_layers) ** 0.7)
         self.norm_bias.zero_()
+
+    def low_rank_maps(self) -> list[LowRank]:
+        return [m for m in (self.decay, self.iclr, self.gate, self.value_mix) if m is not None]
+
+    def zero_gradient_at_init(self) -> set[str]:
+        names = {"decay": self.decay, "iclr": self.iclr, "gate": self.gate, "value_mix": self.value_mix}
+        return {f"{name}.up.weight" for name, m in names.items() if m is not None and m.zero_at_zero()}
 
     # ---------------------------------------------------------------------------------------- cache
 
@@ -342,7 +390,13 @@ class RWKV7(Mixer):
 
     # -------------------------------------------------------------------------------------- forward
 
-    def forward(self, x: torch.Tensor, cache: RWKV7Cache | None = None) -> tuple[torch.Tensor, RWKV7Cache | None]:
+    uses_cross_layer = True
+
+    def forward(
+        self, x: torch.Tensor, cache: RWKV7Cache | None = None, cross_layer: dict | None = None
+    ) -> tuple[torch.Tensor, RWKV7Cache | None]:
+        """x: (B, T, D). ``cross_layer``: the model's per-call dict; layer 0 stores its values (B, T, H d)
+        under ``"v_first"``, later layers with ``value_residual`` read them."""
         B, T, D = x.shape
         H, hd = self.n_heads, self.head_dim
         prev = cache.shift.to(x.dtype)[:, None] if cache is not None else x.new_zeros(B, 1, D)
@@ -358,6 +412,18 @@ class RWKV7(Mixer):
         r = self.r_proj(xr)  # (B, T, H d)
         k = self.k_proj(xk)
         v = self.v_proj(xv)
+        if self.value_mix is not None:
+            v_first = cross_layer.get("v_first") if cross_layer is not None else None
+            if v_first is None or v_first.shape != v.shape:
+                found = "none" if v_first is None else f"shape {tuple(v_first.shape)}"
+                raise InputError(
+                    f"RWKV-7 at layer {self.layer_idx} has value_residual=true and needs the layer-0 RWKV-7 "
+                    f"mixer's values v_first of shape {tuple(v.shape)}, found {found}: make layer 0 an RWKV-7 "
+                    "layer of the same width (value_residual=true) or set value_residual=false"
+                )
+            v = torch.lerp(v, v_first.to(v.dtype), torch.sigmoid(self.value_mix(xv)).to(v.dtype))
+        elif self.provides_v_first and cross_layer is not None:
+            cross_layer["v_first"] = v
         log_w = -LOG_DECAY_BOUND * torch.sigmoid(self.decay(xw).to(fp))  # log decay in (-0.607, 0)
         iclr = torch.sigmoid(self.iclr(xa))  # in-context learning rate, per channel in (0, 1)
         gate = self.gate(xg)
@@ -398,7 +464,7 @@ class RWKV7(Mixer):
         # at the chunk it runs with, min(chunk_size, seq_len), including the zero padding of the last chunk.
         # Elementwise work (token shift, norms, gates) is not counted, as for attention's softmax.
         proj = linear_flops(self.r_proj, self.k_proj, self.v_proj, self.o_proj)
-        lora = sum(linear_flops(m.down, m.up) for m in (self.decay, self.iclr, self.gate))
+        lora = sum(linear_flops(m.down, m.up) for m in self.low_rank_maps())
         chunk = max(1, min(self.chunk_size, seq_len))
         core = self.n_heads * chunk_dplr_flops(chunk, self.head_dim, self.head_dim)
         return int(proj + lora + core * padded_length(seq_len, chunk) / seq_len)

@@ -30,39 +30,45 @@ class Block(nn.Module):
         ]
 
     def forward(
-        self, x: torch.Tensor, cache: Any = None, ffn_cache: Any = None, documents: torch.Tensor | None = None
+        self, x: torch.Tensor, cache: Any = None, ffn_cache: Any = None, documents: torch.Tensor | None = None,
+        cross_layer: dict | None = None,
     ) -> tuple[torch.Tensor, Any, AuxLosses]:
         """``cache``: the mixer's; ``ffn_cache``: the FFN's, for FFNs with state (None for most);
-        ``documents``: (B, T) packed-document ids for the mixer (see ``Mixer.supports_documents``)."""
-        return self._forward(x, cache, ffn_cache, documents)
+        ``documents``: (B, T) packed-document ids for the mixer (see ``Mixer.supports_documents``);
+        ``cross_layer``: the model's dict for this forward call, handed to mixers that connect layers
+        (``Mixer.uses_cross_layer``, e.g. RWKV-7's value residual)."""
+        return self._forward(x, cache, ffn_cache, documents, cross_layer)
 
     def _ffn(self, h, ffn_cache):
         return self.ffn(h) if ffn_cache is None else self.ffn(h, ffn_cache)
 
-    def _mix(self, h, cache, documents):
-        return self.mixer(h, cache) if documents is None else self.mixer(h, cache, documents=documents)
+    def _mix(self, h, cache, documents, cross_layer):
+        kwargs = {} if documents is None else {"documents": documents}
+        if self.mixer.uses_cross_layer:
+            kwargs["cross_layer"] = cross_layer
+        return self.mixer(h, cache, **kwargs)
 
-    def _pre(self, x, cache, ffn_cache, documents=None):
-        h, cache = self._mix(self.mixer_norm(x), cache, documents)
+    def _pre(self, x, cache, ffn_cache, documents=None, cross_layer=None):
+        h, cache = self._mix(self.mixer_norm(x), cache, documents, cross_layer)
         x = x + h
         f, aux = self._ffn(self.ffn_norm(x), ffn_cache)
         return x + f, cache, aux
 
-    def _post(self, x, cache, ffn_cache, documents=None):
-        h, cache = self._mix(x, cache, documents)
+    def _post(self, x, cache, ffn_cache, documents=None, cross_layer=None):
+        h, cache = self._mix(x, cache, documents, cross_layer)
         x = self.mixer_norm(x + h)
         f, aux = self._ffn(x, ffn_cache)
         return self.ffn_norm(x + f), cache, aux
 
-    def _sandwich(self, x, cache, ffn_cache, documents=None):
-        h, cache = self._mix(self.mixer_norm(x), cache, documents)
+    def _sandwich(self, x, cache, ffn_cache, documents=None, cross_layer=None):
+        h, cache = self._mix(self.mixer_norm(x), cache, documents, cross_layer)
         x = x + self.mixer_post_norm(h)
         f, aux = self._ffn(self.ffn_norm(x), ffn_cache)
         return x + self.ffn_post_norm(f), cache, aux
 
-    def _parallel(self, x, cache, ffn_cache, documents=None):
+    def _parallel(self, x, cache, ffn_cache, documents=None, cross_layer=None):
         normed = self.mixer_norm(x)
-        h, cache = self._mix(normed, cache, documents)
+        h, cache = self._mix(normed, cache, documents, cross_layer)
         f, aux = self._ffn(normed, ffn_cache)
         return x + h + f, cache, aux
 

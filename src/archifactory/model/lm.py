@@ -129,9 +129,12 @@ class CausalLM(nn.Module):
         return out
 
     def hidden_states(
-        self, input_ids: torch.Tensor, cache: ModelCache | None = None, document_ids: torch.Tensor | None = None
+        self, input_ids: torch.Tensor, cache: ModelCache | None = None, document_ids: torch.Tensor | None = None,
+        cross_layer: dict | None = None,
     ):
-        """Run embedding and blocks; returns the trunk output (before the final norm) and summed aux losses."""
+        """Run embedding and blocks; returns the trunk output (before the final norm) and summed aux losses.
+        ``cross_layer``: the dict that mixers connecting layers share during this call (a new one if None)."""
+        cross_layer = {} if cross_layer is None else cross_layer
         B, T = input_ids.shape
         x = self.embed(input_ids)
         if self.embedding_scale != 1.0:
@@ -157,7 +160,7 @@ class CausalLM(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             ffn_cache = cache.ffn_layers[i] if cache is not None else None
-            x, layer_cache, block_aux = block(x, layer_cache, ffn_cache, document_ids)
+            x, layer_cache, block_aux = block(x, layer_cache, ffn_cache, document_ids, cross_layer)
             if cache is not None:
                 cache.layers[i] = layer_cache
             for name, value in block_aux.items():
@@ -199,7 +202,8 @@ class CausalLM(nn.Module):
                     f"packed documents cannot be kept apart by {', '.join(blockers)}: "
                     "give one document per row (padding) for this model"
                 )
-        hidden, aux = self.hidden_states(input_ids, cache, document_ids)
+        cross_layer: dict = {}  # filled by the trunk, read by the multi-token heads too
+        hidden, aux = self.hidden_states(input_ids, cache, document_ids, cross_layer)
         logits = self.logits(hidden)
         if targets is None:
             return LMOutput(logits=logits, aux_losses=aux, cache=cache)
@@ -215,7 +219,8 @@ class CausalLM(nn.Module):
                     f"{len(self.mtp_blocks)}; use sequences longer than mtp_heads"
                 )
             mtp = [
-                cross_entropy(self.logits(block(hidden, documents=document_ids)[0]), shift_targets(targets, i + 1))
+                cross_entropy(self.logits(block(hidden, documents=document_ids, cross_layer=cross_layer)[0]),
+                              shift_targets(targets, i + 1))
                 for i, block in enumerate(self.mtp_blocks)
             ]
             aux["mtp"] = self.config.mtp_loss_weight * torch.stack(mtp).mean()
