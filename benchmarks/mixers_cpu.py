@@ -1,12 +1,18 @@
 """Training throughput and peak memory of every registered sequence mixer on CPU.
 
     python benchmarks/mixers_cpu.py [--steps 5] [--threads 2] [--kinds attention mamba2 ...]
-                                    [--out benchmarks/results/mixers_cpu.json]
+                                    [--out benchmarks/results/mixers_cpu.json] [--label before]
+
+With ``--out x.jsonl`` the record is appended as one line (a history: before/after, CPU kinds).
 
 Each mixer's own defaults at d_model 256, 4 layers, T=256, B=8, fp32, SwiGLU FFN, vocab 4096; one
 training step = forward + backward + AdamW. The baseline is grouped-query attention (8 heads, 2 kv
-heads). Peak memory is the peak RSS growth of a child process running that mixer alone. Target (issue 3):
-every mixer at >= 0.3x the GQA baseline's tokens/s.
+heads). Peak memory is the peak RSS growth of a child process running that mixer alone. Target (issue 12):
+every mixer at >= 0.5x the GQA baseline's tokens/s, with and without AVX-512. Each record names the CPU,
+the instruction set ATen ran with (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2`` emulates an AVX2-only CPU) and the load average around the run: on a shared
+machine other processes slow every figure, so ``cpu_s_per_step`` (the process's CPU seconds per step) is
+recorded beside the wall-clock tokens/s.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import argparse
 import datetime
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import sys
@@ -51,12 +58,13 @@ def measure(mixer: dict, steps: int, warmup: int, threads: int, queue) -> None:
 
     for _ in range(warmup):
         step()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     queue.put({
         "tokens_per_s": steps * B * T / elapsed,
+        "cpu_s_per_step": round(cpu / steps, 3),
         "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
         "params": model.num_params(),
         "kernel_paths": sorted(set(model.kernel_paths().values())),
@@ -79,13 +87,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--kinds", nargs="*", default=None)
     parser.add_argument("--rounds", type=int, default=2, help="measure every mixer this many times; keep the best")
-    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="a .json file (overwritten) or .jsonl (appended)")
+    parser.add_argument("--label", default=None, help="a note stored with the record (e.g. before/after)")
     args = parser.parse_args()
     import torch
 
     from archifactory.registry import MIXERS
 
     kinds = args.kinds or [k for k in MIXERS.kinds() if k != "attention"]
+    load_before = os.getloadavg()
     best: dict[str, dict] = {}
     for _ in range(args.rounds):  # whole rounds, so that a noisy minute hits every mixer alike
         for name, mixer in [("attention (GQA 8/2)", BASELINE)] + [(k, {"kind": k}) for k in kinds]:
@@ -111,14 +121,41 @@ def main() -> None:
             "benchmark": "mixers_cpu",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": " ".join(["python", *sys.argv]),
-            "device": f"{platform.processor() or platform.machine()}, {args.threads} threads",
+            "label": args.label,
+            "device": f"{cpu_model()}, {args.threads} threads",
+            "isa": isa(),
+            "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
             "torch": torch.__version__,
             "shape": {"d_model": D, "n_layers": LAYERS, "seq_len": T, "batch": B, "vocab": VOCAB, "dtype": "fp32"},
             "results": rows,
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        if args.out.suffix == ".jsonl":
+            with args.out.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        else:
+            args.out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {args.out}")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def isa() -> str:
+    """The instruction set ATen dispatches to, and whether it was capped (an emulated older CPU)."""
+    import torch
+
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if k in os.environ}
+    note = f" (emulated: {' '.join(f'{k}={v}' for k, v in caps.items())})" if caps else " (native)"
+    return torch.backends.cpu.get_cpu_capability() + note
 
 
 if __name__ == "__main__":
