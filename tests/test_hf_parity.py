@@ -42,6 +42,16 @@ def _cases():
             **COMMON, attention_bias=True, mlp_bias=True,
             rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0},
         ),
+        "llama3_rope": lambda: T.LlamaConfig(
+            **{**COMMON, "max_position_embeddings": 128},
+            rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                             "original_max_position_embeddings": 16, "rope_theta": 500.0},
+        ),
+        # max_position_embeddings below SEQ: the dynamic base grows with the sequence in these tests
+        "dynamic_rope": lambda: T.LlamaConfig(
+            **{**COMMON, "max_position_embeddings": 10},
+            rope_parameters={"rope_type": "dynamic", "factor": 4.0, "rope_theta": 100.0},
+        ),
         "mistral": lambda: T.MistralConfig(**COMMON, sliding_window=5),
         "qwen2": lambda: T.Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=5, max_window_layers=1),
         "qwen3_yarn": lambda: T.Qwen3Config(
@@ -169,11 +179,47 @@ def test_load_hf_reads_a_saved_hf_directory(name, tmp_path):
         torch.testing.assert_close(ours(x).logits, hf(x).logits, atol=ATOL, rtol=RTOL)
 
 
+def test_dynamic_rope_follows_the_sequence_length_like_transformers():
+    """Dynamic NTK: below max_position_embeddings the frequencies are plain RoPE's; beyond it they depend
+    on the length of the forward, so a prefix of a long sequence gets other logits than the same prefix
+    alone. Both sides agree on each length (fresh HF models, whose cached length starts from scratch)."""
+    ours = from_hf(hf_model("dynamic_rope"))
+    x = ids()
+    for length in (6, 10, 11, 17, SEQ):
+        hf = hf_model("dynamic_rope")
+        hf.load_state_dict(to_hf(ours).state_dict())
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x[:, :length]).logits, hf(x[:, :length]).logits, atol=ATOL, rtol=RTOL)
+    with torch.no_grad():
+        short, long = ours(x[:, :10]).logits, ours(x).logits[:, :10]
+    assert not torch.allclose(short, long, atol=1e-3)  # the base really changed with the length
+    assert ours.config.position.scaling.original_max_seq_len == 10
+
+
+def test_dynamic_rope_cached_decoding_matches_transformers_cached_decoding():
+    """Token by token, each step's keys are rotated with the base of its own length and stay so in the
+    cache, on both sides (which is why this differs from a full forward beyond the trained length)."""
+    hf = hf_model("dynamic_rope")
+    ours = from_hf(hf)
+    x = ids()
+    cache, hf_cache = ours.init_cache(BATCH), transformers.DynamicCache(config=hf.config)
+    with torch.no_grad():
+        got = [ours(x[:, :4], cache=cache).logits]
+        expected = [hf(x[:, :4], cache=hf_cache, use_cache=True).logits]
+        for t in range(4, SEQ):
+            got.append(ours(x[:, t : t + 1], cache=cache).logits)
+            expected.append(hf(x[:, t : t + 1], cache=hf_cache, use_cache=True).logits)
+        full = hf_model("dynamic_rope")(x).logits
+    torch.testing.assert_close(torch.cat(got, 1), torch.cat(expected, 1), atol=ATOL, rtol=RTOL)
+    assert not torch.allclose(torch.cat(got, 1), full, atol=1e-3)
+
+
 def test_unsupported_hf_configs_raise_naming_the_field():
     T = transformers
-    with pytest.raises(ValueError, match="rope_type='dynamic'"):
-        dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
-        config_from_hf(T.LlamaConfig(**COMMON, rope_parameters=dynamic))
+    with pytest.raises(ValueError, match="rope_type='longrope'"):
+        longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                    "original_max_position_embeddings": 32}
+        config_from_hf(T.LlamaConfig(**COMMON, rope_parameters=longrope))
     with pytest.raises(ValueError, match="hidden_act='tanh'"):
         config_from_hf(T.LlamaConfig(**{**COMMON, "hidden_act": "tanh"}))
     with pytest.raises(ValueError, match="model_type='gpt_neox' is not supported"):
@@ -235,17 +281,126 @@ def test_save_hf_loads_in_transformers_with_the_same_logits(name, tmp_path):
         torch.testing.assert_close(back(x).logits, expected, atol=ATOL, rtol=RTOL)
 
 
-def test_to_hf_rejects_non_llama_configs():
-    gemma_like = af.CausalLM(af.load_model_config({
-        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2,
-        "mixer": {"kind": "attention", "n_heads": 4, "window": 8, "logit_softcap": 50.0, "qkv_bias": True},
-        "ffn": {"kind": "mlp", "hidden": 128},
-        "norm": {"kind": "layernorm"},
-        "residual": "sandwich",
-        "logit_softcap": 30.0,
-    }))
-    with pytest.raises(ValueError, match="not Llama-compatible") as err:
-        to_hf(gemma_like)
-    for field in ("mixer.window", "mixer.logit_softcap", "mixer.qkv_bias", "ffn.kind", "norm.kind", "residual",
-                  "logit_softcap"):
-        assert field in str(err.value)
+@pytest.mark.parametrize("name", CASES)
+def test_every_importable_family_exports_to_its_own_class(name, tmp_path):
+    """HF -> ours -> save_hf -> from_pretrained: the class transformers reloads is the one we started
+    from, with the same logits (so export covers every family import reads)."""
+    hf = hf_model(name)
+    ours = from_hf(hf)
+    save_hf(ours, tmp_path)
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert type(back) is type(hf)
+    x = ids()
+    with torch.no_grad():
+        expected = ours(x).logits
+        torch.testing.assert_close(back(x).logits, expected, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(hf(x).logits, expected, atol=ATOL, rtol=RTOL)
+
+
+NATIVE = {
+    # (our config, the class export must pick)
+    "mistral_window": ({
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "max_seq_len": 64,
+        "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "window": 6},
+        "ffn": {"kind": "swiglu", "hidden": 96}, "tie_embeddings": False,
+    }, "MistralForCausalLM"),
+    "qwen2_qkv_bias": ({
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "max_seq_len": 64,
+        "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qkv_bias": True},
+        "ffn": {"kind": "swiglu", "hidden": 96},
+    }, "Qwen2ForCausalLM"),
+    "qwen3_qk_norm_llama3_rope": ({
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "max_seq_len": 64,
+        "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "head_dim": 24, "qk_norm": True},
+        "ffn": {"kind": "swiglu", "hidden": 96},
+        "position": {"kind": "rope", "theta": 500.0, "scaling": {
+            "type": "llama3", "factor": 4.0, "original_max_seq_len": 12, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0}},
+    }, "Qwen3ForCausalLM"),
+    "qwen3_moe_hybrid": ({
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 3, "max_seq_len": 64,
+        "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "qk_norm": True},
+        "ffn": {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden": 32, "renormalize": False},
+        "layer_overrides": [{"layers": [1], "ffn": {"kind": "swiglu", "hidden": 96}}],
+    }, "Qwen3MoeForCausalLM"),
+    "mixtral": ({
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "max_seq_len": 64,
+        "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+        "ffn": {"kind": "moe", "n_experts": 4, "top_k": 2, "expert_hidden": 32, "routing": "topk_softmax"},
+    }, "MixtralForCausalLM"),
+    "gpt2": ({
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "max_seq_len": 32,
+        "mixer": {"kind": "attention", "n_heads": 4, "qkv_bias": True, "out_bias": True},
+        "ffn": {"kind": "mlp", "hidden": 96, "activation": "gelu_tanh", "bias": True},
+        "norm": {"kind": "layernorm"}, "position": {"kind": "learned"},
+    }, "GPT2LMHeadModel"),
+    "gemma2": ({
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "max_seq_len": 64,
+        "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2, "head_dim": 16, "logit_softcap": 2.0,
+                  "scale": 0.25},
+        "layer_overrides": [{"layers": [0], "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2,
+                                                      "head_dim": 16, "logit_softcap": 2.0, "scale": 0.25,
+                                                      "window": 5}}],
+        "ffn": {"kind": "geglu", "hidden": 96, "activation": "gelu_tanh"},
+        "norm": {"kind": "rmsnorm", "unit_offset": True}, "residual": "sandwich",
+        "embedding_scale": "sqrt_d_model", "logit_softcap": 3.0,
+    }, "Gemma2ForCausalLM"),
+    "llama_dynamic_rope": ({
+        "vocab_size": VOCAB, "d_model": 64, "n_layers": 2, "max_seq_len": 12,
+        "mixer": {"kind": "attention", "n_heads": 4, "n_kv_heads": 2},
+        "ffn": {"kind": "swiglu", "hidden": 96},
+        "position": {"kind": "rope", "theta": 100.0,
+                     "scaling": {"type": "dynamic", "factor": 2.0, "original_max_seq_len": 12}},
+    }, "LlamaForCausalLM"),
+}
+
+
+@pytest.mark.parametrize(
+    "name,dtype",
+    [(name, torch.float32) for name in NATIVE] + [(name, torch.bfloat16) for name in ("mistral_window", "gpt2")],
+)
+def test_save_hf_picks_the_class_and_reloads_with_the_same_logits(name, dtype, tmp_path):
+    config, class_name = NATIVE[name]
+    model = random_model(config).to(dtype)
+    save_hf(model, tmp_path)
+    # read back in fp32: a bf16 checkpoint's weights widen exactly, so the logits must match our model's
+    # (widened the same way) at fp32 tolerance; bf16 kernels on the two sides would differ by more
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, dtype=torch.float32)
+    assert type(hf).__name__ == class_name
+    x = ids()
+    with torch.no_grad():
+        # a fresh fp32 model: model.float() would keep the RoPE table rounded to bf16
+        widened = af.CausalLM(model.config).eval()
+        widened.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        expected, got = widened(x).logits, hf.eval()(x).logits
+    assert expected.abs().max() > 0.5
+    torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL)
+    if dtype == torch.bfloat16:  # and the checkpoint holds bf16, bit for bit
+        back = load_hf(tmp_path).state_dict()
+        assert all(v.dtype == torch.bfloat16 for v in back.values())
+        assert all(torch.equal(value.bfloat16(), back[key]) for key, value in model.state_dict().items())
+
+
+def test_export_refuses_in_one_line_naming_the_component():
+    def config(**extra):
+        return af.CausalLM(af.load_model_config({"vocab_size": VOCAB, "d_model": 64, "n_layers": 2, **extra}))
+
+    cases = {
+        "mixer.kind='rwkv7'": config(mixer={"kind": "rwkv7"}),
+        "ffn.kind='rwkv6_channel_mix'": config(ffn={"kind": "rwkv6_channel_mix"}),
+        "norm.kind='layernorm'": config(norm={"kind": "layernorm"}),
+        "residual='parallel'": config(residual="parallel"),
+        "position.kind='alibi'": config(position={"kind": "alibi"}),
+        "mtp_heads=2": config(mtp_heads=2),
+        # transformers measures dynamic NTK against max_position_embeddings, which is our max_seq_len
+        "position.scaling.original_max_seq_len=512": config(
+            position={"kind": "rope", "scaling": {"type": "dynamic", "factor": 2.0, "original_max_seq_len": 512}}
+        ),
+        "norm.unit_offset=True": config(mixer={"kind": "attention", "n_heads": 4, "qkv_bias": True},
+                                               norm={"kind": "rmsnorm", "unit_offset": True}),
+    }
+    for field, model in cases.items():
+        with pytest.raises(ValueError, match="no transformers class represents this model") as err:
+            to_hf(model)
+        message = str(err.value)
+        assert field in message and "\n" not in message, message

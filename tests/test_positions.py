@@ -146,11 +146,57 @@ def test_ntk_inv_freq_closed_form_and_hf_dynamic(head_dim, factor):
     assert not torch.allclose(ours, other, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize(
+    "head_dim,theta,factor,low,high,original",
+    [(128, 500000.0, 8.0, 1.0, 4.0, 8192), (64, 10000.0, 4.0, 1.0, 4.0, 256), (32, 500.0, 16.0, 2.0, 8.0, 64)],
+)
+def test_llama3_inv_freq_matches_hf_and_meta_reference(head_dim, theta, factor, low, high, original):
+    params = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
+              "high_freq_factor": high, "original_max_position_embeddings": original}
+    ref, ref_attn = ROPE_INIT_FUNCTIONS["llama3"](hf_config(head_dim, params, max_position_embeddings=4 * original))
+    scaling = RopeScaling(type="llama3", factor=factor, low_freq_factor=low, high_freq_factor=high,
+                          original_max_seq_len=original)
+    ours, attn = rope_inv_freq(head_dim, theta, scaling)
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    assert attn == ref_attn == 1.0
+    # Meta's apply_scaling, written out per frequency in float64 (llama-models, llama3_1 reference)
+    for i in range(head_dim // 2):
+        freq = theta ** (-2 * i / head_dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            expected = freq
+        elif wavelen > original / low:
+            expected = freq / factor
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            expected = (1 - smooth) * freq / factor + smooth * freq
+        assert ours[i].item() == pytest.approx(expected, rel=2e-6)
+    assert (ours < rope_inv_freq(head_dim, theta, None)[0]).any()  # some band really is interpolated
+
+
+@pytest.mark.parametrize("head_dim,factor", [(16, 2.0), (64, 8.0)])
+@pytest.mark.parametrize("length", [1, 20, 32, 33, 100])
+def test_dynamic_ntk_frequencies_match_hf_at_every_length(head_dim, factor, length):
+    theta, trained = 10000.0, 32
+    config = hf_config(head_dim, {"rope_type": "dynamic", "rope_theta": theta, "factor": factor}, trained)
+    ref, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, seq_len=length)
+    scaling = RopeScaling(type="dynamic", factor=factor, original_max_seq_len=trained)
+    rotary = RoPEConfig(theta=theta, scaling=scaling).build_relative(head_dim, 2)
+    ours = rotary.dynamic_inv_freq(torch.arange(max(0, length - 5), length))  # the largest position counts
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=0)
+    plain = rope_inv_freq(head_dim, theta, None)[0]
+    assert torch.equal(rotary.inv_freq, plain)
+    assert torch.allclose(ours, plain, rtol=1e-6) == (length <= trained)
+
+
 def test_rope_scaling_validation():
     with pytest.raises(ValueError, match="factor"):
         RopeScaling(type="linear", factor=0.5)
-    with pytest.raises(ValueError, match="original_max_seq_len"):
-        RopeScaling(type="yarn", factor=4.0)
+    for kind in ("yarn", "llama3", "dynamic"):
+        with pytest.raises(ValueError, match="original_max_seq_len"):
+            RopeScaling(type=kind, factor=4.0)
+    with pytest.raises(ValueError, match="high_freq_factor"):
+        RopeScaling(type="llama3", factor=4.0, original_max_seq_len=64, low_freq_factor=4.0, high_freq_factor=1.0)
     with pytest.raises(ValueError, match="fraction"):
         RoPEConfig(fraction=0.0)
     with pytest.raises(ValueError, match="even"):

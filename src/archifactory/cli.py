@@ -383,7 +383,8 @@ def hf_export(
     source: Path = typer.Argument(..., help="A saved archifactory model directory (config.yaml + model.safetensors)."),
     out: Path = typer.Argument(..., help="Directory to write the Hugging Face model to."),
 ) -> None:
-    """Export a Llama-compatible archifactory model as a transformers LlamaForCausalLM directory."""
+    """Export an archifactory model as a transformers directory; the class (Llama, Mistral, Qwen2, Qwen3,
+    Mixtral, Qwen3-MoE, Gemma 2, GPT-2) is the first that represents the model exactly."""
     from archifactory.model.hf import save_hf
     from archifactory.model.lm import CausalLM
 

@@ -11,8 +11,13 @@ Reading (``config_from_hf``, ``from_hf``, ``load_hf``) covers these ``model_type
 - ``gemma2`` (Gemma Team 2024): sandwich norms, ``sqrt(d_model)`` embedding scale, GeGLU, soft-capped
   attention and final logits, ``query_pre_attn_scalar`` and alternating sliding-window layers.
 
-Writing (``to_hf``, ``save_hf``) produces a ``LlamaForCausalLM`` for any model whose config Llama can
-express; other configs raise a ``ValueError`` listing every field that stands in the way.
+RoPE scalings read: ``default``, ``linear``, ``yarn`` (with DeepSeek's mscale ratio), ``llama3`` and ``dynamic``
+(dynamic NTK, recomputed from each forward's largest position as transformers does; see ``RopeScaling``).
+
+Writing (``to_hf``, ``save_hf``) picks the first class of :data:`EXPORT_MODEL_TYPES` (Llama, Mistral, Qwen2,
+Qwen3, Mixtral, Qwen3-MoE, Gemma 2, GPT-2) whose config, read back by ``config_from_hf``, is our architecture
+again, and moves the weights with the import mapping run backwards (so the two directions cannot drift
+apart). A model no class represents raises a one-line ``ValueError`` naming the component in the way.
 
 Every mapping is exact up to float rounding: the tests compare logits with HF at ``atol=1e-5`` in fp32.
 ``transformers`` is an optional dependency (``pip install archifactory[hf]``), imported on first use.
@@ -40,7 +45,7 @@ from archifactory.nn.positions import LearnedPositionConfig, RoPEConfig, RopeSca
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "load_hf", "save_hf", "to_hf", "to_hf_config"]
+__all__ = ["EXPORT_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "load_hf", "save_hf", "to_hf", "to_hf_config"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2", "gemma2")
 
@@ -293,11 +298,24 @@ def _rope_from_hf(cfg: Any) -> RoPEConfig:
             attention_factor=None if attention is None else float(attention),
         )
         return RoPEConfig(theta=theta, scaling=scaling)
-    why = {
-        "dynamic": " (dynamic NTK rescales the frequencies with the running sequence length; our RoPE table is fixed)",
-    }.get(rope_type, "")
+    if rope_type == "llama3":
+        scaling = RopeScaling(
+            type="llama3",
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_seq_len=int(params["original_max_position_embeddings"]),
+        )
+        return RoPEConfig(theta=theta, scaling=scaling)
+    if rope_type == "dynamic":
+        # transformers' dynamic NTK measures the length against max_position_embeddings (not
+        # rope_parameters.original_max_position_embeddings): _compute_dynamic_ntk_parameters.
+        scaling = RopeScaling(
+            type="dynamic", factor=float(params["factor"]), original_max_seq_len=int(cfg.max_position_embeddings)
+        )
+        return RoPEConfig(theta=theta, scaling=scaling)
     raise ValueError(
-        f"rope_parameters.rope_type={rope_type!r} is not supported{why}; supported: default, linear, yarn"
+        f"rope_parameters.rope_type={rope_type!r} is not supported; supported: default, linear, yarn, llama3, dynamic"
     )
 
 
@@ -517,7 +535,9 @@ def _check_rope(hf_model: Any, model: CausalLM) -> None:
     inv_ours, inv_theirs = ours.inv_freq.float().cpu(), theirs.inv_freq.float().cpu()
     # A model cast with .to(torch.bfloat16) holds its table rounded to bf16 (relative error <= eps / 2):
     # agree within that rounding. A wrongly mapped scaling variant changes frequencies by far more.
-    rtol = max(1e-6, torch.finfo(theirs.inv_freq.dtype).eps) if theirs.inv_freq.is_floating_point() else 1e-6
+    rtol = max(
+        [1e-6] + [torch.finfo(t.dtype).eps for t in (ours.inv_freq, theirs.inv_freq) if t.is_floating_point()]
+    )
     same = inv_ours.shape == inv_theirs.shape and torch.allclose(inv_ours, inv_theirs, rtol=rtol, atol=0.0)
     if not same or not math.isclose(ours.attention_scaling, float(theirs.attention_scaling), rel_tol=1e-6):
         raise ValueError(
@@ -527,141 +547,295 @@ def _check_rope(hf_model: Any, model: CausalLM) -> None:
 
 
 # ------------------------------------------------------------------------------------------- export
+#
+# Export never writes a weight mapping of its own. For each transformers class that could represent the
+# model, the HF config is built from ours and read back with ``config_from_hf``: the class is used only when
+# that round trip gives our architecture again (``_architecture`` below: the config minus training-only
+# settings). The weights then go through the *import* mapping run backwards: the HF parameters are filled
+# with their own element indices, the import mapping turns them into our state dict of indices, and each of
+# our values is written to the HF element whose index it holds. A bijection is checked (every HF element
+# written exactly once), so a mapping that drops, duplicates or mis-shapes a weight fails loudly.
+
+# Tried in this order; the first class whose round trip reproduces the model is written.
+EXPORT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gpt2")
+_EXPORTABLE_MIXERS = ("attention",)
+_EXPORTABLE_FFNS = ("swiglu", "geglu", "glu", "mlp", "moe")
+
+# Fields that change how a model is trained or initialised, not the function it computes.
+_NOT_ARCHITECTURE = {
+    "init", "z_loss_weight", "mtp_loss_weight", "balance_loss_weight", "router_z_loss_weight",
+    "bias_update_rate", "backend", "chunk_size", "dt_min", "dt_max", "multiple_of", "layer_overrides",
+}
 
 
-def _llama_incompatibilities(config: ModelConfig) -> list[str]:
-    problems: list[str] = []
-    layers = config.layer_configs()
-    if any(layer != layers[0] for layer in layers):
-        problems.append("layer_overrides: layers differ from each other; Llama repeats one layer")
-    mixer, ffn = layers[0].mixer, layers[0].ffn
-    if mixer.kind != "attention":
-        problems.append(f"mixer.kind={mixer.kind!r}: Llama uses attention")
-    else:
-        head_dim = mixer.resolved_head_dim(config.d_model)
-        for field in ("qk_norm", "window", "logit_softcap"):
-            bad = getattr(mixer, field)
-            if bad:
-                problems.append(f"mixer.{field}={bad!r}: Llama has none")
-        if mixer.scale is not None and mixer.scale != head_dim**-0.5:
-            problems.append(f"mixer.scale={mixer.scale}: Llama scales by head_dim ** -0.5")
-        if mixer.qkv_bias != mixer.out_bias:
-            problems.append(
-                f"mixer.qkv_bias={mixer.qkv_bias}, out_bias={mixer.out_bias}: Llama's attention_bias sets all four"
-            )
-        if config.d_model % mixer.n_heads:
-            problems.append(f"mixer.n_heads={mixer.n_heads} must divide d_model={config.d_model} for LlamaConfig")
-    if not isinstance(ffn, GLUConfig):
-        problems.append(f"ffn.kind={ffn.kind!r}: Llama uses a gated MLP (swiglu/geglu/glu)")
-    elif ffn.activation not in _ACT_TO_HF:
-        problems.append(f"ffn.activation={ffn.activation!r} has no HF name")
-    if config.norm.kind != "rmsnorm":
-        problems.append(f"norm.kind={config.norm.kind!r}: Llama uses rmsnorm")
-    elif config.norm.unit_offset:
-        problems.append("norm.unit_offset=true: Llama's RMSNorm scales by w, not 1 + w")
-    if config.residual != "pre":
-        problems.append(f"residual={config.residual!r}: Llama is pre-norm")
-    if not config.final_norm:
-        problems.append("final_norm=false: Llama has a final norm")
-    if config.position.kind != "rope":
-        problems.append(f"position.kind={config.position.kind!r}: Llama uses rope")
-    elif config.position.fraction != 1.0:
-        problems.append(f"position.fraction={config.position.fraction}: Llama rotates whole heads")
-    if config.resolved_embedding_scale() != 1.0:
-        problems.append(f"embedding_scale={config.embedding_scale!r}: Llama does not scale embeddings")
-    if config.head_bias:
-        problems.append("head_bias=true: Llama's LM head has no bias")
-    if config.logit_softcap is not None:
-        problems.append(f"logit_softcap={config.logit_softcap}: Llama has none")
-    if config.mtp_heads:
-        problems.append(f"mtp_heads={config.mtp_heads}: Llama has no multi-token heads")
-    return problems
+def _architecture(config: ModelConfig) -> dict[str, Any]:
+    """What the model computes, per layer and with every default resolved, as a flat ``{path: value}``."""
+    d = config.d_model
+    flat: dict[str, Any] = {}
+
+    def put(prefix: str, data: dict[str, Any]) -> None:
+        for key, value in data.items():
+            if key in _NOT_ARCHITECTURE:
+                continue
+            if isinstance(value, dict):
+                put(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    top = config.model_dump(exclude={"mixer", "ffn", "position"})
+    top["embedding_scale"] = config.resolved_embedding_scale()
+    put("", top)
+    position = config.position.model_dump()
+    scaling = position.get("scaling")
+    for i, layer in enumerate(config.layer_configs()):
+        mixer, ffn = layer.mixer.model_dump(), layer.ffn.model_dump()
+        if layer.mixer.kind == "attention":
+            head_dim = layer.mixer.resolved_head_dim(d)
+            mixer.update(head_dim=head_dim, n_kv_heads=layer.mixer.kv_heads, scale=layer.mixer.scale or head_dim**-0.5)
+            if scaling is not None and scaling["type"] == "ntk" and position.get("scaling") is not None:
+                # a static NTK base change is plain RoPE with a larger base (rope_inv_freq computes the same)
+                rot = config.position.rot_dim(head_dim)
+                position = {**position, "scaling": None, "theta": position["theta"] * scaling["factor"] ** (rot / (rot - 2))}
+        if "hidden" in ffn:
+            ffn["hidden"] = ffn["hidden"] or (4 * d if layer.ffn.kind == "mlp" else layer.ffn.resolved_hidden(d))
+        if layer.ffn.kind == "moe":
+            ffn["expert_hidden"] = layer.ffn.resolved_hidden(d)
+        put(f"layers[{i}].mixer.", mixer)
+        put(f"layers[{i}].ffn.", ffn)
+    put("position.", position)
+    return flat
 
 
-def _rope_to_hf(position: RoPEConfig, head_dim: int) -> dict[str, Any]:
+def _differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
+    """``path=ours (the HF config gives theirs)`` per differing field, first layer only, kinds first."""
+
+    def same(a: Any, b: Any) -> bool:
+        if isinstance(a, float) and isinstance(b, float):
+            return math.isclose(a, b, rel_tol=1e-9)
+        return a == b
+
+    def order(key: str) -> tuple[bool, str, str]:
+        field = re.sub(r"\[\d+\]", "", key)
+        return (not field.endswith("kind"), field, key)
+
+    found, seen = [], set()
+    for key in sorted(set(ours) | set(theirs), key=order):
+        a, b = ours.get(key, "<absent>"), theirs.get(key, "<absent>")
+        field = re.sub(r"\[\d+\]", "[*]", key)
+        if not same(a, b) and field not in seen:
+            seen.add(field)
+            found.append(f"{key}={a!r} (the HF config gives {b!r})")
+    return found
+
+
+def _rope_kwargs(position: Any, head_dim: int, max_seq_len: int) -> dict[str, Any]:
+    if position.kind != "rope":
+        return {}
     scaling = position.scaling
+    theta = position.theta
     if scaling is None:
-        return {"rope_type": "default", "rope_theta": position.theta}
-    if scaling.type == "linear":
-        return {"rope_type": "linear", "rope_theta": position.theta, "factor": scaling.factor}
-    if scaling.type == "ntk":
-        # A static NTK base change is plain RoPE with a larger base (rope_inv_freq computes the same).
-        return {"rope_type": "default", "rope_theta": position.theta * scaling.factor ** (head_dim / (head_dim - 2))}
-    params = {
-        "rope_type": "yarn",
-        "rope_theta": position.theta,
-        "factor": scaling.factor,
-        "original_max_position_embeddings": scaling.original_max_seq_len,
-        "beta_fast": scaling.beta_fast,
-        "beta_slow": scaling.beta_slow,
-    }
-    if scaling.attention_factor is not None:
-        params["attention_factor"] = float(scaling.attention_factor)
-    return params
+        params: dict[str, Any] = {"rope_type": "default", "rope_theta": theta}
+    elif scaling.type == "linear":
+        params = {"rope_type": "linear", "rope_theta": theta, "factor": scaling.factor}
+    elif scaling.type == "ntk":
+        rot = position.rot_dim(head_dim)
+        params = {"rope_type": "default", "rope_theta": theta * scaling.factor ** (rot / (rot - 2))}
+    elif scaling.type == "dynamic":
+        # transformers measures the length against max_position_embeddings (= our max_seq_len): the round
+        # trip refuses a model whose original_max_seq_len differs.
+        params = {"rope_type": "dynamic", "rope_theta": theta, "factor": scaling.factor}
+    elif scaling.type == "llama3":
+        params = {
+            "rope_type": "llama3", "rope_theta": theta, "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_seq_len,
+        }
+    else:
+        params = {
+            "rope_type": "yarn", "rope_theta": theta, "factor": scaling.factor,
+            "original_max_position_embeddings": scaling.original_max_seq_len,
+            "beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow,
+        }
+        if scaling.attention_factor is not None:
+            params["attention_factor"] = float(scaling.attention_factor)
+    if position.fraction != 1.0:
+        params["partial_rotary_factor"] = position.fraction  # refused on import: shows in the round trip
+    return {"rope_parameters": params}
 
 
-def to_hf_config(config: ModelConfig) -> "LlamaConfig":
-    """The ``transformers.LlamaConfig`` of a Llama-compatible :class:`ModelConfig`: attention with RoPE,
-    RMSNorm, pre-norm, a gated MLP, the same layer everywhere, no biases (or bias on all four attention
-    projections). Raises ``ValueError`` listing every field that Llama cannot express."""
-    problems = _llama_incompatibilities(config)
-    if problems:
-        raise ValueError("model is not Llama-compatible:\n" + "\n".join(f"  - {p}" for p in problems))
+def _hf_config_kwargs(config: ModelConfig, model_type: str) -> dict[str, Any]:
+    """The keyword arguments of ``model_type``'s transformers config for ``config``, best effort: what the
+    class cannot express is left out and shows up as a difference in the round trip."""
+    layers = config.layer_configs()
+    mixers, ffns = [layer.mixer for layer in layers], [layer.ffn for layer in layers]
+    mixer, d = mixers[0], config.d_model
+    ids = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if model_type == "gpt2":
+        mlp = ffns[0]
+        head_dim = d // mixer.n_heads
+        scales = [m.scale or head_dim**-0.5 for m in mixers]
+        by_layer = all(math.isclose(s, head_dim**-0.5 / (i + 1)) for i, s in enumerate(scales)) and len(scales) > 1
+        return dict(
+            vocab_size=config.vocab_size, n_embd=d, n_layer=config.n_layers, n_head=mixer.n_heads,
+            n_positions=config.max_seq_len, n_inner=getattr(mlp, "hidden", None) or 4 * d,
+            activation_function=_ACT_TO_HF.get(getattr(mlp, "activation", ""), "gelu_new"),
+            layer_norm_epsilon=config.norm.eps, scale_attn_by_inverse_layer_idx=by_layer,
+            tie_word_embeddings=config.tie_embeddings, initializer_range=config.init.std, **ids,
+        )
+    head_dim = mixer.resolved_head_dim(d)
+    dense = next((f for f in ffns if f.kind != "moe"), ffns[0])
+    moe = next((f for f in ffns if f.kind == "moe"), None)
+    gemma = model_type == "gemma2"
+    kwargs: dict[str, Any] = dict(
+        vocab_size=config.vocab_size, hidden_size=d, num_hidden_layers=config.n_layers,
+        num_attention_heads=mixer.n_heads, num_key_value_heads=mixer.kv_heads, head_dim=head_dim,
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm.eps,
+        tie_word_embeddings=config.tie_embeddings, initializer_range=config.init.std, **ids,
+        **_rope_kwargs(config.position, head_dim, config.max_seq_len),
+    )
+    activation = _ACT_TO_HF.get(getattr(moe or dense, "activation", "silu"), "silu")
+    kwargs["hidden_activation" if gemma else "hidden_act"] = activation
+    if hasattr(dense, "resolved_hidden"):
+        kwargs["intermediate_size"] = dense.resolved_hidden(d)
+    elif getattr(dense, "kind", None) == "mlp":
+        kwargs["intermediate_size"] = dense.hidden or 4 * d
+    if model_type in ("llama", "qwen3", "qwen3_moe", "gemma2"):
+        kwargs["attention_bias"] = mixer.qkv_bias
+    if model_type == "llama":
+        kwargs["mlp_bias"] = bool(getattr(dense, "bias", False))
+    windows = [m.window for m in mixers]
+    window = next((w for w in windows if w), None)
+    if model_type in ("mistral", "mixtral"):
+        kwargs["sliding_window"] = window
+    if model_type in _PER_LAYER_WINDOW:
+        kwargs["sliding_window"] = window
+        kwargs["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
+        if model_type != "gemma2":
+            kwargs["use_sliding_window"] = window is not None
+            kwargs["max_window_layers"] = 0
+    if gemma:
+        scale = mixer.scale or head_dim**-0.5
+        scalar = scale**-2  # Gemma2Config types it int: a non-integral one cannot be written
+        kwargs["query_pre_attn_scalar"] = round(scalar) if math.isclose(scalar, round(scalar), rel_tol=1e-9) else scalar
+        kwargs["attn_logit_softcapping"] = mixer.logit_softcap
+        kwargs["final_logit_softcapping"] = config.logit_softcap
+    if moe is not None and model_type == "mixtral":
+        kwargs.update(
+            num_local_experts=moe.n_experts, num_experts_per_tok=moe.top_k,
+            intermediate_size=moe.resolved_hidden(d), router_aux_loss_coef=moe.balance_loss_weight,
+        )
+    if moe is not None and model_type == "qwen3_moe":
+        kwargs.update(
+            num_experts=moe.n_experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.resolved_hidden(d),
+            norm_topk_prob=moe.renormalize, router_aux_loss_coef=moe.balance_loss_weight, decoder_sparse_step=1,
+            mlp_only_layers=[i for i, f in enumerate(ffns) if f.kind != "moe"],
+        )
+    return kwargs
+
+
+def _candidate(config: ModelConfig, model_type: str) -> tuple[Any, list[str]]:
+    """``model_type``'s HF config for ``config`` and the differences of its round trip (empty: exact)."""
     transformers = _transformers()
-    mixer, ffn = config.mixer, config.ffn
-    head_dim = mixer.resolved_head_dim(config.d_model)
-    rope = _rope_to_hf(config.position, head_dim)
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        rope_kwargs: dict[str, Any] = {"rope_parameters": rope}
-    else:  # pragma: no cover - transformers 4.x
-        extra = {k: v for k, v in rope.items() if k != "rope_theta"}
-        scaling = extra if extra["rope_type"] != "default" else None
-        rope_kwargs = {"rope_theta": rope["rope_theta"], "rope_scaling": scaling}
-    return transformers.LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=ffn.resolved_hidden(config.d_model),
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=mixer.n_heads,
-        num_key_value_heads=mixer.kv_heads,
-        head_dim=head_dim,
-        hidden_act=_ACT_TO_HF[ffn.activation],
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm.eps,
-        tie_word_embeddings=config.tie_embeddings,
-        attention_bias=mixer.qkv_bias,
-        mlp_bias=ffn.bias,
-        initializer_range=config.init.std,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        **rope_kwargs,
+    try:
+        hf_config = transformers.AutoConfig.for_model(model_type, **_hf_config_kwargs(config, model_type))
+        back = config_from_hf(hf_config)
+    except Exception as err:  # noqa: BLE001 - transformers' strict config validation raises its own types
+        return None, [f"{model_type}: " + " ".join(str(err).split())]
+    ours, theirs = _architecture(config), _architecture(back)
+    if config.tie_embeddings != back.tie_embeddings:
+        theirs["tie_embeddings"] = back.tie_embeddings
+    return hf_config, _differences(ours, theirs)
+
+
+def _unexportable_component(config: ModelConfig) -> str | None:
+    for i, layer in enumerate(config.layer_configs()):
+        if layer.mixer.kind not in _EXPORTABLE_MIXERS:
+            return (
+                f"layer {i} mixer.kind={layer.mixer.kind!r}: no transformers causal LM has this mixer "
+                f"(exportable mixers: {', '.join(_EXPORTABLE_MIXERS)})"
+            )
+        if layer.ffn.kind not in _EXPORTABLE_FFNS:
+            return (
+                f"layer {i} ffn.kind={layer.ffn.kind!r}: no transformers causal LM has this FFN "
+                f"(exportable FFNs: {', '.join(_EXPORTABLE_FFNS)})"
+            )
+    if config.mtp_heads:
+        return f"mtp_heads={config.mtp_heads}: the exportable transformers classes have no multi-token heads"
+    return None
+
+
+def to_hf_config(config: ModelConfig) -> "PretrainedConfig":
+    """The config of the first transformers class (in :data:`EXPORT_MODEL_TYPES` order) that represents
+    ``config`` exactly: reading it back with :func:`config_from_hf` gives the same architecture.
+
+    Raises ``ValueError`` in one line naming the component that no class represents (a mixer or FFN kind
+    no transformers model has), or else the closest class and the first field it cannot express.
+    """
+    problem = _unexportable_component(config)
+    if problem is not None:
+        raise ValueError(f"no transformers class represents this model: {problem}")
+    best: tuple[str, list[str]] | None = None
+    for model_type in EXPORT_MODEL_TYPES:
+        hf_config, differences = _candidate(config, model_type)
+        if not differences:
+            return hf_config
+        if best is None or len(differences) < len(best[1]):
+            best = (model_type, differences)
+    model_type, differences = best
+    raise ValueError(
+        f"no transformers class represents this model; the closest, model_type={model_type!r}, "
+        f"cannot express: {'; '.join(differences)}"
     )
 
 
-def to_hf(model: CausalLM) -> "LlamaForCausalLM":
-    """A ``transformers.LlamaForCausalLM`` (its config is ``.config``) computing the same function as a
-    Llama-compatible ``model`` (see :func:`to_hf_config`), in the model's dtype, on CPU, in eval mode."""
+def _import_state(model: CausalLM, weights: _Weights, prefix: str) -> dict[str, torch.Tensor]:
+    """Our state dict from an HF model's parameters (the import mapping, used both ways)."""
+    if model.config.position.kind == "learned":
+        return _gpt2_state(model, weights, prefix)
+    return _rope_family_state(model, weights, prefix)
+
+
+def to_hf(model: CausalLM) -> "PreTrainedModel":
+    """The transformers ``*ForCausalLM`` (class chosen by :func:`to_hf_config`) computing the same function
+    as ``model``, in the model's dtype, on CPU, in eval mode. Raises ``ValueError`` (one line) when no
+    transformers class represents the model."""
     hf_config = to_hf_config(model.config)
     transformers = _transformers()
-    dtype = model.embed.weight.dtype
-    hf_model = transformers.LlamaForCausalLM(hf_config)
-    prefix = _prefix(hf_model)
-    state = {
-        _llama_name(key, prefix, "pre"): value.detach().cpu()
-        for key, value in model.state_dict().items()
-        if not (key == "lm_head.weight" and model.config.tie_embeddings)
-    }
-    if model.config.tie_embeddings:
-        state["lm_head.weight"] = state[f"{prefix}embed_tokens.weight"]
-    hf_model.load_state_dict(state, strict=True)
+    hf_model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=torch.float32)
+    params = dict(hf_model.named_parameters())  # a tied head is listed once, under the embedding
+    offsets, indices, total = {}, {}, 0
+    for name, p in params.items():
+        offsets[name] = total
+        indices[name] = torch.arange(total, total + p.numel(), dtype=torch.float64).view(p.shape)
+        total += p.numel()
+    assert total < 2**53, "element indices must be exact in float64"
+    weights = _Weights(indices)
+    index_state = _import_state(model, weights, _prefix(hf_model))
+    ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    flat = torch.zeros(total, dtype=torch.float64)
+    writes = torch.zeros(total, dtype=torch.int64)
+    for key, idx in index_state.items():
+        if key == "lm_head.weight" and key not in ours:
+            continue
+        position = idx.reshape(-1).long()
+        flat[position] = ours[key].double().reshape(-1)
+        writes[position] += 1
+    left = weights.unused()
+    if left or not torch.all(writes == 1):
+        raise ValueError(  # a defect in the import mapping, not in the user's model
+            f"export mapping is not one-to-one for {type(hf_model).__name__}: unused HF parameters {left}, "
+            f"{int((writes == 0).sum())} elements never written, {int((writes > 1).sum())} written twice"
+        )
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(flat[offsets[name] : offsets[name] + p.numel()].view(p.shape))
     _check_rope(hf_model, model)
-    return hf_model.to(dtype).eval()
+    return hf_model.to(model.embed.weight.dtype).eval()
 
 
 def save_hf(model: CausalLM, directory: str | Path) -> Path:
-    """Write ``model`` as a Llama checkpoint (``config.json`` + safetensors) that
-    ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads."""
+    """Write ``model`` as a transformers checkpoint (``config.json`` + safetensors, class chosen by
+    :func:`to_hf_config`) that ``transformers.AutoModelForCausalLM.from_pretrained(directory)`` loads."""
     directory = Path(directory)
     to_hf(model).save_pretrained(directory)
     return directory

@@ -124,21 +124,41 @@ class RopeScaling(Strict):
     - ``yarn``: YaRN (Peng et al. 2023): per-frequency blend of interpolation and extrapolation between
       ``beta_fast`` and ``beta_slow`` rotations over ``original_max_seq_len``, with the attention
       temperature ``0.1 * ln(factor) + 1`` folded into cos/sin.
+    - ``llama3``: Llama 3.1's frequency-dependent interpolation (Meta 2024, ``apply_scaling`` in
+      meta-llama/llama-models): wavelengths longer than ``original_max_seq_len / low_freq_factor`` are
+      divided by ``factor``, shorter than ``original_max_seq_len / high_freq_factor`` kept, and the band
+      between blended linearly in ``original_max_seq_len / wavelength``.
+    - ``dynamic``: dynamic NTK (emozilla 2023, transformers' ``rope_type: dynamic``): for a forward whose
+      largest position is ``p``, the base becomes ``theta * (factor * L / original_max_seq_len - (factor -
+      1)) ** (d / (d - 2))`` with ``L = max(p + 1, original_max_seq_len)``: plain RoPE up to the trained
+      length, a base growing with the sequence beyond it. Keys already in a cache keep the rotation they
+      were written with (as in transformers' cached decoding).
     """
 
-    type: Literal["linear", "ntk", "yarn"]
+    type: Literal["linear", "ntk", "yarn", "llama3", "dynamic"]
     factor: float
     original_max_seq_len: int | None = Field(None, ge=1)
     beta_fast: float = Field(32.0, gt=0)
     beta_slow: float = Field(1.0, gt=0)
     attention_factor: float | None = Field(None, gt=0)
+    low_freq_factor: float = Field(1.0, gt=0)
+    """``llama3`` only: wavelengths above ``original_max_seq_len / low_freq_factor`` are fully interpolated."""
+    high_freq_factor: float = Field(4.0, gt=0)
+    """``llama3`` only: wavelengths below ``original_max_seq_len / high_freq_factor`` are kept."""
 
     @model_validator(mode="after")
     def _check(self):
         if self.factor < 1.0:
             raise ValueError(f"factor={self.factor} must be >= 1 (it stretches the trained context)")
-        if self.type == "yarn" and self.original_max_seq_len is None:
-            raise ValueError("type=yarn needs original_max_seq_len (the context length trained without scaling)")
+        if self.type in ("yarn", "llama3", "dynamic") and self.original_max_seq_len is None:
+            raise ValueError(
+                f"type={self.type} needs original_max_seq_len (the context length trained without scaling)"
+            )
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"type=llama3 needs high_freq_factor={self.high_freq_factor} > low_freq_factor={self.low_freq_factor} "
+                "(the blended band lies between the two wavelengths)"
+            )
         return self
 
 
@@ -152,6 +172,19 @@ def rope_inv_freq(rot_dim: int, theta: float, scaling: RopeScaling | None) -> tu
     if scaling.type == "ntk":
         base = theta * scaling.factor ** (rot_dim / (rot_dim - 2))
         return 1.0 / base**exponents, 1.0
+    if scaling.type == "dynamic":
+        # the table up to the trained length; Rotary.cos_sin rescales beyond it
+        return 1.0 / theta**exponents, 1.0
+    if scaling.type == "llama3":
+        inv_freq = 1.0 / theta**exponents
+        wavelength = 2 * math.pi / inv_freq
+        context = scaling.original_max_seq_len
+        # 0 at wavelength = context / low_freq_factor (interpolate), 1 at context / high_freq_factor (keep)
+        smooth = (context / wavelength - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+        long = wavelength > context / scaling.low_freq_factor
+        short = wavelength < context / scaling.high_freq_factor
+        return torch.where(long, inv_freq / scaling.factor, torch.where(short, inv_freq, blended)), 1.0
     # YaRN, Peng et al. 2023, Sec. 3.2-3.4.
     def correction_dim(n_rotations: float) -> float:
         # the dimension whose wavelength fits n_rotations times into the original context
@@ -185,10 +218,23 @@ class Rotary(nn.Module):
         self.head_dim, self.rot_dim = head_dim, rot_dim
         inv_freq, self.attention_scaling = rope_inv_freq(rot_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.theta = theta
+        self.dynamic = scaling if scaling is not None and scaling.type == "dynamic" else None
+
+    def dynamic_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
+        """Dynamic NTK frequencies ``(rot_dim // 2,)`` for a forward over ``positions`` (see
+        :class:`RopeScaling`), computed on the device (no host sync) in fp32 as transformers does."""
+        scaling = self.dynamic
+        original = scaling.original_max_seq_len
+        length = (positions.max() + 1).clamp(min=original).float()
+        base = self.theta * (scaling.factor * length / original - (scaling.factor - 1)) ** (self.rot_dim / (self.rot_dim - 2))
+        exponents = torch.arange(0, self.rot_dim, 2, dtype=torch.int64, device=positions.device).float() / self.rot_dim
+        return 1.0 / base**exponents
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast(device_type=positions.device.type, enabled=False):
-            freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # (T, rot/2)
+            inv_freq = self.inv_freq.float() if self.dynamic is None else self.dynamic_inv_freq(positions)
+            freqs = positions.float()[:, None] * inv_freq[None, :]  # (T, rot/2)
             emb = torch.cat((freqs, freqs), dim=-1)
             return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
 
@@ -229,9 +275,9 @@ class RoPEConfig(PositionConfig):
                 f"rotary dim = int(head_dim={head_dim} * fraction={self.fraction}) = {rot} must be even and > 0; "
                 f"choose a fraction giving an even number of channels"
             )
-        if self.scaling is not None and self.scaling.type == "ntk" and rot <= 2:
+        if self.scaling is not None and self.scaling.type in ("ntk", "dynamic") and rot <= 2:
             raise ValueError(
-                f"scaling.type=ntk changes the base by factor ** (d / (d - 2)), undefined for a rotary dim of {rot}; "
+                f"scaling.type={self.scaling.type} changes the base by factor ** (d / (d - 2)), undefined for a rotary dim of {rot}; "
                 "use more rotary channels (head_dim * fraction >= 4) or scaling.type=linear"
             )
 
