@@ -9,6 +9,8 @@ schedule-free runs that save the weights they evaluate.
 - Muon's defaults and the same values set explicitly give identical updates, equal to torch.optim.Muon's
   own; a field an optimizer cannot honour is a validation error naming it;
 - Adam-mini partitions each attention layer by its own head count;
+- C-AdamW and fully decoupled AdamW (decay independent of the peak rate) equal their papers' updates
+  computed by hand on fixed gradients;
 - schedule-free: the saved model scores the reported validation loss, and resume stays exact.
 """
 
@@ -408,3 +410,83 @@ def test_param_groups_record_roles():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
     groups = ParamGroups.from_model(model)
     assert groups.role_of(model.blocks[0].mixer.token_mix) is ParamRole.VECTOR
+
+
+# ------------------------------------------------------------------ C-AdamW and fully decoupled AdamW
+
+
+def _adam_direction(grads, betas, eps):
+    """Adam's u_t = m_hat / (sqrt(v_hat) + eps) after the gradients ``grads``, by hand in float64
+    (Kingma & Ba 2015, Algorithm 1; torch adds eps after dividing sqrt(v) by sqrt(1 - beta2^t))."""
+    b1, b2 = betas
+    m = v = torch.zeros_like(grads[0], dtype=torch.float64)
+    for t, g in enumerate(grads, start=1):
+        g = g.double()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+    return (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+
+
+def _steps(cfg, start, grads, multipliers=None):
+    """Run ``cfg`` on one decayed matrix (a Linear's weight) with fixed gradients; the weights after each step."""
+    layer = nn.Linear(start.shape[1], start.shape[0], bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(start)
+    opt = build_optimizer(layer, cfg)
+    out = []
+    for i, g in enumerate(grads):
+        if multipliers is not None:
+            af.train.optim.set_lr(opt, multipliers[i])
+        layer.weight.grad = g.clone()
+        opt.step()
+        out.append(layer.weight.detach().clone().double())
+    return out, opt
+
+
+def test_cautious_adamw_matches_the_papers_update_by_hand():
+    """Liang et al. 2024, Alg. 2: u masked to the entries where u * g > 0, scaled by d / (kept + 1),
+    then theta -= lr * lambda * theta. The second gradient flips some signs against the momentum."""
+    torch.manual_seed(0)
+    start = torch.randn(4, 6)
+    g1 = torch.randn(4, 6)
+    g2 = torch.where(torch.rand(4, 6) < 0.4, -0.3 * g1, torch.randn(4, 6))
+    lr, wd, betas, eps = 0.01, 0.1, (0.9, 0.95), 1e-8
+    cfg = optimizer_config({"name": "cadamw", "lr": lr, "weight_decay": wd})
+    (w1, w2), opt = _steps(cfg, start, [g1, g2])
+    theta = start.double()
+    for t, g in enumerate([g1, g2], start=1):
+        u = _adam_direction([g1, g2][:t], betas, eps)
+        keep = (u * g.double() > 0).double()
+        theta = (theta - lr * u * keep * keep.numel() / (keep.sum() + 1)) * (1 - lr * wd)
+        got = (w1, w2)[t - 1]
+        torch.testing.assert_close(got, theta, rtol=0, atol=1e-6)
+        if t == 2:
+            assert 0 < keep.sum() < keep.numel()  # the mask really removed entries
+    # and it is not plain AdamW on this data
+    (_, a2), _ = _steps(optimizer_config({"name": "adamw", "lr": lr, "weight_decay": wd}), start, [g1, g2])
+    assert (a2 - w2).abs().max() > 1e-3
+    assert set(opt.state[next(iter(opt.state))]) >= {"exp_avg", "exp_avg_sq"}  # AdamW's state
+
+
+def test_decoupled_adamw_decays_by_lambda_times_the_schedule_not_the_learning_rate():
+    """Loshchilov & Hutter 2019, Alg. 2: theta - eta_t * (alpha * u + lambda * theta), by hand, for two peak
+    rates alpha and a schedule multiplier eta_t: the decay term is the same for both rates."""
+    torch.manual_seed(1)
+    start, g = torch.randn(3, 5), torch.randn(3, 5)
+    lam, betas, eps, eta = 2e-3, (0.9, 0.95), 1e-8, [1.0, 0.5]
+    decay_terms = []
+    for alpha in (1e-3, 1e-2):
+        cfg = optimizer_config({"name": "decoupled_adamw", "lr": alpha, "weight_decay": lam})
+        got, _ = _steps(cfg, start, [g, g], multipliers=eta)
+        theta = start.double()
+        for t in (1, 2):
+            u = _adam_direction([g] * t, betas, eps)
+            theta = theta - eta[t - 1] * (alpha * u + lam * theta)
+            torch.testing.assert_close(got[t - 1], theta, rtol=0, atol=1e-6)
+        # decay alone: weights with a zero gradient shrink by (1 - eta lambda) whatever alpha is
+        still, _ = _steps(cfg, start, [torch.zeros_like(g)], multipliers=[0.5])
+        decay_terms.append(still[0])
+    torch.testing.assert_close(decay_terms[0], decay_terms[1], rtol=0, atol=0)
+    torch.testing.assert_close(decay_terms[0], start.double() * (1 - 0.5 * lam), rtol=1e-7, atol=0)
+    with pytest.raises(ConfigError, match="weight_decay"):
+        optimizer_config({"name": "decoupled_adamw", "weight_decay": 1.5})

@@ -3,6 +3,9 @@
 
 Every optimizer comes from ``torch.optim`` (AdamW, Adam, SGD, Muon) or the ``pytorch-optimizer`` package
 (Lion, SOAP, AdEMAMix, ADOPT, MARS, Adam-mini, schedule-free AdamW); no update rule is written here.
+Two AdamW variants are torch's AdamW with one change each: ``decoupled_adamw`` only sets its weight decay so
+that it does not scale with the peak rate, and ``cadamw`` masks torch's update with pytorch-optimizer's
+cautious mask (``BaseOptimizer.apply_cautious``), which has no cautious AdamW of its own.
 
 Which parameters take weight decay, and which take Muon's orthogonalised update, follows the role each
 component declares for its parameters (:mod:`archifactory.nn.roles`), never a tensor's rank or name:
@@ -112,6 +115,76 @@ class AdamWConfig(_DecayedConfig):
 
     def build(self, groups):
         return torch.optim.AdamW(self.groups(groups), lr=self.lr, betas=self.betas, eps=self.eps)
+
+
+@register_optimizer
+class DecoupledAdamWConfig(OptimizerConfig):
+    """AdamW with weight decay independent of the learning rate: Loshchilov & Hutter 2019, Algorithm 2,
+    ``theta <- theta - eta_t * (alpha * m_hat / (sqrt(v_hat) + eps) + lambda * theta)``, where ``alpha`` is
+    the peak rate ``lr`` and ``eta_t`` the schedule's multiplier. ``weight_decay`` is ``lambda``, the
+    fraction of each weight removed per step at the schedule's peak, whatever ``lr`` is, so an lr sweep
+    does not also sweep the decay (MosaicML Composer's ``DecoupledAdamW`` does the same). Built as
+    ``torch.optim.AdamW`` with ``weight_decay = lambda / lr``, since torch multiplies its decay by the
+    group's current rate ``lr * eta_t``."""
+
+    name: Literal["decoupled_adamw"] = "decoupled_adamw"
+    weight_decay: float = Field(3e-4, ge=0, lt=1)
+    """Fraction of each decayed weight removed per step at the peak of the schedule (adamw's 0.1 at
+    lr=3e-3 is 3e-4)."""
+    decay_embeddings: bool = False
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+
+    def build(self, groups):
+        torch_groups = groups.torch_groups(self.weight_decay / self.lr, self.decay_embeddings)
+        return torch.optim.AdamW(torch_groups, lr=self.lr, betas=self.betas, eps=self.eps)
+
+
+class CautiousAdamW(torch.optim.AdamW):
+    """C-AdamW (Liang et al. 2024, "Cautious Optimizers", Algorithm 2): AdamW whose update
+    ``u = m_hat / (sqrt(v_hat) + eps)`` is zeroed where it disagrees in sign with the gradient
+    (``u * g <= 0``) and the rest rescaled by ``d / (kept + 1)`` (``d`` entries in the tensor), then the
+    decoupled decay ``theta -= lr * weight_decay * theta`` on the updated weights.
+
+    The moments and ``u`` are torch's AdamW (stepped without decay); the mask is pytorch-optimizer's
+    ``BaseOptimizer.apply_cautious``. State and ``state_dict`` are AdamW's."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from pytorch_optimizer.base.optimizer import BaseOptimizer
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        decays = [group["weight_decay"] for group in self.param_groups]
+        before = [
+            (group, p, p.detach().clone()) for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
+        for group in self.param_groups:
+            group["weight_decay"] = 0.0
+        try:
+            super().step()
+        finally:
+            for group, decay in zip(self.param_groups, decays):
+                group["weight_decay"] = decay
+        for group, p, old in before:
+            update = p.detach() - old  # -lr * u
+            BaseOptimizer.apply_cautious(update, -p.grad)  # keeps (-lr u) * (-g) > 0, i.e. u * g > 0
+            p.copy_(old + update).mul_(1.0 - group["lr"] * group["weight_decay"])
+        return loss
+
+
+@register_optimizer
+class CautiousAdamWConfig(_DecayedConfig):
+    """C-AdamW (Liang et al. 2024): AdamW with the cautious mask; see :class:`CautiousAdamW`."""
+
+    name: Literal["cadamw"] = "cadamw"
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = Field(1e-8, gt=0)
+
+    def build(self, groups):
+        return CautiousAdamW(self.groups(groups), lr=self.lr, betas=self.betas, eps=self.eps)
 
 
 @register_optimizer
@@ -412,7 +485,8 @@ def evaluation_weights(optimizer: torch.optim.Optimizer) -> Iterator[None]:
 
 
 __all__ = [
-    "AdamConfig", "AdamMiniConfig", "AdamWConfig", "ADOPTConfig", "AdEMAMixConfig", "CombinedOptimizer",
+    "AdamConfig", "AdamMiniConfig", "AdamWConfig", "ADOPTConfig", "AdEMAMixConfig", "CautiousAdamW",
+    "CautiousAdamWConfig", "CombinedOptimizer", "DecoupledAdamWConfig",
     "LionConfig", "MARSConfig", "MuonConfig", "OptimizerConfig", "ParamGroups", "SGDConfig", "SOAPConfig",
     "ScheduleFreeAdamWConfig", "averages_weights", "build_optimizer", "evaluation_weights",
     "optimizer_config", "set_lr",
