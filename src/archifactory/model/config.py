@@ -70,6 +70,28 @@ class LayerOverride(Strict):
         return list(range(start, n_layers, self.every))
 
 
+PretrainedModule = Literal["embedding", "head", "final_norm"]
+
+
+class PretrainedModules(Strict):
+    """Parts of the model initialised from a local Hugging Face model directory, optionally frozen
+    (ArchiFactory's ``freeze_lm_modules``), so that variants share one pretrained vocabulary interface.
+
+    The directory holds ``config.json``, the weights and the ``tokenizer.json`` the run must tokenise with
+    (``data.tokenizer: {kind: hf, name_or_path: <path>}``): the embedding's rows are that tokenizer's ids.
+    Weights are read with :func:`archifactory.model.hf.load_pretrained_modules` when a run starts (not
+    on resume, whose checkpoint holds them); frozen parameters get ``requires_grad=False`` whenever the
+    model is built, so the optimizer never sees them and keeps no state for them."""
+
+    path: str
+    """Local Hugging Face model directory (any family ``archifactory hf import`` reads)."""
+    modules: list[PretrainedModule] = Field(default_factory=lambda: ["embedding"], min_length=1)
+    """Which parts to copy: ``embedding`` (token table), ``head`` (LM head; the embedding itself when
+    tied), ``final_norm``."""
+    freeze: bool = True
+    """Keep the copied parameters fixed during training."""
+
+
 class ModelConfig(Strict):
     # Upper bounds far beyond any model trained with this workbench keep validation's work (one entry
     # per layer) and every size product bounded; a larger model fails at build for lack of memory anyway.
@@ -101,6 +123,8 @@ class ModelConfig(Strict):
     of the trunk sharing the final norm and unembedding; unused in generation."""
     mtp_loss_weight: float = Field(1.0, ge=0)
     init: InitConfig = Field(default_factory=InitConfig)
+    pretrained: PretrainedModules | None = None
+    """Initialise (and optionally freeze) the embedding / head / final norm from a Hugging Face model."""
 
     def layer_configs(self) -> list[BlockConfig]:
         layers = [BlockConfig(mixer=self.mixer, ffn=self.ffn) for _ in range(self.n_layers)]
@@ -128,6 +152,17 @@ class ModelConfig(Strict):
     @model_validator(mode="after")
     def _check_components(self):
         errors: list[str] = []
+        if self.pretrained is not None:
+            modules = self.pretrained.modules
+            if len(set(modules)) != len(modules):
+                errors.append(f"pretrained.modules: {modules} lists a module twice")
+            if self.tie_embeddings and "head" in modules and "embedding" not in modules:
+                errors.append(
+                    "pretrained.modules: with tie_embeddings=true the head is the embedding table; list "
+                    "'embedding' (which is also the head) or set tie_embeddings=false"
+                )
+            if "final_norm" in modules and not self.final_norm:
+                errors.append("pretrained.modules: lists 'final_norm' but final_norm=false; drop it or set final_norm=true")
         if self.mtp_heads >= self.max_seq_len:
             errors.append(
                 f"mtp_heads: mtp_heads={self.mtp_heads} must be < max_seq_len={self.max_seq_len} (head k predicts "

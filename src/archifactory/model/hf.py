@@ -45,7 +45,7 @@ from archifactory.nn.positions import LearnedPositionConfig, RoPEConfig, RopeSca
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig, PreTrainedModel
 
-__all__ = ["EXPORT_MODEL_TYPES", "SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "load_hf", "save_hf", "to_hf", "to_hf_config"]
+__all__ = ["EXPORT_MODEL_TYPES", "load_pretrained_modules", "SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "load_hf", "save_hf", "to_hf", "to_hf_config"]
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2", "gemma2")
 
@@ -853,3 +853,34 @@ def load_hf(directory: str | Path, dtype: torch.dtype | None = None) -> CausalLM
         kwargs["dtype"] = dtype
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), **kwargs)
     return from_hf(hf_model)
+
+
+def load_pretrained_modules(model: CausalLM) -> CausalLM:
+    """Copy the parts ``model.config.pretrained`` names (embedding, head, final norm) from its local
+    Hugging Face directory into ``model``, in place, and return it.
+
+    The HF model is converted whole with :func:`load_hf` (so the final norm arrives in our layout, Gemma's
+    ``1 + w`` included) and the named tensors copied. Raises ``ValueError`` naming the field when the
+    shapes or the final norm's kind disagree."""
+    spec = model.config.pretrained
+    if spec is None:
+        return model
+    source = load_hf(spec.path, dtype=torch.float32)
+    config, theirs = model.config, source.config
+    for field in ("vocab_size", "d_model"):
+        if getattr(config, field) != getattr(theirs, field):
+            raise ValueError(
+                f"model.{field}={getattr(config, field)} but the pretrained model in {spec.path} has "
+                f"{getattr(theirs, field)}; set model.{field}={getattr(theirs, field)} to load its "
+                f"{', '.join(spec.modules)}"
+            )
+    if "final_norm" in spec.modules and config.norm != theirs.norm:
+        raise ValueError(
+            f"model.norm={config.norm.model_dump()} differs from the final norm of {spec.path} "
+            f"({theirs.norm.model_dump()}); set model.norm to it or drop 'final_norm' from pretrained.modules"
+        )
+    ours, source_params = model.pretrained_parameters(), dict(source.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, param in ours.items():
+            param.copy_(source_params[name].to(param.dtype))
+    return model

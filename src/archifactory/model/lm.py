@@ -66,6 +66,18 @@ class CausalLM(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         self.reset_parameters()
+        if config.pretrained is not None and config.pretrained.freeze:
+            for p in self.pretrained_parameters().values():
+                p.requires_grad_(False)
+
+    def pretrained_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters ``config.pretrained`` initialises from a Hugging Face model, by name."""
+        if self.config.pretrained is None:
+            return {}
+        modules = {"embedding": ["embed.weight"], "head": ["lm_head.weight"],
+                   "final_norm": [f"final_norm.{n}" for n, _ in self.final_norm.named_parameters()]}
+        params = dict(self.named_parameters(remove_duplicate=False))
+        return {name: params[name] for m in self.config.pretrained.modules for name in modules[m]}
 
     # ------------------------------------------------------------------------------------------ set-up
 

@@ -112,6 +112,15 @@ class RunConfig(Strict):
                 f"train.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}, the length of the "
                 f"{model.position.kind} position table; raise model.max_seq_len or lower train.seq_len"
             )
+        if model.pretrained is not None:
+            source = Path(model.pretrained.path).expanduser().resolve()
+            tokenizer = self.data.tokenizer
+            given = Path(getattr(tokenizer, "name_or_path", "")).expanduser().resolve()
+            if tokenizer.kind != "hf" or given not in (source, source / "tokenizer.json"):
+                raise ValueError(
+                    f"model.pretrained.path={model.pretrained.path}: the pretrained embedding's rows are its "
+                    f"tokenizer's ids; set data.tokenizer to {{kind: hf, name_or_path: {model.pretrained.path}}}"
+                )
         if model.mtp_heads >= seq_len:
             raise ValueError(
                 f"model.mtp_heads={model.mtp_heads} must be < train.seq_len={seq_len}: the last multi-token "

@@ -165,8 +165,14 @@ class Trainer:
         self._check_validation_split()
 
     def build_model(self) -> CausalLM:
-        """The model to train, on CPU (a hook: post-training stages start from a trained one)."""
-        return CausalLM(self.cfg.model)
+        """The model to train, on CPU (a hook: post-training stages start from a trained one), with the
+        parts ``model.pretrained`` names copied from their Hugging Face model."""
+        model = CausalLM(self.cfg.model)
+        if self.cfg.model.pretrained is not None:
+            from archifactory.model.hf import load_pretrained_modules
+
+            load_pretrained_modules(model)
+        return model
 
     def _check_validation_split(self) -> None:
         """Evaluation needs a validation split with text in it; one shorter than a window is evaluated as
