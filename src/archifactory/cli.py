@@ -366,7 +366,8 @@ def hf_import(
     source: Path = typer.Argument(..., help="A local Hugging Face model directory (config.json + weights)."),
     out: Path = typer.Argument(..., help="Directory to write the archifactory model to."),
 ) -> None:
-    """Convert a local Hugging Face model (Llama, Mistral, Qwen3, Qwen3-MoE, Mixtral, GPT-2, Gemma 2)."""
+    """Convert a local Hugging Face model (Llama, Mistral, Qwen2/3, Qwen3-MoE, Mixtral, GPT-2, Gemma 2,
+    DeepSeek-V3 with dense FFNs, Bamba)."""
     from archifactory.model.hf import load_hf
 
     try:
@@ -384,7 +385,7 @@ def hf_export(
     out: Path = typer.Argument(..., help="Directory to write the Hugging Face model to."),
 ) -> None:
     """Export an archifactory model as a transformers directory; the class (Llama, Mistral, Qwen2, Qwen3,
-    Mixtral, Qwen3-MoE, Gemma 2, GPT-2) is the first that represents the model exactly."""
+    Mixtral, Qwen3-MoE, Gemma 2, GPT-2, DeepSeek-V3, Bamba) is the first that represents the model exactly."""
     from archifactory.model.hf import save_hf
     from archifactory.model.lm import CausalLM
 

@@ -9,17 +9,24 @@ Reading (``config_from_hf``, ``from_hf``, ``load_hf``) covers these ``model_type
 - ``gpt2`` (Radford et al. 2019): learned positions, LayerNorm, GELU MLP with biases, fused ``c_attn``
   stored as ``Conv1D`` (weights transposed relative to ``nn.Linear``);
 - ``gemma2`` (Gemma Team 2024): sandwich norms, ``sqrt(d_model)`` embedding scale, GeGLU, soft-capped
-  attention and final logits, ``query_pre_attn_scalar`` and alternating sliding-window layers.
+  attention and final logits, ``query_pre_attn_scalar`` and alternating sliding-window layers;
+- ``deepseek_v3`` (DeepSeek-AI 2024) with dense FFNs: multi-head latent attention (our ``mla``), interleaved
+  or half-split RoPE, YaRN with DeepSeek's softmax mscale. Its MoE layers (sigmoid, group-limited routing)
+  have no counterpart and are refused;
+- ``bamba`` (IBM 2024): Mamba-2 layers (our ``mamba2``), optionally attention layers with RoPE on half of each
+  head, each followed by a SwiGLU MLP. ``Mamba2ForCausalLM`` itself has no FFN, which every block here has:
+  it is refused, naming Bamba as the Mamba-2 class that matches our blocks.
 
 RoPE scalings read: ``default``, ``linear``, ``yarn`` (with DeepSeek's mscale ratio), ``llama3`` and ``dynamic``
 (dynamic NTK, recomputed from each forward's largest position as transformers does; see ``RopeScaling``).
 
 Writing (``to_hf``, ``save_hf``) picks the first class of :data:`EXPORT_MODEL_TYPES` (Llama, Mistral, Qwen2,
-Qwen3, Mixtral, Qwen3-MoE, Gemma 2, GPT-2) whose config, read back by ``config_from_hf``, is our architecture
+Qwen3, Mixtral, Qwen3-MoE, Gemma 2, GPT-2, DeepSeek-V3, Bamba) whose config, read back by ``config_from_hf``, is our architecture
 again, and moves the weights with the import mapping run backwards (so the two directions cannot drift
 apart). A model no class represents raises a one-line ``ValueError`` naming the component in the way.
 
-Every mapping is exact up to float rounding: the tests compare logits with HF at ``atol=1e-5`` in fp32.
+Every mapping is exact up to float rounding: the tests compare fp32 logits with HF at ``atol=1e-5`` (or the
+bound of tests/numerics.py for two summation orders, where Mamba-2's chunked scans block differently).
 ``transformers`` is an optional dependency (``pip install archifactory[hf]``), imported on first use.
 """
 
@@ -36,6 +43,8 @@ from archifactory.errors import MissingDependencyError
 from archifactory.ffn.mlp import GeGLUConfig, GLUConfig, MLPConfig, SwiGLUConfig
 from archifactory.ffn.moe import MoEConfig
 from archifactory.mixers.attention import AttentionConfig
+from archifactory.mixers.mamba2 import Mamba2Config
+from archifactory.mixers.mla import MLAConfig
 from archifactory.model.config import LayerOverride, ModelConfig
 from archifactory.model.lm import CausalLM
 from archifactory.nn.init import InitConfig
@@ -47,7 +56,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["EXPORT_MODEL_TYPES", "load_pretrained_modules", "SUPPORTED_MODEL_TYPES", "config_from_hf", "from_hf", "load_hf", "save_hf", "to_hf", "to_hf_config"]
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2", "gemma2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gpt2", "gemma2", "deepseek_v3", "bamba")
 
 # HF activation names (``transformers.activations.ACT2FN``) <-> ours. ``gelu_new`` is GPT-2's tanh
 # approximation written out by hand; it equals torch's ``approximate="tanh"`` up to rounding.
@@ -92,12 +101,21 @@ def config_from_hf(hf_config: "PretrainedConfig") -> ModelConfig:
     with ``output_router_logits``), while ours is summed layer by layer.
     """
     model_type = getattr(hf_config, "model_type", None)
+    if model_type == "mamba2":
+        raise ValueError(
+            "model_type='mamba2': Mamba2ForCausalLM's layers have no FFN, and every archifactory block has one; "
+            "the Mamba-2 class with an FFN per layer is Bamba (model_type='bamba')"
+        )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"model_type={model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     if model_type == "gpt2":
         return _gpt2_config(hf_config)
+    if model_type == "deepseek_v3":
+        return _deepseek_config(hf_config)
+    if model_type == "bamba":
+        return _bamba_config(hf_config)
     return _rope_family_config(hf_config, model_type)
 
 
@@ -246,6 +264,98 @@ def _gpt2_config(cfg: Any) -> ModelConfig:
     )
 
 
+def _deepseek_config(cfg: Any) -> ModelConfig:
+    """DeepSeek-V3 (DeepSeek-AI 2024) with multi-head latent attention on every layer and dense SwiGLU
+    FFNs. Its MoE layers (sigmoid scores, group-limited top-k, ``routed_scaling_factor``) have no
+    counterpart in our MoE, which routes by softmax: a config with any is refused."""
+    n_layers = cfg.num_hidden_layers
+    first_dense = cfg.first_k_dense_replace if cfg.first_k_dense_replace is not None else n_layers
+    if first_dense < n_layers and cfg.n_routed_experts:
+        raise ValueError(
+            f"first_k_dense_replace={first_dense} < num_hidden_layers={n_layers}: DeepSeek-V3's MoE layers "
+            "(sigmoid routing, group-limited top-k, routed_scaling_factor) have no counterpart (our moe routes "
+            "by softmax); only all-dense DeepSeek-V3 models convert"
+        )
+    if cfg.num_key_value_heads != cfg.num_attention_heads:
+        raise ValueError(
+            f"num_key_value_heads={cfg.num_key_value_heads} differs from num_attention_heads="
+            f"{cfg.num_attention_heads}: MLA expands keys and values per head"
+        )
+    params = _rope_parameters(cfg)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    mscale_all_dim = float(params.get("mscale_all_dim") or 0.0)
+    if mscale_all_dim and rope_type != "yarn":
+        raise ValueError(
+            f"rope_parameters.mscale_all_dim={mscale_all_dim} with rope_type={rope_type!r}: our MLA applies "
+            "DeepSeek's softmax mscale with yarn only"
+        )
+    mixer = MLAConfig(
+        n_heads=cfg.num_attention_heads,
+        q_lora_rank=cfg.q_lora_rank,
+        kv_lora_rank=cfg.kv_lora_rank,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        bias=bool(cfg.attention_bias),
+        latent_norm_eps=1e-6,  # DeepseekV3RMSNorm's default: q_a_layernorm / kv_a_layernorm get no eps
+        mscale_all_dim=mscale_all_dim,
+    )
+    return ModelConfig(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.hidden_size,
+        n_layers=n_layers,
+        max_seq_len=int(cfg.max_position_embeddings),
+        mixer=mixer,
+        ffn=_glu(cfg.intermediate_size, _activation(cfg, "hidden_act"), bias=False),
+        norm=RMSNormConfig(eps=float(cfg.rms_norm_eps)),
+        residual="pre",
+        position=_rope_from_hf(cfg),
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        init=InitConfig(std=float(getattr(cfg, "initializer_range", 0.02))),
+    )
+
+
+def _bamba_config(cfg: Any) -> ModelConfig:
+    """Bamba (IBM 2024): pre-norm layers of Mamba-2 (or, at ``attn_layer_indices``, attention with RoPE on
+    half of each head) followed by a SwiGLU MLP; our ``mamba2`` mixer in a block with an FFN. Its Mamba
+    layers use ``hidden_act`` in the convolution where ours use SiLU, so other activations are refused."""
+    if cfg.hidden_act not in ("silu", "swish"):
+        raise ValueError(f"hidden_act={cfg.hidden_act!r}: Bamba's Mamba layers use it too, ours use silu")
+    limit = tuple(cfg.time_step_limit) if cfg.time_step_limit is not None else (0.0, float("inf"))
+    if limit != (0.0, float("inf")):
+        raise ValueError(f"time_step_limit={limit}: our Mamba-2 does not clamp its time steps")
+    d, n_layers = cfg.hidden_size, cfg.num_hidden_layers
+    mamba = Mamba2Config(
+        expand=cfg.mamba_expand, head_dim=cfg.mamba_d_head, d_state=cfg.mamba_d_state, n_groups=cfg.mamba_n_groups,
+        d_conv=cfg.mamba_d_conv, conv_bias=bool(cfg.mamba_conv_bias), proj_bias=bool(cfg.mamba_proj_bias),
+        chunk_size=cfg.mamba_chunk_size,
+    )
+    n_heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or d // n_heads
+    attention = AttentionConfig(
+        n_heads=n_heads, n_kv_heads=cfg.num_key_value_heads, head_dim=head_dim if head_dim * n_heads != d else None,
+        qkv_bias=bool(cfg.attention_bias), out_bias=bool(cfg.attention_bias),
+    )
+    attention_layers = set(cfg.attn_layer_indices or [])
+    mixers = [attention if i in attention_layers else mamba for i in range(n_layers)]
+    ffn = _glu(cfg.intermediate_size, "silu", bias=bool(cfg.mlp_bias))
+    mixer, ffn, overrides = _layer_plan(mixers, [ffn] * n_layers)
+    return ModelConfig(
+        vocab_size=cfg.vocab_size,
+        d_model=d,
+        n_layers=n_layers,
+        max_seq_len=int(cfg.max_position_embeddings),
+        mixer=mixer,
+        ffn=ffn,
+        layer_overrides=overrides,
+        norm=RMSNormConfig(eps=float(cfg.rms_norm_eps)),
+        residual="pre",
+        position=_rope_from_hf(cfg, partial_ok=True),
+        tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        init=InitConfig(std=float(getattr(cfg, "initializer_range", 0.02))),
+    )
+
+
 def _rope_parameters(cfg: Any) -> dict[str, Any]:
     """The flat RoPE dict of a transformers 5 (``rope_parameters``) or 4.x (``rope_theta`` +
     ``rope_scaling``) config."""
@@ -265,15 +375,18 @@ def _rope_parameters(cfg: Any) -> dict[str, Any]:
     return params
 
 
-def _rope_from_hf(cfg: Any) -> RoPEConfig:
+def _rope_from_hf(cfg: Any, partial_ok: bool = False) -> RoPEConfig:
     params = _rope_parameters(cfg)
     rope_type = params.get("rope_type", params.get("type", "default"))
     theta = float(params.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
     partial = params.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None))
-    if partial is not None and float(partial) != 1.0:
+    fraction = 1.0 if partial is None else float(partial)
+    if fraction != 1.0 and not partial_ok:
         raise ValueError(f"partial_rotary_factor={partial}: these HF models rotate whole heads; not supported")
+    if rope_type != "default" and fraction != 1.0:
+        raise ValueError(f"rope_type={rope_type!r} with partial_rotary_factor={partial}: not supported")
     if rope_type == "default":
-        return RoPEConfig(theta=theta)
+        return RoPEConfig(theta=theta, fraction=fraction)
     if rope_type == "linear":
         return RoPEConfig(theta=theta, scaling=RopeScaling(type="linear", factor=float(params["factor"])))
     if rope_type == "yarn":
@@ -394,10 +507,7 @@ def from_hf(hf_model: "PreTrainedModel") -> CausalLM:
 
     # named_parameters() lists a tied head once, under the embedding.
     weights = _Weights({name: p.detach() for name, p in hf_model.named_parameters()})
-    if config.position.kind == "learned":
-        state = _gpt2_state(model, weights, prefix=_prefix(hf_model))
-    else:
-        state = _rope_family_state(model, weights, prefix=_prefix(hf_model))
+    state = _import_state(model, weights, _prefix(hf_model), hf_model.config)
     left = weights.unused()
     if left:
         raise ValueError(f"HF parameters with no counterpart in the converted model: {left}")
@@ -466,6 +576,63 @@ def _rope_family_state(model: CausalLM, weights: _Weights, prefix: str) -> dict[
             w_gate, w_up, w_down = _expert_weights(weights, layer + _moe_prefix(weights, layer), block.ffn)
             for name, value in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
                 state[f"blocks.{i}.ffn.{name}"] = value
+    return state
+
+
+# Our MLA names -> DeepSeek-V3's (the rest of the layer is Llama's layout).
+_MLA_NAMES = {"q_a_norm": "q_a_layernorm", "kv_a_proj": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm"}
+
+
+def _deepseek_state(model: CausalLM, weights: _Weights, prefix: str, interleaved: bool) -> dict[str, torch.Tensor]:
+    """Our state from DeepSeek-V3's parameters. With ``rope_interleave`` DeepSeek rotates channel pairs
+    (0, 1), (2, 3), ...; our rotary pairs channel i with i + rope/2. Feeding ours the de-interleaved channels
+    (evens, then odds) is the same rotation, and q.k is unchanged when q's and k's rotary channels are
+    permuted alike: so the rows producing them are permuted."""
+    state: dict[str, torch.Tensor] = {}
+    for key in model.state_dict():
+        if key == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.mixer\.([^.]+)\.(weight|bias)", key)
+        if m is None:
+            state[key] = weights.take(_llama_name(key, prefix, "pre"))
+            continue
+        i, part, kind = m.groups()
+        mla = model.blocks[int(i)].mixer
+        value = weights.take(f"{prefix}layers.{i}.self_attn.{_MLA_NAMES.get(part, part)}.{kind}")
+        if interleaved:
+            rope, nope = mla.rope_dim, mla.nope_dim
+            perm = torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)])
+            if part in ("q_proj", "q_b_proj"):  # rows: per head, nope then rope channels
+                heads = value.view(mla.n_heads, nope + rope, *value.shape[1:])
+                value = torch.cat([heads[:, :nope], heads[:, nope:][:, perm]], dim=1).reshape(value.shape)
+            elif part == "kv_a_proj":  # rows: the latent, then the shared rotary key
+                value = torch.cat([value[: mla.kv_rank], value[mla.kv_rank :][perm]])
+        state[key] = value
+    return state
+
+
+def _bamba_state(model: CausalLM, weights: _Weights, prefix: str) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    parts = {"mixer_norm": "input_layernorm", "ffn_norm": "pre_ff_layernorm", "ffn": "feed_forward"}
+    for key in model.state_dict():
+        if key == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.([^.]+)\.(.+)", key)
+        if key.startswith("final_norm."):
+            name = f"{prefix}final_layernorm.{key.split('.', 1)[1]}"
+        elif m is None:
+            name = _llama_name(key, prefix, "pre")
+        else:
+            i, part, rest = m.groups()
+            if part == "mixer":
+                mamba = rest.startswith("heads.") or rest.startswith("out_proj.")
+                rest = rest.removeprefix("heads.")
+                name = f"{prefix}layers.{i}.{'mamba' if mamba else 'self_attn'}.{rest}"
+            elif part in parts:
+                name = f"{prefix}layers.{i}.{parts[part]}.{rest}"
+            else:
+                raise ValueError(f"no HF counterpart for parameter {key!r}")
+        state[key] = weights.take(name)
     return state
 
 
@@ -557,8 +724,8 @@ def _check_rope(hf_model: Any, model: CausalLM) -> None:
 # written exactly once), so a mapping that drops, duplicates or mis-shapes a weight fails loudly.
 
 # Tried in this order; the first class whose round trip reproduces the model is written.
-EXPORT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gpt2")
-_EXPORTABLE_MIXERS = ("attention",)
+EXPORT_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe", "gemma2", "gpt2", "deepseek_v3", "bamba")
+_EXPORTABLE_MIXERS = ("attention", "mla", "mamba2")
 _EXPORTABLE_FFNS = ("swiglu", "geglu", "glu", "mlp", "moe")
 
 # Fields that change how a model is trained or initialised, not the function it computes.
@@ -586,6 +753,10 @@ def _architecture(config: ModelConfig) -> dict[str, Any]:
     top["embedding_scale"] = config.resolved_embedding_scale()
     put("", top)
     position = config.position.model_dump()
+    if config.position.kind in ("rope", "alibi", "none") and not any(
+        layer.mixer.uses_positions for layer in config.layer_configs()
+    ):
+        position = {}  # a relative encoding no layer applies changes nothing
     scaling = position.get("scaling")
     for i, layer in enumerate(config.layer_configs()):
         mixer, ffn = layer.mixer.model_dump(), layer.ffn.model_dump()
@@ -596,6 +767,9 @@ def _architecture(config: ModelConfig) -> dict[str, Any]:
                 # a static NTK base change is plain RoPE with a larger base (rope_inv_freq computes the same)
                 rot = config.position.rot_dim(head_dim)
                 position = {**position, "scaling": None, "theta": position["theta"] * scaling["factor"] ** (rot / (rot - 2))}
+        if layer.mixer.kind == "mla":
+            nope, rope, v, kv_rank = layer.mixer.sizes(d)
+            mixer.update(qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v, kv_lora_rank=kv_rank)
         if "hidden" in ffn:
             ffn["hidden"] = ffn["hidden"] or (4 * d if layer.ffn.kind == "mlp" else layer.ffn.resolved_hidden(d))
         if layer.ffn.kind == "moe":
@@ -618,10 +792,14 @@ def _differences(ours: dict[str, Any], theirs: dict[str, Any]) -> list[str]:
         field = re.sub(r"\[\d+\]", "", key)
         return (not field.endswith("kind"), field, key)
 
-    found, seen = [], set()
+    found, seen, other_kind = [], set(), []
     for key in sorted(set(ours) | set(theirs), key=order):
         a, b = ours.get(key, "<absent>"), theirs.get(key, "<absent>")
         field = re.sub(r"\[\d+\]", "[*]", key)
+        if any(key.startswith(prefix) for prefix in other_kind):
+            continue  # the fields of a component of another kind say nothing more
+        if key.endswith("kind") and not same(a, b):
+            other_kind.append(key[: -len("kind")])
         if not same(a, b) and field not in seen:
             seen.add(field)
             found.append(f"{key}={a!r} (the HF config gives {b!r})")
@@ -682,7 +860,11 @@ def _hf_config_kwargs(config: ModelConfig, model_type: str) -> dict[str, Any]:
             layer_norm_epsilon=config.norm.eps, scale_attn_by_inverse_layer_idx=by_layer,
             tie_word_embeddings=config.tie_embeddings, initializer_range=config.init.std, **ids,
         )
-    head_dim = mixer.resolved_head_dim(d)
+    if model_type == "deepseek_v3":
+        return _deepseek_kwargs(config, mixer, ffns[0], ids)
+    if model_type == "bamba":
+        return _bamba_kwargs(config, mixers, ffns[0], ids)
+    head_dim = mixer.resolved_head_dim(d)  # AttributeError for another mixer: the class is not a candidate
     dense = next((f for f in ffns if f.kind != "moe"), ffns[0])
     moe = next((f for f in ffns if f.kind == "moe"), None)
     gemma = model_type == "gemma2"
@@ -733,6 +915,58 @@ def _hf_config_kwargs(config: ModelConfig, model_type: str) -> dict[str, Any]:
     return kwargs
 
 
+def _deepseek_kwargs(config: ModelConfig, mla: Any, ffn: Any, ids: dict[str, Any]) -> dict[str, Any]:
+    if mla.kind != "mla":
+        raise ValueError(f"mixer.kind={mla.kind!r}: DeepSeek-V3 attends with MLA")
+    d = config.d_model
+    nope, rope_dim, v, kv_rank = mla.sizes(d)
+    rope = _rope_kwargs(config.position, rope_dim, config.max_seq_len)
+    if mla.mscale_all_dim and rope:
+        rope["rope_parameters"] = {**rope["rope_parameters"], "mscale_all_dim": mla.mscale_all_dim}
+    return dict(
+        vocab_size=config.vocab_size, hidden_size=d, num_hidden_layers=config.n_layers,
+        num_attention_heads=mla.n_heads, num_key_value_heads=mla.n_heads, q_lora_rank=mla.q_lora_rank,
+        kv_lora_rank=kv_rank, qk_nope_head_dim=nope, qk_rope_head_dim=rope_dim, v_head_dim=v,
+        intermediate_size=ffn.resolved_hidden(d) if hasattr(ffn, "resolved_hidden") else 4 * d,
+        hidden_act=_ACT_TO_HF.get(getattr(ffn, "activation", "silu"), "silu"),
+        first_k_dense_replace=config.n_layers, n_routed_experts=0, attention_bias=mla.bias,
+        rope_interleave=False, max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm.eps,
+        tie_word_embeddings=config.tie_embeddings, initializer_range=config.init.std, **ids, **rope,
+    )
+
+
+def _bamba_kwargs(config: ModelConfig, mixers: list, ffn: Any, ids: dict[str, Any]) -> dict[str, Any]:
+    mamba = next((m for m in mixers if m.kind == "mamba2"), None)
+    if mamba is None:
+        raise ValueError("Bamba is a Mamba-2 model: no layer has mixer.kind='mamba2'")
+    attention = next((m for m in mixers if m.kind == "attention"), None)
+    d = config.d_model
+    d_inner = mamba.expand * d
+    kwargs = dict(
+        vocab_size=config.vocab_size, hidden_size=d, num_hidden_layers=config.n_layers,
+        intermediate_size=ffn.resolved_hidden(d) if hasattr(ffn, "resolved_hidden") else 4 * d,
+        hidden_act="silu", mlp_bias=bool(getattr(ffn, "bias", False)),
+        attn_layer_indices=[i for i, m in enumerate(mixers) if m.kind == "attention"],
+        mamba_n_heads=d_inner // mamba.head_dim, mamba_d_head=mamba.head_dim, mamba_n_groups=mamba.n_groups,
+        mamba_d_state=mamba.d_state, mamba_d_conv=mamba.d_conv, mamba_expand=mamba.expand,
+        mamba_chunk_size=mamba.chunk_size, mamba_conv_bias=mamba.conv_bias, mamba_proj_bias=mamba.proj_bias,
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm.eps,
+        tie_word_embeddings=config.tie_embeddings, initializer_range=config.init.std, **ids,
+    )
+    if attention is None:
+        # transformers 5's hybrid cache asks an attention layer for the sequence length, so a Bamba without
+        # one fails any forward with use_cache=True (their limitation): write it with caching off
+        kwargs["use_cache"] = False
+    else:
+        kwargs.update(
+            num_attention_heads=attention.n_heads, num_key_value_heads=attention.kv_heads,
+            attention_bias=attention.qkv_bias,
+            **_rope_kwargs(config.position, attention.resolved_head_dim(d), config.max_seq_len),
+        )
+        kwargs.get("rope_parameters", {}).pop("partial_rotary_factor", None)  # Bamba fixes it at 0.5
+    return kwargs
+
+
 def _candidate(config: ModelConfig, model_type: str) -> tuple[Any, list[str]]:
     """``model_type``'s HF config for ``config`` and the differences of its round trip (empty: exact)."""
     transformers = _transformers()
@@ -774,24 +1008,28 @@ def to_hf_config(config: ModelConfig) -> "PretrainedConfig":
     problem = _unexportable_component(config)
     if problem is not None:
         raise ValueError(f"no transformers class represents this model: {problem}")
-    best: tuple[str, list[str]] | None = None
+    ranked = []
     for model_type in EXPORT_MODEL_TYPES:
         hf_config, differences = _candidate(config, model_type)
-        if not differences:
+        if hf_config is not None and not differences:
             return hf_config
-        if best is None or len(differences) < len(best[1]):
-            best = (model_type, differences)
-    model_type, differences = best
+        # closest: a class whose config could be written, with the fewest fields differing
+        ranked.append((hf_config is None, len(differences), model_type, differences))
+    _, _, model_type, differences = min(ranked, key=lambda r: r[:2])
     raise ValueError(
         f"no transformers class represents this model; the closest, model_type={model_type!r}, "
         f"cannot express: {'; '.join(differences)}"
     )
 
 
-def _import_state(model: CausalLM, weights: _Weights, prefix: str) -> dict[str, torch.Tensor]:
+def _import_state(model: CausalLM, weights: _Weights, prefix: str, hf_config: Any) -> dict[str, torch.Tensor]:
     """Our state dict from an HF model's parameters (the import mapping, used both ways)."""
-    if model.config.position.kind == "learned":
+    if hf_config.model_type == "deepseek_v3":
+        return _deepseek_state(model, weights, prefix, bool(getattr(hf_config, "rope_interleave", False)))
+    if hf_config.model_type == "gpt2":
         return _gpt2_state(model, weights, prefix)
+    if hf_config.model_type == "bamba":
+        return _bamba_state(model, weights, prefix)
     return _rope_family_state(model, weights, prefix)
 
 
@@ -810,7 +1048,7 @@ def to_hf(model: CausalLM) -> "PreTrainedModel":
         total += p.numel()
     assert total < 2**53, "element indices must be exact in float64"
     weights = _Weights(indices)
-    index_state = _import_state(model, weights, _prefix(hf_model))
+    index_state = _import_state(model, weights, _prefix(hf_model), hf_config)
     ours = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     flat = torch.zeros(total, dtype=torch.float64)
     writes = torch.zeros(total, dtype=torch.int64)
