@@ -131,3 +131,14 @@ def test_pretrained_modules_errors_name_the_field(tmp_path, hf_dir):
     ln["model"]["norm"] = {"kind": "layernorm"}
     with pytest.raises(ValueError, match="model.norm=.*differs from the final norm"):
         Trainer(load_run_config(ln), resume=False).setup()
+
+
+def test_the_report_config_diff_shows_what_was_loaded(tmp_path, hf_dir):
+    from archifactory.sweep.stats import config_diff
+
+    spec = {"path": str(hf_dir), "modules": ["embedding", "final_norm"], "freeze": True}
+    variant = load_run_config(run_config(tmp_path, hf_dir, spec)).model_dump(mode="json")
+    base = load_run_config(run_config(tmp_path, hf_dir, None)).model_dump(mode="json")
+    rows = {key: (old, new) for key, old, new in config_diff(variant, base)}
+    loaded = {key: new for key, (old, new) in rows.items() if key.startswith("model.pretrained")}
+    assert str(hf_dir) in repr(loaded) and "final_norm" in repr(loaded) and True in loaded.values(), rows
