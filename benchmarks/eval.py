@@ -98,7 +98,8 @@ def main() -> None:
         return wall
 
     print(f"small preset ({model.num_params():,} parameters), {args.threads} threads, {cpu_name()}", flush=True)
-    suite_wall = run(suite, args.limit) if suite else None
+    # one task at a time, so each is printed when it finishes; the suite's wall time is their sum
+    suite_wall = sum(run([name], args.limit) for name in suite) if suite else None
     projected = {}
     for name, limit in extra:
         run([name], limit)
