@@ -5,17 +5,47 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-from archifactory.config import ConfigError, to_yaml
+from archifactory.config import MAX_SEQ_LEN, ConfigError, to_yaml
 from archifactory.errors import UserError
 
+
+class OneLineUsageErrors(TyperGroup):
+    """The command group, with command-line mistakes (an option out of its range, a missing argument,
+    an unknown option) printed as one ``error:`` line like every other user error, not typer's box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except Exception as err:
+            # click's exception types (typer vendors its own copy in newer releases): matched by shape
+            name = type(err).__name__
+            if name == "NoArgsIsHelpError":  # the help was printed already
+                sys.exit(err.exit_code)
+            if name == "Abort":
+                _print_error("aborted")
+                sys.exit(1)
+            if not (callable(getattr(err, "format_message", None)) and isinstance(getattr(err, "exit_code", None), int)):
+                raise  # a bug: keep the traceback
+            ctx = getattr(err, "ctx", None)
+            hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+            _print_error(f"{err.format_message()}{hint}")
+            sys.exit(err.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
+    cls=OneLineUsageErrors,
     add_completion=False,
     no_args_is_help=True,
     help="Fair, controlled ablations of small decoder language models.",
@@ -26,6 +56,8 @@ console = Console()
 err_console = Console(stderr=True)
 
 SetOption = typer.Option(None, "--set", "-s", help="Override a config field: key.path=value (repeatable).")
+MAX_TEMPERATURE = 1e6
+"""Highest sampling temperature an option takes (already uniform sampling for any model; NaN is refused)."""
 DEBUG_ENV = "ARCHIFACTORY_DEBUG"
 """Set to 1 (or pass ``--debug``) to see the traceback of user errors too."""
 
@@ -37,10 +69,16 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show the full traceb
         os.environ[DEBUG_ENV] = "1"  # also reaches the training subprocesses of a sweep
 
 
-def _fail(message: str) -> None:
+def _print_error(message: str) -> None:
+    """``error: message`` on stderr as one physical line (never wrapped at the terminal's width)."""
     from rich.markup import escape
 
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False,
+                      soft_wrap=True)
+
+
+def _fail(message: str) -> None:
+    _print_error(message)
     raise typer.Exit(code=2)
 
 
@@ -89,6 +127,22 @@ def guarded(command: Callable) -> Callable:
     return run
 
 
+def _locate(path: Path):
+    """The shared resolver of a trained model given as a run directory, its model/ folder, a checkpoint
+    or a saved model directory (:func:`archifactory.train.locate.locate_model`)."""
+    from archifactory.train.locate import locate_model
+
+    return locate_model(path)
+
+
+def _run_dir_of(path: Path) -> Path:
+    """The run directory for a command that continues a run (sft, grpo): RUN or RUN/model."""
+    located = _locate(path)
+    if located.run_dir is None or located.checkpoint is not None:
+        _fail(f"{path}: give the finished run's directory (runs/NAME), which holds model/ and tokenizer.json")
+    return located.run_dir
+
+
 def _load(model: str, overrides: Optional[List[str]]):
     from archifactory.model.config import load_model_config
 
@@ -121,7 +175,7 @@ def info(
     model: str = typer.Argument(..., help="Preset name or model YAML file."),
     set_: Optional[List[str]] = SetOption,
     seq_len: Optional[int] = typer.Option(
-        None, min=1, help="Sequence length for FLOPs and cache size (default max_seq_len)."
+        None, min=1, max=MAX_SEQ_LEN, help="Sequence length for FLOPs and cache size (default max_seq_len)."
     ),
 ) -> None:
     """Parameters by component, FLOPs per token and cache bytes of a model config."""
@@ -154,10 +208,13 @@ def train(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="Run config YAML (see configs/runs/)."),
     set_: Optional[List[str]] = SetOption,
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the run directory and start over."),
+    allow_config_change: bool = typer.Option(
+        False, "--allow-config-change", help="Resume even though the config changes the token stream, the "
+        "batch or the model (seq_len, batch_size, data, model): the run then mixes two setups."),
 ) -> None:
     """Train one run to its budget, resuming from the run directory's latest checkpoint."""
     from archifactory.config import load_yaml
-    from archifactory.train import NonFiniteLossError, load_run_config
+    from archifactory.train import load_run_config
     from archifactory.train import train as run_training
 
     stage = load_yaml(config_path).get("stage")
@@ -166,10 +223,7 @@ def train(
     if stage == "grpo":
         return grpo(config_path, "addition", None, set_ or [], fresh)
     cfg = load_run_config(config_path, set_ or [])
-    try:
-        run_training(cfg, resume=not fresh, console=console)
-    except NonFiniteLossError as err:
-        _fail(str(err))
+    run_training(cfg, resume=not fresh, console=console, allow_config_change=allow_config_change)
 
 
 @app.command()
@@ -217,19 +271,22 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with r
 
 
 @app.command("eval")
+@guarded
 def eval_(
-    target: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, or a saved model directory."),
+    target: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, its model/ folder, or a saved "
+                                  "model directory."),
     tasks: str = typer.Option(..., "--tasks", "-t", help="Comma-separated tasks: "
                               "lambada, piqa, arc_easy, arc_challenge, sciq, hellaswag, winogrande, mmlu, mmlu_5shot, "
                               "humaneval_bpb, humaneval (pass@k); lm_eval:NAME runs an lm-evaluation-harness task."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score only the first N items of each task."),
     tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (default: the run's)."),
     device: str = typer.Option("cpu", help="cpu | cuda | auto"),
-    batch_size: int = typer.Option(16, min=1, help="Sequences per forward pass."),
+    batch_size: int = typer.Option(16, min=1, max=2**20, help="Sequences per forward pass."),
     force: bool = typer.Option(False, "--force", help="Evaluate again even if the store has the result."),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="Folder of lm-eval task YAMLs."),
-    samples: int = typer.Option(1, min=1, help="humaneval: completions per problem (greedy when 1)."),
-    temperature: float = typer.Option(0.8, min=0.0, help="humaneval: sampling temperature when samples > 1."),
+    samples: int = typer.Option(1, min=1, max=2**20, help="humaneval: completions per problem (greedy when 1)."),
+    temperature: float = typer.Option(0.8, min=0.0, max=MAX_TEMPERATURE,
+                                      help="humaneval: sampling temperature when samples > 1."),
     share_prefix: bool = typer.Option(False, "--share-prefix", help="Score each item's choices from one cached "
                                       "pass over their shared context (same scores; faster for long contexts)."),
 ) -> None:
@@ -237,6 +294,16 @@ def eval_(
     evaluations already stored are skipped."""
     from archifactory.eval import evaluate
 
+    if include_path is not None and not include_path.is_dir():
+        _fail(f"--include-path {include_path}: no such folder; give the folder that holds the lm-eval task YAMLs")
+    if tokenizer is not None and not tokenizer.is_file():
+        _fail(f"--tokenizer {tokenizer}: no such file; give a tokenizer.json (or leave it out to use the run's)")
+    located = _locate(target)
+    if located.checkpoint is not None:
+        _fail(f"{target} is a checkpoint; eval scores a finished run or a saved model (give {located.run_dir} once "
+              "it has finished)")
+    target = located.run_dir if located.run_dir is not None and located.model_dir == located.run_dir / "model" \
+        else located.model_dir
     try:
         evaluate(target, tasks, limit, tokenizer=tokenizer, device=device, batch_size=batch_size, force=force,
                  include_path=include_path, samples=samples, temperature=temperature, share_prefix=share_prefix,
@@ -262,6 +329,7 @@ def sft(
         if data is not None:
             _fail("--data is for a run directory; an SFT config names its data in data.source")
         return _run_sft(source, set_ or [], fresh)
+    source = _run_dir_of(source)
     if data is None:
         _fail("give the chat data: archifactory sft RUN_DIR --data FILE")
     config = {"name": f"{source.name}-sft", "base": str(source), "data": {"source": data, "format": data_format},
@@ -299,6 +367,7 @@ def grpo(
     if source.is_file():
         config = source
     else:
+        source = _run_dir_of(source)
         config = {"name": f"{source.name}-grpo", "base": str(source), "task": {"name": task},
                   "out_dir": str(out or source / "grpo")}
     try:
@@ -310,10 +379,11 @@ def grpo(
 @app.command()
 @guarded
 def generate(
-    run_dir: Path = typer.Argument(..., help="A run directory (with model/ and tokenizer.json)."),
+    run_dir: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, its model/ folder, one of its "
+                                   "checkpoints/step_N folders, or a saved model directory with tokenizer.json."),
     prompt: str = typer.Option("", help="Text to continue; empty starts from the end-of-document token."),
-    max_new_tokens: int = typer.Option(200, min=1),
-    temperature: float = typer.Option(0.8, min=0.0),
+    max_new_tokens: int = typer.Option(200, min=1, max=MAX_SEQ_LEN),
+    temperature: float = typer.Option(0.8, min=0.0, max=MAX_TEMPERATURE, help="0: greedy."),
     top_k: Optional[int] = typer.Option(None, min=1),
     top_p: Optional[float] = typer.Option(None, max=1.0, help="Nucleus sampling mass, in (0, 1]."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1 - 2**20),
@@ -326,22 +396,20 @@ def generate(
     from archifactory.data.tokenizer import Tokenizer
     from archifactory.errors import InputError
     from archifactory.integrity import CorruptFileError
-    from archifactory.model.lm import CausalLM
 
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise InputError(f"--top-p {top_p} must be in (0, 1] (1 keeps every token; leave it out to not truncate)")
+    located = _locate(run_dir)
     try:
-        model = CausalLM.from_pretrained(run_dir / "model")
-        tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
-    except (FileNotFoundError, ConfigError) as err:
-        _fail(f"{err} (train the run first: archifactory train CONFIG)")
+        model = located.load()
+        tokenizer = Tokenizer.load(located.require_tokenizer())
     except CorruptFileError as err:
         _fail(f"{err}; re-running `archifactory train` on the run's config.yaml writes it again")
     if chat:
         from archifactory.posttrain.chat import ChatTemplate, chat_reply
 
         try:
-            template = ChatTemplate.load(run_dir)
+            template = ChatTemplate.load(located.tokenizer_path.parent)
         except FileNotFoundError as err:
             _fail(str(err))
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -381,16 +449,17 @@ def hf_import(
 @hf_app.command("export")
 @guarded
 def hf_export(
-    source: Path = typer.Argument(..., help="A saved archifactory model directory (config.yaml + model.safetensors)."),
+    source: Path = typer.Argument(..., metavar="RUN_DIR", help="A run directory, its model/ folder, one of its "
+                                  "checkpoints/step_N folders, or a saved model directory."),
     out: Path = typer.Argument(..., help="Directory to write the Hugging Face model to."),
 ) -> None:
     """Export an archifactory model as a transformers directory; the class (Llama, Mistral, Qwen2, Qwen3,
     Mixtral, Qwen3-MoE, Gemma 2, GPT-2, DeepSeek-V3, Bamba) is the first that represents the model exactly."""
     from archifactory.model.hf import save_hf
-    from archifactory.model.lm import CausalLM
 
+    located = _locate(source)
     try:
-        model = CausalLM.from_pretrained(source)
+        model = located.load()
         save_hf(model, out)
     except (ValueError, OSError, ConfigError) as err:
         _fail(str(err))

@@ -30,7 +30,26 @@ C = TypeVar("C", bound=BaseModel)
 
 
 class ConfigError(UserError, ValueError):
-    """A config that cannot be used; the message lists every problem with its dotted field path."""
+    """A config that cannot be used. The message is one line: the first problems with their dotted field
+    paths (and how many more); ``problems`` holds every one of them."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems if problems is not None else [message]
+
+
+MAX_PROBLEMS_SHOWN = 3
+"""Problems a validation error spells out on its one line; the rest are counted and their fields named."""
+
+
+def summarize_problems(problems: list[str], shown: int = MAX_PROBLEMS_SHOWN) -> str:
+    """``problems`` (each ``path: message``) as one line: the first ``shown`` joined by ``; ``, then
+    ``(and N more: path, path)``."""
+    head = "; ".join(problems[:shown])
+    rest = problems[shown:]
+    if rest:
+        head += f" (and {len(rest)} more: {', '.join(p.split(': ', 1)[0] for p in rest)})"
+    return head
 
 
 class FieldError(ValueError):
@@ -81,6 +100,19 @@ FolderName = Annotated[str, AfterValidator(check_folder_name)]
 MAX_COUNT = 4096
 """Most layers, heads or experts a config may ask for: each becomes a Python object or list entry, so the
 bound keeps validation and building from looping for hours on a typo like ``n_heads=1000000000001``."""
+
+MAX_STEPS = 10**9
+"""Most optimizer steps a run may ask for (and the bound of every step count or interval): far beyond any
+run this workbench is for, and well inside what metrics and results stores hold as integers."""
+MAX_TOKENS = 10**15
+"""Most tokens a run, a sweep budget or an evaluation may ask for (today's largest pretraining runs use a
+few times 10**13)."""
+MAX_FLOPS = 1e30
+"""Largest training-FLOPs budget of a sweep run."""
+MAX_SECONDS = 366 * 24 * 3600.0
+"""Longest wall-time budget (one year)."""
+MAX_SEQ_LEN = 2**24
+"""Longest sequence (and most sequences per batch) a config may ask for."""
 
 MAX_SEED = 2**63 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
@@ -171,7 +203,8 @@ _UNION_MEMBER = re.compile(r"(constrained-)?(float|int|str|bool|bytes)|[a-z][a-z
 ``literal['sqrt_d_model']``, ``function-wrap[dispatch()]``): not fields, so left out of the path."""
 
 
-def format_validation_error(err: ValidationError, root: str = "") -> str:
+def format_validation_error(err: ValidationError, root: str = "") -> list[str]:
+    """One ``path: message`` per field that failed (a model-level check's message as it is)."""
     lines: list[str] = []
     by_path: dict[str, int] = {}
     for e in err.errors():
@@ -196,7 +229,7 @@ def format_validation_error(err: ValidationError, root: str = "") -> str:
             continue
         by_path[path] = len(lines)
         lines.append(f"{path or '<root>'}: {msg}")
-    return "\n".join(lines)
+    return [" ".join(line.split()) for line in lines]  # one physical line each
 
 
 def _parent_fields(err: ValidationError, loc: tuple) -> list[str]:
@@ -204,16 +237,17 @@ def _parent_fields(err: ValidationError, loc: tuple) -> list[str]:
     return getattr(err, "_archifactory_valid_keys", {}).get(tuple(loc[:-1]), [])
 
 
-def validate(cls: type[C], data: Any, root: str = "") -> C:
-    """``cls.model_validate(data)`` with a :class:`ConfigError` that names every bad field path."""
+def validate(cls: type[C], data: Any, root: str = "", source: str | Path | None = None) -> C:
+    """``cls.model_validate(data)`` with a one-line :class:`ConfigError` naming the bad field paths (and
+    the file ``source`` the data came from, when given)."""
     try:
         return cls.model_validate(data)
     except ValidationError as err:
         keys = _valid_keys_by_path(cls, data)
         err._archifactory_valid_keys = keys  # type: ignore[attr-defined]
         problems = format_validation_error(err, root)
-        sep = "\n" if "\n" in problems else " "  # one problem: one line
-        raise ConfigError(f"invalid {cls.__name__}:{sep}{problems}") from None
+        where = f" in {source}" if source is not None else ""
+        raise ConfigError(f"invalid {cls.__name__}{where}: {summarize_problems(problems)}", problems) from None
 
 
 def _valid_keys_by_path(cls: type[BaseModel], data: Any, path: tuple = ()) -> dict[tuple, list[str]]:
@@ -271,12 +305,24 @@ def load_yaml(path: str | Path) -> dict:
             f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save the config file as UTF-8"
         ) from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{_yaml_where(path, err)} is not valid YAML: {_yaml_problem(err)}; fix the syntax there") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level, got {type(data).__name__}")
     return data
+
+
+def _yaml_where(path: Path | str, err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's message without its multi-line excerpt of the file."""
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    text = ", ".join(p for p in parts if p) or str(err)
+    return " ".join(text.split())
 
 
 def to_yaml(config: BaseModel) -> str:
@@ -304,7 +350,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(err)}); quote it or fix "
+                          "the syntax") from None
     if isinstance(value, str) and _FLOAT.fullmatch(value):
         value = float(value)  # YAML 1.1 reads `1e-5` (no dot) as a string
     return key.split("."), value

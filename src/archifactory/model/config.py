@@ -193,10 +193,12 @@ class ModelConfig(Strict):
 def load_model_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> ModelConfig:
     """A :class:`ModelConfig` from a preset name (``tiny``), a YAML path, or a mapping, with dotted
     overrides such as ``mixer.n_kv_heads=2`` applied before validation."""
+    path = None
     if isinstance(source, dict):
         data = source
     else:
         from archifactory.model.presets import resolve_model_source
 
-        data = load_yaml(resolve_model_source(source))
-    return validate(ModelConfig, apply_overrides(with_default_kinds(ModelConfig, data), overrides))
+        path = resolve_model_source(source)
+        data = load_yaml(path)
+    return validate(ModelConfig, apply_overrides(with_default_kinds(ModelConfig, data), overrides), source=path)

@@ -262,9 +262,11 @@ class CausalLM(nn.Module):
         if ids.shape[1] == 0:
             raise InputError("prompt_ids is empty: give at least one token (e.g. a BOS/EOS id)")
         if self.pos_embed is not None and ids.shape[1] + max_new_tokens > self.config.max_seq_len:
+            room = self.config.max_seq_len - ids.shape[1]
             raise InputError(
-                f"prompt ({ids.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
-                f"{self.config.max_seq_len} of the absolute position table"
+                f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
+                f"{self.config.max_seq_len}, the length of the model's {self.config.position.kind} position table; "
+                + (f"give max_new_tokens <= {room}" if room > 0 else "shorten the prompt")
             )
         generator = None
         if seed is not None:

@@ -48,8 +48,8 @@ def sample_next(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy."""
-    if temperature < 0:
-        raise InputError(f"temperature={temperature} must be >= 0")
+    if not 0 <= temperature < float("inf"):  # NaN fails too
+        raise InputError(f"temperature={temperature} must be finite and >= 0 (0: greedy)")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)

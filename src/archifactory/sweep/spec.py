@@ -35,7 +35,11 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from archifactory.config import (
+    MAX_COUNT,
+    MAX_FLOPS,
     MAX_FOLDER_NAME_BYTES,
+    MAX_SECONDS,
+    MAX_TOKENS,
     ConfigError,
     FolderName,
     Seed,
@@ -49,14 +53,19 @@ from archifactory.sweep.stats import COMPARE, LR_SELECTION
 from archifactory.train.config import RunConfig, expand_run_data
 
 BASELINE = "baseline"
+MAX_LR_GRID = 64
+"""Most learning rates in one variant's grid."""
+MAX_SEEDS = 1024
+"""Most seeds in ``seeds`` or ``lr_selection_seeds`` (each is a run per variant)."""
 
 
 class Budget(Strict):
-    """Equal budget for every run: tokens (default), training FLOPs, or wall seconds."""
+    """Equal budget for every run: tokens (default), training FLOPs, or wall seconds; at most
+    :data:`~archifactory.config.MAX_TOKENS` (10**15) tokens, 10**30 FLOPs or a year."""
 
-    tokens: float | None = Field(None, gt=0)
-    flops: float | None = Field(None, gt=0)
-    seconds: float | None = Field(None, gt=0)
+    tokens: float | None = Field(None, ge=1, le=MAX_TOKENS)
+    flops: float | None = Field(None, gt=0, le=MAX_FLOPS)
+    seconds: float | None = Field(None, gt=0, le=MAX_SECONDS)
 
     @model_validator(mode="after")
     def _one(self):
@@ -76,7 +85,7 @@ class Budget(Strict):
 class Variant(Strict):
     overrides: list[str] = Field(default_factory=list)
     description: str = ""
-    lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1)
+    lr: list[Annotated[float, Field(gt=0)]] | None = Field(None, min_length=1, max_length=MAX_LR_GRID)
     """Learning rates (each > 0 and finite) to try on the sweep's ``lr_selection_seeds``; the best (lowest
     mean final validation loss there) is run on ``seeds`` and reported. A single value just sets this
     variant's lr."""
@@ -92,18 +101,18 @@ class SweepSpec(Strict):
     base: str | dict[str, Any]
     base_overrides: list[str] = Field(default_factory=list)
     """Dotted overrides applied to the base before any variant (e.g. a sweep's eval cadence)."""
-    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS)
     """The seeds whose runs the report compares (paired by seed across variants)."""
-    lr_selection_seeds: list[Seed] = Field(default_factory=list)
+    lr_selection_seeds: list[Seed] = Field(default_factory=list, max_length=MAX_SEEDS)
     """Seeds on which variants with an lr grid choose their lr; disjoint from ``seeds``. Required when a
     variant has a grid."""
     budget: Budget
-    variants: dict[str, Variant] = Field(default_factory=dict)
+    variants: dict[str, Variant] = Field(default_factory=dict, max_length=MAX_COUNT)
     match_params: bool = False
     match_tolerance: float = Field(0.02, gt=0, lt=0.5)
-    parallel: int | None = Field(None, ge=1)
+    parallel: int | None = Field(None, ge=1, le=MAX_COUNT)
     """Runs at once; ``None``: one per GPU, or on CPU as many as the cores allow at ``threads_per_run``."""
-    threads_per_run: int = Field(1, ge=1)
+    threads_per_run: int = Field(1, ge=1, le=MAX_COUNT)
     executor: Literal["local", "submitit"] = "local"
     """``local``: subprocesses on this machine. ``submitit``: each run becomes a job of an existing
     scheduler through submitit (SLURM, or ``cluster: local`` for a dry run), with ``submitit`` settings."""
@@ -163,7 +172,7 @@ class PlannedRun:
 def load_sweep(path: str | Path, overrides: list[str] | tuple = ()) -> tuple[SweepSpec, Path]:
     """The spec and the directory its relative paths resolve against."""
     path = Path(path)
-    spec = validate(SweepSpec, apply_overrides(load_yaml(path), overrides))
+    spec = validate(SweepSpec, apply_overrides(load_yaml(path), overrides), source=path)
     return spec, path.parent
 
 
@@ -245,6 +254,9 @@ def _apply_budget(run: RunConfig, budget: Budget) -> None:
             model = CausalLM(run.model)
         per_token = model.flops_per_token(run.train.seq_len, training=True)
         update["max_tokens"] = max(1, int(budget.flops / per_token))
+        if update["max_tokens"] > MAX_TOKENS:
+            raise ConfigError(f"budget.flops: {budget.flops:.3g} FLOPs are {update['max_tokens']:.3g} tokens of run "
+                              f"{run.name!r}, more than {MAX_TOKENS:.0e}; give a smaller budget")
     run.train = run.train.model_copy(update=update)
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 import archifactory.data.corpora  # noqa: F401  (registers corpora)
 import archifactory.data.tokenizer  # noqa: F401  (registers tokenizers)
 from archifactory.config import (
+    MAX_COUNT,
+    MAX_SECONDS,
+    MAX_SEQ_LEN,
+    MAX_STEPS,
+    MAX_TOKENS,
     FolderName,
     Seed,
     Strict,
@@ -36,16 +41,18 @@ class DataConfig(Strict):
 
 
 class TrainConfig(Strict):
-    seq_len: int = Field(256, ge=1)
-    batch_size: int = Field(16, ge=1)
+    seq_len: int = Field(256, ge=1, le=MAX_SEQ_LEN)
+    batch_size: int = Field(16, ge=1, le=MAX_SEQ_LEN)
     """Sequences per optimizer step (global, across processes)."""
-    micro_batch_size: int | None = Field(None, ge=1)
+    micro_batch_size: int | None = Field(None, ge=1, le=MAX_SEQ_LEN)
     """Sequences per forward on each process; ``batch_size`` must be a multiple of it times the number of
     processes (the gradient accumulation steps follow). ``None``: no accumulation."""
-    max_steps: int | None = Field(None, ge=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_time_s: float | None = Field(None, gt=0)
-    """Wall-time budget; the schedule then follows the elapsed fraction of it."""
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    """Step budget, at most :data:`~archifactory.config.MAX_STEPS` (10**9)."""
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    """Token budget, at most :data:`~archifactory.config.MAX_TOKENS` (10**15)."""
+    max_time_s: float | None = Field(None, gt=0, le=MAX_SECONDS)
+    """Wall-time budget (at most a year); the schedule then follows the elapsed fraction of it."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """Autocast precision. ``auto``: bf16 where the device computes bf16 natively (CUDA compute capability
     8.0+, a CPU with AVX512-BF16/AMX or ARM BF16), else fp32; the run summary records what it resolved to
@@ -58,24 +65,34 @@ class TrainConfig(Strict):
     untouched, the batch consumed, a ``kind: nonfinite`` line in metrics.jsonl) and the run stops after
     ``max_consecutive_skips`` such steps in a row. Under fp16 the gradient scaler's own skips (an overflow
     while it lowers its scale, with a finite loss) are always skipped, and counted the same way."""
-    max_consecutive_skips: int = Field(10, ge=1)
-    eval_every: int = Field(100, ge=1)
-    eval_tokens: int = Field(65536, ge=1)
+    max_consecutive_skips: int = Field(10, ge=1, le=MAX_STEPS)
+    eval_every: int = Field(100, ge=1, le=MAX_STEPS)
+    eval_tokens: int = Field(65536, ge=1, le=MAX_TOKENS)
     """Validation targets scored per evaluation: the split's first ``eval_tokens`` rounded down to whole
     ``seq_len`` windows, or the whole split when it is shorter (its final window then is shorter)."""
-    log_every: int = Field(10, ge=1)
-    checkpoint_every: int = Field(200, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    log_every: int = Field(10, ge=1, le=MAX_STEPS)
+    checkpoint_every: int = Field(200, ge=1, le=MAX_STEPS)
+    keep_checkpoints: int = Field(2, ge=1, le=MAX_STEPS)
     seed: Seed = 0
     """Model init seed."""
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=MAX_COUNT)
     """torch CPU threads (fixed threads make CPU runs bitwise reproducible)."""
     device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     parallel: Literal["ddp", "fsdp"] = "ddp"
     """With several processes (torchrun): DDP replicates the model; FSDP2 (``fully_shard`` per block)
     shards parameters, gradients and optimizer state."""
     loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(default_factory=list)
     progress: bool = True
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        import re
+
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d{1,3})?", value):
+            raise ValueError(f"{value!r} is not a device; give auto, cpu, cuda, cuda:N or mps")
+        return value
 
     @model_validator(mode="after")
     def _check(self):
@@ -151,4 +168,5 @@ def expand_run_data(data: dict) -> dict:
 
 def load_run_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> RunConfig:
     data = source if isinstance(source, dict) else load_yaml(source)
-    return validate(RunConfig, apply_overrides(expand_run_data(data), overrides))
+    return validate(RunConfig, apply_overrides(expand_run_data(data), overrides),
+                    source=None if isinstance(source, dict) else source)

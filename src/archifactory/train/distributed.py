@@ -33,6 +33,12 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     dev = torch.device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if dev.index >= count:
+            from archifactory.errors import UnavailableError
+
+            raise UnavailableError(f"train.device={device}: this machine has {count} CUDA device(s); set "
+                                   "train.device=auto (or cpu)")
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")

@@ -29,7 +29,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import ConfigError, Strict, validate
+from typing_extensions import Annotated
+
+from archifactory.config import MAX_STEPS, ConfigError, Strict, validate
 from archifactory.nn.roles import ParamRole, parameter_roles
 from archifactory.registry import OPTIMIZERS, register_optimizer
 
@@ -82,6 +84,11 @@ class ParamGroups:
 # ------------------------------------------------------------------------------------------- configs
 
 
+Beta = Annotated[float, Field(ge=0, lt=1)]
+"""A moment's decay rate: in [0, 1) (1 would never forget, above 1 or below 0 diverges)."""
+Betas = tuple[Beta, Beta]
+
+
 class OptimizerConfig(Strict):
     """Base of every optimizer config: a registered ``name`` and the peak learning rate ``lr`` (the
     schedule scales it at each step; a sweep's lr grid sets it)."""
@@ -110,7 +117,7 @@ class AdamWConfig(_DecayedConfig):
     """``torch.optim.AdamW`` (Loshchilov & Hutter 2019)."""
 
     name: Literal["adamw"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
 
     def build(self, groups):
@@ -193,7 +200,7 @@ class AdamConfig(OptimizerConfig):
     which Adam then rescales per coordinate; for decoupled weight decay use ``adamw``."""
 
     name: Literal["adam"] = "adam"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     """L2 coefficient (``grad += weight_decay * p``), on the roles that take decay."""
@@ -232,14 +239,14 @@ class MuonConfig(_DecayedConfig):
     momentum: float = Field(0.95, ge=0, lt=1)
     """Muon's momentum (AdamW's are ``betas``)."""
     nesterov: bool = True
-    ns_steps: int = Field(5, ge=1)
+    ns_steps: int = Field(5, ge=1, le=100)
     """Newton-Schulz iterations of the orthogonalisation."""
     adjust_lr: Literal["original", "match_rms_adamw"] = "original"
     """How ``muon_lr`` is scaled for an (out x in) matrix: ``original`` multiplies it by
     ``sqrt(max(1, out/in))`` (Jordan et al., whose default rate is 0.02); ``match_rms_adamw`` by
     ``0.2 * sqrt(max(out, in))`` so that the update's RMS matches AdamW's (Liu et al. 2025, Moonlight;
     use it with a ``muon_lr`` near AdamW's)."""
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
     """AdamW's betas, for the parameters that are not matrices."""
     eps: float = Field(1e-8, gt=0)
 
@@ -286,7 +293,7 @@ class LionConfig(_LibraryConfig):
 
     name: Literal["lion"] = "lion"
     library_name: ClassVar[str] = "lion"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
 
 
 @register_optimizer
@@ -295,9 +302,9 @@ class SOAPConfig(_LibraryConfig):
 
     name: Literal["soap"] = "soap"
     library_name: ClassVar[str] = "soap"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
-    precondition_frequency: int = Field(10, ge=1)
+    precondition_frequency: int = Field(10, ge=1, le=MAX_STEPS)
     """Optimizer steps between eigenbasis updates."""
 
 
@@ -308,7 +315,7 @@ class AdEMAMixConfig(_LibraryConfig):
 
     name: Literal["ademamix"] = "ademamix"
     library_name: ClassVar[str] = "ademamix"
-    betas: tuple[float, float, float] = (0.9, 0.999, 0.9999)
+    betas: tuple[Beta, Beta, Beta] = (0.9, 0.999, 0.9999)
     alpha: float = Field(5.0, ge=0)
     eps: float = Field(1e-8, gt=0)
     weight_decouple: bool = False
@@ -321,7 +328,7 @@ class ADOPTConfig(_LibraryConfig):
 
     name: Literal["adopt"] = "adopt"
     library_name: ClassVar[str] = "adopt"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decouple: bool = False
     """``True``: decoupled (AdamW-style) weight decay; ``False``: L2 in the gradient (the library's default)."""
@@ -334,7 +341,7 @@ class MARSConfig(_LibraryConfig):
 
     name: Literal["mars"] = "mars"
     library_name: ClassVar[str] = "mars"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
     gamma: float = Field(0.025, ge=0)
     """Strength of the variance-reduction correction."""
     eps: float = Field(1e-8, gt=0)
@@ -356,12 +363,14 @@ class ScheduleFreeAdamWConfig(_LibraryConfig):
 
     name: Literal["schedulefree_adamw"] = "schedulefree_adamw"
     library_name: ClassVar[str] = "schedulefreeadamw"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     """The optimizer's own warmup (on top of the run's schedule, which is usually ``constant``)."""
-    r: float = 0.0
-    weight_lr_power: float = 2.0
+    r: float = Field(0.0, ge=0)
+    """Power of the step count in the averaging weights (0: uniform)."""
+    weight_lr_power: float = Field(2.0, ge=0)
+    """Power of the learning rate in the averaging weights."""
 
 
 @register_optimizer
@@ -371,7 +380,7 @@ class AdamMiniConfig(OptimizerConfig):
     it, so hybrids with different attention layers are partitioned right."""
 
     name: Literal["adam_mini"] = "adam_mini"
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: Betas = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.1, ge=0)
     """Decoupled weight decay on the roles that take decay."""

@@ -8,14 +8,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from archifactory.config import Component
+from archifactory.config import MAX_STEPS, Component
 from archifactory.registry import register_schedule
 
 
 class ScheduleConfig(Component):
     """Base of every schedule: a linear warmup, then the schedule's own shape."""
 
-    warmup_steps: int | None = Field(None, ge=0)
+    warmup_steps: int | None = Field(None, ge=0, le=MAX_STEPS)
     """Linear warmup steps; ``None`` means ``warmup_fraction`` of the run."""
     warmup_fraction: float = Field(0.05, ge=0, le=1)
 

@@ -29,6 +29,7 @@ import torch
 from archifactory.config import ConfigError, dump_config
 from archifactory.data.loader import PackedLoader, eval_batches
 from archifactory.data.shards import build_shards
+from archifactory.errors import UserError
 from archifactory.locking import hold_directory
 from archifactory.model.lm import CausalLM
 from archifactory.train import checkpoint as ckpt
@@ -40,9 +41,10 @@ from archifactory.train.precision import AUTOCAST_DTYPES, has_native_bf16, resol
 from archifactory.train.schedule import lr_multiplier
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss, the gradients or the weights became NaN or infinite; the run stopped before using
-    them, and its checkpoints (all finite) are kept."""
+    them, and its checkpoints (all finite) are kept. A user error: the message says which settings to
+    change (the command line prints it as one line)."""
 
 
 def default_cache_dir() -> Path:
@@ -68,11 +70,37 @@ def prepare_data(cfg: RunConfig, log=print):
     return tokenizer, shards
 
 
+RESUME_FIXED = ("model", "data", "train.seq_len", "train.batch_size", "optimizer.name")
+"""Config fields a resumed run may not change: they define the token stream (``data``, ``seq_len``,
+``batch_size``), what the weights mean (``model``) and what the optimizer state means (``optimizer.name``).
+A checkpoint trained under other values would silently continue as a different experiment."""
+RESUME_FREE = ("data.cache_dir",)
+"""Fields under :data:`RESUME_FIXED` that do not change the run (where the cache lives)."""
+
+
+def fixed_changes(old: dict, new: dict) -> list[str]:
+    """``field: old -> new`` for each change between two config dumps that a resumed run may not make."""
+    changed = _changed_fields(old, new)
+    out = []
+    for line in changed:
+        path = line.split(":", 1)[0]
+        fixed = any(path == f or path.startswith(f + ".") for f in RESUME_FIXED)
+        free = any(path == f or path.startswith(f + ".") for f in RESUME_FREE)
+        if fixed and not free:
+            out.append(line)
+    return out
+
+
+class ResumeConfigError(ConfigError):
+    """Resuming would change what the run's checkpoints were trained with (see :data:`RESUME_FIXED`)."""
+
+
 class Trainer:
-    def __init__(self, cfg: RunConfig, resume: bool = True, console=None) -> None:
+    def __init__(self, cfg: RunConfig, resume: bool = True, console=None, allow_config_change: bool = False) -> None:
         self.cfg = cfg
         self.resume = resume
         self.console = console
+        self.allow_config_change = allow_config_change
 
     def log(self, message: str) -> None:
         if self.dist.is_main:
@@ -89,6 +117,8 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.run_dir = cfg.run_dir()
+        if self.resume:
+            self._check_resumable()
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -189,6 +219,36 @@ class Trainer:
             self.log(f"note: the validation split has {n:,} tokens, fewer than one window of seq_len={tc.seq_len} + 1: "
                      f"it is evaluated as one window of {n - 1} targets")
 
+    def _refuse_changes(self, old: dict, where: str) -> None:
+        changes = fixed_changes(old, self.cfg.model_dump(mode="json"))
+        if not changes:
+            return
+        if self.allow_config_change:
+            self.log(f"warning: resuming {where} with a changed setup (--allow-config-change): {'; '.join(changes[:8])}")
+            return
+        raise ResumeConfigError(
+            f"{where} was trained with another setup: {'; '.join(changes[:4])}"
+            + (f" (and {len(changes) - 4} more)" if len(changes) > 4 else "")
+            + "; these fields may not change when resuming (the token stream, batch or model would differ). "
+            "Give the run a new directory (another name or out_dir), start over with --fresh, or pass "
+            "--allow-config-change to mix the two setups on purpose"
+        )
+
+    def _check_resumable(self) -> None:
+        """Before anything is written: refuse to resume a run whose checkpoints were trained under other
+        :data:`RESUME_FIXED` values (from the run's config.yaml; each checkpoint is checked again when
+        loaded)."""
+        from archifactory.config import load_yaml
+
+        path = self.run_dir / "config.yaml"
+        if not ckpt.checkpoint_dirs(self.run_dir) or not path.is_file():
+            return
+        try:
+            old = load_yaml(path)
+        except ConfigError:
+            return  # unreadable: the checkpoints' own record of their config decides in _load
+        self._refuse_changes(old, f"run {self.run_dir}")
+
     def _resume(self) -> None:
         """Resume from the newest intact checkpoint; a damaged one is reported and passed over."""
         damaged = []
@@ -234,7 +294,9 @@ class Trainer:
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if "config_json" in state:
-            changed = _changed_fields(json.loads(state["config_json"]), self.cfg.model_dump(mode="json"))
+            old = json.loads(state["config_json"])
+            self._refuse_changes(old, f"checkpoint {path}")
+            changed = _changed_fields(old, self.cfg.model_dump(mode="json"))
             if changed:
                 self.log(f"note: resuming {path} with a changed config: {'; '.join(changed[:8])}")
         self.elapsed_before = float(state["elapsed"])
@@ -585,6 +647,11 @@ def _changed_fields(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def train(cfg: RunConfig, resume: bool = True, console=None) -> dict:
-    """Train ``cfg`` to its budget; resumes from the run directory's latest checkpoint when present."""
-    return Trainer(cfg, resume=resume, console=console).run()
+def train(cfg: RunConfig, resume: bool = True, console=None, allow_config_change: bool = False) -> dict:
+    """Train ``cfg`` to its budget; resumes from the run directory's latest checkpoint when present.
+
+    Raises:
+        ResumeConfigError: resuming would change a :data:`RESUME_FIXED` field (unless ``allow_config_change``).
+        NonFiniteLossError: the loss, gradients or weights became non-finite (see ``train.nonfinite``).
+    """
+    return Trainer(cfg, resume=resume, console=console, allow_config_change=allow_config_change).run()

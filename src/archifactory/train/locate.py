@@ -1,0 +1,97 @@
+"""One resolver for every command that takes a trained model: a run directory, its ``model/`` folder, one
+of its checkpoints, or a saved model directory all name the same kind of thing.
+
+========================================  =====================================================
+given                                     model weights and config read from
+========================================  =====================================================
+``RUN``  (has ``model/``)                 ``RUN/model`` (the final weights)
+``RUN/model``                             itself
+``RUN/checkpoints/step_N``                its ``model.safetensors``; the config from ``RUN/config.yaml``
+any saved model (config.yaml + weights)   itself (``save_pretrained`` / ``hf import`` output)
+========================================  =====================================================
+
+The tokenizer is the ``tokenizer.json`` in the model folder or in its run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from archifactory.errors import InputError
+from archifactory.train.checkpoint import STEP_DIR, checkpoint_dirs
+
+MODEL_FILES = ("config.yaml", "model.safetensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where a trained model is. ``run_dir`` is ``None`` for a saved model outside any run; exactly one of
+    ``model_dir`` (a saved model: config.yaml + model.safetensors) and ``checkpoint`` is set."""
+
+    run_dir: Path | None
+    model_dir: Path | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        """The model's ``tokenizer.json`` (beside the weights, else in the run directory), if any."""
+        places = [self.model_dir, self.run_dir]
+        return next((p / "tokenizer.json" for p in places if p is not None and (p / "tokenizer.json").is_file()), None)
+
+    def require_tokenizer(self) -> Path:
+        found = self.tokenizer_path
+        if found is None:
+            where = " or ".join(str(p) for p in (self.model_dir, self.run_dir) if p is not None)
+            raise InputError(f"no tokenizer.json in {where}; point at the run directory that trained the model")
+        return found
+
+    def load(self, device: str = "cpu"):
+        """The :class:`~archifactory.model.lm.CausalLM` (checksums verified; a damaged or non-finite
+        checkpoint raises :class:`~archifactory.train.checkpoint.CheckpointError`)."""
+        import torch
+
+        from archifactory.model.lm import CausalLM
+
+        if self.model_dir is not None:
+            return CausalLM.from_pretrained(self.model_dir, device=device)
+        from archifactory.config import load_yaml
+        from archifactory.model.config import load_model_config
+        from archifactory.train.checkpoint import load_checkpoint
+
+        model = CausalLM(load_model_config(load_yaml(self.run_dir / "config.yaml").get("model", {})))
+        load_checkpoint(self.checkpoint, model, torch.device(device))
+        return model.to(device)
+
+
+def _is_saved_model(path: Path) -> bool:
+    return all((path / name).is_file() for name in MODEL_FILES)
+
+
+def locate_model(path: str | Path) -> ModelSource:
+    """Resolve ``path`` (see the module docstring) or raise :class:`InputError` saying what it is not."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path} does not exist; give a run directory (runs/NAME), its model/ folder or one of "
+                         "its checkpoints/step_N folders")
+    if not path.is_dir():
+        raise InputError(f"{path} is a file; give a run directory (runs/NAME), its model/ folder or one of its "
+                         "checkpoints/step_N folders")
+    if _is_saved_model(path / "model"):
+        return ModelSource(run_dir=path, model_dir=path / "model")
+    if _is_saved_model(path):
+        parent = path.parent if (path.parent / "config.yaml").is_file() and path.name == "model" else None
+        return ModelSource(run_dir=parent, model_dir=path)
+    if STEP_DIR.match(path.name) and path.parent.name == "checkpoints":
+        run_dir = path.parent.parent
+        if not (path / "model.safetensors").is_file():
+            raise InputError(f"checkpoint {path} has no model.safetensors; give another checkpoint")
+        if not (run_dir / "config.yaml").is_file():
+            raise InputError(f"checkpoint {path}: its run's config {run_dir / 'config.yaml'} is missing")
+        return ModelSource(run_dir=run_dir, checkpoint=path)
+    checkpoints = checkpoint_dirs(path)
+    if checkpoints:
+        raise InputError(f"run {path} has not finished (no model/ yet); finish it with `archifactory train "
+                         f"{path / 'config.yaml'}`, or give a checkpoint such as {checkpoints[-1]}")
+    raise InputError(f"{path} is neither a run directory (with model/), a saved model (config.yaml + "
+                     "model.safetensors) nor a checkpoint; train the run first (archifactory train CONFIG)")
