@@ -127,21 +127,21 @@ def model_data() -> st.SearchStrategy:
     )
 
 
-PROBLEM = re.compile(r"^(?P<path>[A-Za-z_][\w]*(?:\.[\w]+)*): \S")
+PROBLEM = re.compile(r"^(?P<path>[A-Za-z_][\w]*(?:\.[\w]+)*)(?:: |=)\S")
 
 
 def assert_names_a_field(err: ConfigError, model_cls, root: str = "") -> None:
-    """Each problem line starts with the dotted path of a field of the config (under ``root``)."""
+    """The error is one line starting ``invalid <Config>``, and each of its problems starts with the
+    dotted path of a field of the config (under ``root``)."""
     text = str(err)
-    header, _, body = text.partition(":")
-    assert header.startswith("invalid "), text
-    lines = [line.strip() for line in body.strip().splitlines() if line.strip()]
-    assert lines, text
-    for line in lines:
+    assert text.startswith("invalid ") and "\n" not in text, text
+    assert err.problems, text
+    for line in err.problems:
         match = PROBLEM.match(line)
         assert match, f"problem without a field path: {line!r} in\n{text}"
         path = match["path"].removeprefix(root + ".") if root else match["path"]
         assert path.split(".")[0] in model_cls.model_fields, f"{path!r} is not a field in\n{text}"
+        assert path.split(".")[0] in text  # the one line names at least the first segment of each field
 
 
 def check_model(data: dict) -> None:
@@ -229,3 +229,259 @@ def test_lr_grid_values_must_be_positive_and_finite():
     with pytest.raises(ConfigError, match=r"variants\.fast\.lr: "):
         validate(SweepSpec, {**spec, "variants": {"fast": {"lr": []}}})
     assert validate(SweepSpec, {**spec, "variants": {"fast": {"lr": [1e-3, 3e-3]}}}).variants["fast"].lr == [1e-3, 3e-3]
+
+
+# ------------------------------------------------------------------------------------- run configs
+
+import archifactory.train  # noqa: E402  (registers optimizers, schedules, corpora, tokenizers)
+from archifactory.train.config import DataConfig, RunConfig, TrainConfig  # noqa: E402
+
+RUN_FUZZ = settings(FUZZ, max_examples=60)
+TINY_MODEL = {"vocab_size": 257, "d_model": 16, "n_layers": 1, "max_seq_len": 32,
+              "mixer": {"kind": "attention", "n_heads": 2}}
+BETAS = often(st.tuples(st.sampled_from([0.0, 0.5, 0.9, 0.99]), st.sampled_from([0.9, 0.95, 0.999])),
+              st.one_of(st.tuples(BAD_FLOATS, BAD_FLOATS), st.tuples(GOOD_FLOATS), WRONG))
+
+
+def choose(values) -> st.SearchStrategy:
+    """``sampled_from`` that says which table was empty instead of hypothesis' bare "length-zero"."""
+    values = list(values)
+    assert values, "a strategy was built from an empty table (a registry not imported yet?)"
+    return st.sampled_from(values)
+
+
+def field_value(annotation, name: str = "") -> st.SearchStrategy:
+    """Like :func:`value_for`, also for tuples, lists and strings (optimizer betas, loggers, device)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return field_value(args[0], name)
+    if origin is tuple:
+        return BETAS if all(typing.get_origin(a) is typing.Annotated or a is float for a in args) and len(args) == 2 \
+            else often(st.tuples(*[field_value(a) for a in args]), WRONG)
+    if origin is list:
+        inner = [field_value(a) for a in args] or [WRONG]
+        return often(st.lists(inner[0], max_size=2), WRONG)
+    if origin in (typing.Union, types.UnionType):
+        members = [field_value(a, name) for a in args if a is not type(None)]
+        return often(st.one_of(*members) if members else st.none(), st.none(), odds=2)
+    if origin is typing.Literal and not args:
+        return WRONG
+    if annotation is str:
+        return often(choose(["auto", "cpu"] if name == "device" else ["x"]), st.sampled_from(["gpu", "", "cuda:x"]))
+    if origin is None and annotation not in (bool, int, float) and not isinstance(annotation, type):
+        return WRONG
+    return value_for(annotation)
+
+
+def registered(reg: registry.Registry, only=None, skip=()) -> st.SearchStrategy:
+    """``{reg.key: name, field: value, ...}`` for a registered kind (0-3 of its fields), or a bad kind."""
+    key = reg.key
+
+    def fields_of(kind: str) -> st.SearchStrategy:
+        cls = reg.get(kind)
+        names = sorted(n for n in cls.model_fields if n != key and n not in skip)
+        if not names:
+            return st.just({key: kind})
+        values = {n: field_value(cls.model_fields[n].annotation, n) for n in names}
+        return st.lists(choose(names), max_size=3, unique=True).flatmap(
+            lambda chosen: st.fixed_dictionaries({key: st.just(kind), **{n: values[n] for n in chosen}}))
+
+    kinds = [k for k in reg.kinds() if only is None or k in only]
+    good = choose(kinds).flatmap(fields_of)
+    bad = st.sampled_from([["adamw"], 3, None, "no-such-kind"]).map(lambda k: {key: k})
+    return often(good, bad, odds=10)
+
+
+def train_data() -> st.SearchStrategy:
+    small = {  # sizes that keep one step in milliseconds; everything else any value
+        "seq_len": often(st.sampled_from([4, 8, 16]), st.one_of(BAD_INTS, st.just(10**9))),
+        "batch_size": often(st.sampled_from([1, 2, 4]), BAD_INTS),
+        "micro_batch_size": often(st.sampled_from([None, 1, 2]), BAD_INTS),
+        "max_steps": often(st.sampled_from([1, 10, 1000]), st.one_of(BAD_INTS, st.just(10**12))),
+        "eval_tokens": often(st.sampled_from([8, 64]), BAD_INTS),
+    }
+    rest = {n: field_value(f.annotation, n) for n, f in TrainConfig.model_fields.items() if n not in small}
+    return st.fixed_dictionaries({"max_steps": small.pop("max_steps")}, optional={**small, **rest})
+
+
+def run_data(corpus_path: str) -> st.SearchStrategy:
+    corpus = st.fixed_dictionaries(
+        {"kind": st.just("files"), "paths": often(st.just([corpus_path]), st.sampled_from([[], [1], "x.csv"]))},
+        optional={n: field_value(f.annotation, n) for n, f in registry.CORPORA.get("files").model_fields.items()
+                  if n not in ("kind", "paths", "separator", "text_field")})
+    data = st.fixed_dictionaries({"corpus": corpus, "tokenizer": st.just({"kind": "bytes"})},
+                                 optional={"seed": often(st.sampled_from([0, 1]), BAD_INTS)})
+    return st.fixed_dictionaries(
+        {"model": st.just(TINY_MODEL), "train": train_data()},
+        optional={"data": data,
+                  "optimizer": registered(registry.OPTIMIZERS, skip=("decay_embeddings",)),
+                  "schedule": registered(registry.SCHEDULES),
+                  "name": often(st.just("fuzz"), st.sampled_from(["../x", "/abs", "", "a/b"]))},
+    )
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "corpus.txt"
+    path.write_text("\n<|doc|>\n".join(f"document {i}: some words to read" for i in range(40)))
+    return str(path)
+
+
+def check_run(data: dict) -> None:
+    """Validation fails naming a field, or the optimizer and schedule build and one step on a tiny model
+    gives a finite loss (and finite weights when every rate is at most 1)."""
+    from archifactory.train.optim import build_optimizer, set_lr
+    from archifactory.train.schedule import lr_multiplier
+
+    try:
+        cfg = validate(RunConfig, data)
+    except ConfigError as err:
+        assert_names_a_field(err, RunConfig)
+        return
+    tc = cfg.train
+    assert 1 <= tc.max_steps <= 10**9 and 1 <= tc.seq_len <= 2**24
+    assert tc.seq_len <= cfg.model.max_seq_len or not cfg.model.position.limits_length
+    assert math.isfinite(cfg.optimizer.lr) and cfg.optimizer.lr > 0
+    for step in (0, tc.max_steps // 2, tc.max_steps - 1):
+        m = lr_multiplier(cfg.schedule, step, tc.max_steps)
+        assert 0 <= m <= 1 and math.isfinite(m), (m, cfg.schedule)
+    torch.manual_seed(cfg.train.seed % 2**32)
+    model = CausalLM(cfg.model)
+    try:
+        optimizer = build_optimizer(model, cfg.optimizer)
+    except ModuleNotFoundError as err:  # an optional optimizer package that is not installed here
+        assert "pytorch_optimizer" in str(err) or "torch" in str(err)
+        return
+    set_lr(optimizer, lr_multiplier(cfg.schedule, 0, tc.max_steps))
+    T = min(tc.seq_len, 16)  # a window of the run's length (capped: the step's cost, not its meaning)
+    ids = torch.randint(0, 257, (min(tc.batch_size, 4), T + 1), generator=torch.Generator().manual_seed(0))
+    loss = model(ids[:, :-1], targets=ids[:, 1:]).loss
+    assert torch.isfinite(loss), (loss, cfg.model_dump())
+    loss.backward()
+    if tc.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+    optimizer.step()
+    rates = [v for k, v in cfg.optimizer.model_dump().items() if k.endswith("lr")]
+    if max(rates) <= 1:
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        assert not bad, (bad, cfg.optimizer)
+        with torch.no_grad():
+            assert torch.isfinite(model(ids[:, :-1], targets=ids[:, 1:]).loss), cfg.optimizer
+
+
+@RUN_FUZZ
+@given(data=st.data())
+def test_random_run_configs_fail_clearly_or_train(corpus_file, data):
+    check_run(data.draw(run_data(corpus_file)))
+
+
+@pytest.mark.parametrize(("override", "field"), [
+    ("train.max_steps=10000000000", "train.max_steps"),
+    ("train.seq_len=0", "train.seq_len"),
+    ("train.grad_clip=.nan", "train.grad_clip"),
+    ("train.max_time_s=.inf", "train.max_time_s"),
+    ("optimizer.lr=0", "optimizer.lr"),
+    ("optimizer.lr=.inf", "optimizer.lr"),
+    ("optimizer.betas=[0.9, 1.5]", "optimizer.betas.1"),
+    ("optimizer.betas=[-0.1, 0.9]", "optimizer.betas.0"),
+    ("optimizer.eps=0", "optimizer.eps"),
+    ("optimizer.weight_decay=-1", "optimizer.weight_decay"),
+    ("schedule.warmup_fraction=2", "schedule.warmup_fraction"),
+    ("schedule.min_lr_ratio=.nan", "schedule.min_lr_ratio"),
+    ("schedule.warmup_steps=100000000000", "schedule.warmup_steps"),
+    ("data.seed=-1", "data.seed"),
+    ("data.corpus.val_fraction=1", "data.corpus.val_fraction"),
+    ("train.device=gpu0", "train.device"),
+])
+def test_run_values_that_cannot_work_are_config_errors_naming_the_field(corpus_file, override, field):
+    from archifactory.train import load_run_config
+
+    base = {"name": "r", "model": TINY_MODEL, "train": {"max_steps": 2, "seq_len": 8},
+            "data": {"corpus": {"kind": "files", "paths": [corpus_file]}, "tokenizer": {"kind": "bytes"}}}
+    with pytest.raises(ConfigError) as info:
+        load_run_config(base, [override])
+    assert f"{field}: " in str(info.value), str(info.value)
+    assert_names_a_field(info.value, RunConfig)
+
+
+@pytest.mark.parametrize("name", ["muon", "soap", "ademamix", "schedulefree_adamw"])
+def test_optimizer_extras_are_bounded(name):
+    """Fields the fuzzing found unbounded: Newton-Schulz steps (a huge count hangs a step), averaging powers."""
+    from archifactory.train.optim import optimizer_config
+
+    bad = {"muon": {"ns_steps": 10**9}, "soap": {"betas": [0.9, 1.0]}, "ademamix": {"betas": [0.9, 0.999, 1.2]},
+           "schedulefree_adamw": {"r": -1.0}}[name]
+    with pytest.raises(ConfigError, match=f"optimizer.{next(iter(bad))}"):
+        optimizer_config({"name": name, **bad})
+
+
+# ------------------------------------------------------------------------------------- sweep specs
+
+from archifactory.sweep.spec import SweepSpec  # noqa: E402
+
+LR_VALUES = often(st.sampled_from([1e-3, 3e-3, 1e-2]), st.sampled_from([0, -1e-3, math.nan, math.inf, -math.inf, "x"]))
+OVERRIDES = often(st.sampled_from(["model.mixer.n_kv_heads=1", "model.ffn.kind=mlp", "train.batch_size=4"]),
+                  st.sampled_from(["model.mixer.n_heads=3", "nonsense", "model.nope=1", "train.seq_len=0"]))
+VARIANT_NAMES = often(st.sampled_from(["a", "b", "wide", "baseline"]), st.sampled_from(["../x", "", "a/b", "x" * 300]))
+
+
+def variant() -> st.SearchStrategy:
+    full = st.fixed_dictionaries({}, optional={"overrides": st.lists(OVERRIDES, max_size=2),
+                                               "lr": often(st.lists(LR_VALUES, min_size=1, max_size=3),
+                                                           st.sampled_from([[], None, "x"])),
+                                               "description": st.just("d")})
+    return often(full, st.one_of(st.lists(OVERRIDES, max_size=2), WRONG), odds=4)
+
+
+def sweep_data(base: dict) -> st.SearchStrategy:
+    seeds = often(st.lists(st.sampled_from([0, 1, 2]), min_size=1, max_size=2),
+                  st.one_of(st.just([]), st.lists(BAD_INTS, min_size=1, max_size=2), WRONG))
+    budget = st.one_of(
+        st.fixed_dictionaries({"tokens": often(st.sampled_from([64, 256.0]), BAD_FLOATS)}),
+        st.fixed_dictionaries({"flops": often(st.sampled_from([1e7, 1e8]), st.sampled_from([0, -1, 1e31, math.inf]))}),
+        st.fixed_dictionaries({"seconds": often(st.sampled_from([1.0, 60.0]), st.sampled_from([0, 1e9, math.nan]))}),
+        st.just({"tokens": 64, "seconds": 1.0}), WRONG,
+    )
+    return st.fixed_dictionaries(
+        {"name": often(st.just("s"), st.sampled_from(["../s", "/abs", ""])), "base": st.just(base), "budget": budget},
+        optional={"seeds": seeds,
+                  "lr_selection_seeds": often(st.lists(st.sampled_from([10, 11, 0]), max_size=2), WRONG),
+                  "variants": st.dictionaries(VARIANT_NAMES, variant(), max_size=3),
+                  "match_tolerance": FLOATS,
+                  "parallel": often(st.sampled_from([None, 1, 2]), BAD_INTS),
+                  "threads_per_run": often(st.sampled_from([1, 2]), BAD_INTS),
+                  "base_overrides": st.lists(OVERRIDES, max_size=1)},
+    )
+
+
+def check_sweep(data: dict, sweep_dir) -> None:
+    """Validation fails naming a field, or planning either names the variant whose config fails or gives
+    runs whose configs all validate again with the sweep's budget and lr."""
+    from archifactory.sweep.spec import plan
+
+    try:
+        spec = validate(SweepSpec, data)
+    except ConfigError as err:
+        assert_names_a_field(err, SweepSpec)
+        return
+    try:
+        runs = plan(spec, sweep_dir, sweep_dir)
+    except ConfigError as err:
+        text = str(err)
+        assert "\n" not in text
+        assert re.match(r"variant '[^']*': |budget\.flops: ", text), text
+        return
+    for run in runs:
+        again = validate(RunConfig, run.config.model_dump(mode="json"))
+        tc = again.train
+        assert sum(x is not None for x in (tc.max_steps, tc.max_tokens, tc.max_time_s)) == 1
+        if run.lr is not None:
+            assert again.optimizer.lr == run.lr and math.isfinite(run.lr) and run.lr > 0
+
+
+@FUZZ
+@given(data=st.data())
+def test_random_sweep_specs_fail_clearly_or_plan(corpus_file, tmp_path_factory, data):
+    base = {"name": "b", "model": TINY_MODEL, "train": {"max_steps": 2, "seq_len": 8, "batch_size": 2},
+            "data": {"corpus": {"kind": "files", "paths": [corpus_file]}, "tokenizer": {"kind": "bytes"}}}
+    check_sweep(data.draw(sweep_data(base)), tmp_path_factory.getbasetemp() / "sweep")
