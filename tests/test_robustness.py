@@ -280,3 +280,20 @@ def test_divergence_is_one_line(tmp_path):
     result = runner.invoke(app, ["train", str(path), "--set", "optimizer.lr=1e30", "--set", "schedule.warmup_steps=0"])
     line = one_error_line(result, "training stopped", "lower optimizer.lr")
     assert "fp16" not in line and "bf16" not in line  # advice fits the fp32 run
+
+
+def test_the_resolver_maps_every_form_to_its_run(trained, tmp_path):
+    from archifactory.train.locate import locate_model
+
+    last = trained / "checkpoints" / "step_00000002"
+    assert locate_model(trained) == locate_model(trained / "model")  # same run, same weights, same eval store
+    assert locate_model(trained).run_dir == trained and locate_model(trained).tokenizer_path == trained / "tokenizer.json"
+    assert locate_model(last).run_dir == trained and locate_model(last).checkpoint == last
+    alone = tmp_path / "saved"
+    locate_model(trained).load().save_pretrained(alone)
+    assert locate_model(alone).run_dir is None and locate_model(alone).tokenizer_path is None
+    with pytest.raises(InputError, match="no tokenizer.json"):
+        locate_model(alone).require_tokenizer()
+    a, b = locate_model(last).load(), locate_model(trained).load()
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name

@@ -137,7 +137,12 @@ def _locate(path: Path):
 
 def _run_dir_of(path: Path) -> Path:
     """The run directory for a command that continues a run (sft, grpo): RUN or RUN/model."""
-    located = _locate(path)
+    from archifactory.errors import InputError
+
+    try:
+        located = _locate(path)
+    except InputError:
+        return path  # the stage's own checks say what is missing and what to do
     if located.run_dir is None or located.checkpoint is not None:
         _fail(f"{path}: give the finished run's directory (runs/NAME), which holds model/ and tokenizer.json")
     return located.run_dir

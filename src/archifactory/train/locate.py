@@ -80,7 +80,8 @@ def locate_model(path: str | Path) -> ModelSource:
     if _is_saved_model(path / "model"):
         return ModelSource(run_dir=path, model_dir=path / "model")
     if _is_saved_model(path):
-        parent = path.parent if (path.parent / "config.yaml").is_file() and path.name == "model" else None
+        in_run = path.name == "model" and any((path.parent / f).is_file() for f in ("config.yaml", "tokenizer.json"))
+        parent = path.parent if in_run else None
         return ModelSource(run_dir=parent, model_dir=path)
     if STEP_DIR.match(path.name) and path.parent.name == "checkpoints":
         run_dir = path.parent.parent

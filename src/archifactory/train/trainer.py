@@ -105,7 +105,7 @@ class Trainer:
     def log(self, message: str) -> None:
         if self.dist.is_main:
             if self.console is not None:
-                self.console.print(message, highlight=False)
+                self.console.print(message, highlight=False, soft_wrap=True)  # one physical line per message
             else:
                 print(message, flush=True)
 
