@@ -297,3 +297,11 @@ def test_the_resolver_maps_every_form_to_its_run(trained, tmp_path):
     a, b = locate_model(last).load(), locate_model(trained).load()
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_sampling_refuses_a_temperature_that_is_not_a_finite_non_negative_number(temperature):
+    from archifactory.model.sampling import sample_next
+
+    with pytest.raises(InputError, match="temperature"):
+        sample_next(torch.zeros(1, 5), temperature=temperature)
