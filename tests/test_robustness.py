@@ -280,6 +280,12 @@ def test_divergence_is_one_line(tmp_path):
     result = runner.invoke(app, ["train", str(path), "--set", "optimizer.lr=1e30", "--set", "schedule.warmup_steps=0"])
     line = one_error_line(result, "training stopped", "lower optimizer.lr")
     assert "fp16" not in line and "bf16" not in line  # advice fits the fp32 run
+    # lr 1e30 makes step 1's weights finite but huge: step 2's forward overflows. Resuming from step 1 with a
+    # sane lr fails at once, and the message then says that checkpoint has diverged, not that it is good.
+    assert "checkpoints/step_00000001 (step 1)" in line, line
+    result = runner.invoke(app, ["train", str(path), "--set", "optimizer.lr=1e-3", "--set", "schedule.warmup_steps=0"])
+    one_error_line(result, "step 2 ", "checkpoints/step_00000001, holds finite weights that have already diverged",
+                   "start over with --fresh")
 
 
 def test_the_resolver_maps_every_form_to_its_run(trained, tmp_path):

@@ -170,6 +170,7 @@ class Trainer:
                                      cfg.model_dump(mode="json"), enabled=self.dist.is_main)
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
         self.skipped_steps, self.consecutive_skips = 0, 0
+        self.resumed_from: tuple[Path, int] | None = None  # (checkpoint, its step) when resumed
         if self.resume:
             self._resume()
 
@@ -292,6 +293,7 @@ class Trainer:
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens"])
+        self.resumed_from = (path, self.step)
         self.skipped_steps = int(state.get("skipped_steps", 0))
         if "config_json" in state:
             old = json.loads(state["config_json"])
@@ -417,6 +419,13 @@ class Trainer:
             advice.append("use precision=bf16 on hardware that has it (fp16 overflows above 65504)")
         if tc.nonfinite == "stop":
             advice.append("set train.nonfinite=skip to drop such steps")
+        if self.resumed_from is not None and self.step == self.resumed_from[1] + 1:
+            # the very first step from that checkpoint failed: finite weights, but already diverged
+            path = self.resumed_from[0]
+            earlier = [p for p in ckpt.checkpoint_dirs(self.run_dir) if p.name < path.name]
+            back = (f"delete {path} to resume from {earlier[-1].name}" if earlier else "start over with --fresh")
+            kept = (f"the checkpoint it resumed from, {path}, holds finite weights that have already diverged "
+                    f"(its first step fails again); {back}")
         return (f"step {self.step} of run {self.run_dir} (as numbered in metrics.jsonl): {what}; training stopped "
                 f"and {kept}. To continue: {', '.join(advice[:-1])}, or {advice[-1]}.")
 
