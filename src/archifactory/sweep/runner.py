@@ -8,6 +8,13 @@ On CPU the runs share the cores (``threads_per_run`` threads each); with GPUs ea
 (``CUDA_VISIBLE_DEVICES``). Re-running skips finished runs and resumes interrupted ones from their
 checkpoints (the trainer resumes by itself); a failing run is recorded with its error and the others go
 on. Results land in ``SWEEP_DIR/results.sqlite`` as each run finishes.
+
+With post-training ``stages``, a compared run and its stage runs form a chain (``RUN``, ``RUN-sft``,
+``RUN-sft-grpo``) that one slot runs in order, each stage skipped when the store has it done and resumed
+from its checkpoints otherwise; a failed stage stops its chain (the later stages are recorded as failed
+with the reason). The ``eval:`` tasks run on each run of the chain as soon as it is done (in a subprocess,
+results into ``results.sqlite``), and evaluations already stored for the run's weights are skipped, so a
+killed sweep restarts where it stopped.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from archifactory.config import dump_config
 from archifactory.errors import MissingDependencyError
 from archifactory.locking import hold_directory
 from archifactory.sweep.spec import BASELINE, PlannedRun, SweepSpec, plan, spec_yaml
-from archifactory.sweep.stats import LR_SELECTION, choose_lrs, is_selection_run
+from archifactory.sweep.stats import COMPARE, LR_SELECTION, choose_lrs, is_selection_run
 from archifactory.sweep.store import Store, StoreDamagedError
 from archifactory.train.metrics import read_metrics
 
@@ -116,12 +123,64 @@ class SweepRunner:
         self.store.set_sweep(self.spec.name, spec_yaml(self.spec), environment())
         for run in runs:
             self.store.add_run(run.run_id, run.variant, run.seed, run.lr, run.variant == BASELINE,
-                               run.config.model_dump(mode="json"), run.changes, run.config.out_dir, run.purpose)
+                               run.config.model_dump(mode="json"), run.changes, run.config.out_dir, run.purpose,
+                               run.stage, run.parent)
         return runs
 
     def pending(self, runs: list[PlannedRun]) -> list[PlannedRun]:
-        done = {r["run_id"] for r in self.store.runs() if r["status"] == "done"}
-        return [r for r in runs if r.run_id not in done]
+        """Runs not done, and done runs whose ``eval:`` tasks are not all stored yet."""
+        done = {r["run_id"] for r in self.store.runs(stage=None) if r["status"] == "done"}
+        return [r for r in runs if r.run_id not in done or self._eval_missing(r)]
+
+    def chains(self, runs: list[PlannedRun]) -> list[list[PlannedRun]]:
+        """Each pretraining run followed by its post-training runs, in stage order."""
+        chains: dict[str, list[PlannedRun]] = {}
+        root_of: dict[str, str] = {}
+        for run in runs:
+            root = run.run_id if run.parent is None else root_of[run.parent]
+            root_of[run.run_id] = root
+            chains.setdefault(root, []).append(run)
+        return list(chains.values())
+
+    # ------------------------------------------------------------------------------------- evaluation
+
+    def _eval_missing(self, run: PlannedRun) -> bool:
+        """Whether the sweep's ``eval:`` tasks still lack a stored result for this done run's weights."""
+        if run.purpose != COMPARE or not self.spec.evaluates(run.stage):
+            return False
+        weights = Path(run.config.out_dir) / "model" / "model.safetensors"
+        if not weights.is_file():
+            return True
+        from archifactory.eval.runner import file_sha256
+        from archifactory.eval.store import EvalStore
+        from archifactory.eval.tasks import get_task
+
+        store, digest, limit = EvalStore(self.store.path), file_sha256(weights), self.spec.eval.limit
+        for name in self.spec.eval.tasks:
+            if name.startswith("lm_eval:") or get_task(name).kind == "code":  # versions known only when run
+                if not any(e["task"] == name and e["model_hash"] == digest and e["n_limit"] == (limit or -1)
+                           for e in store.evaluations(run.run_id)):
+                    return True
+            elif not store.has(run.run_id, digest, name, get_task(name).version, limit):
+                return True
+        return False
+
+    def _evaluate(self, run: PlannedRun, env: dict[str, str]) -> None:
+        """The ``eval:`` tasks on a done run, in a subprocess (log: ``RUN_DIR/eval.log``); a failure is
+        printed and leaves the run done (re-running the sweep tries again)."""
+        if not self._eval_missing(run):
+            return
+        section = self.spec.eval
+        log = Path(run.config.out_dir) / "eval.log"
+        cmd = [sys.executable, "-m", "archifactory.sweep.evaluation", run.config.out_dir, "--tasks",
+               ",".join(section.tasks), "--store", str(self.store.path), "--run-id", run.run_id,
+               "--batch-size", str(section.batch_size)]
+        if section.limit is not None:
+            cmd += ["--limit", str(section.limit)]
+        code = train_subprocess(cmd, env, str(log))
+        if code != 0:
+            tail = log.read_text(errors="replace")[-1000:] if log.is_file() else ""
+            self._print(f"warning: evaluating {run.run_id} failed (exit code {code}; {log}):\n{tail}")
 
     def run(self) -> dict[str, int]:
         """Train every pending run; holds the sweep directory's lock throughout, so a second
@@ -142,7 +201,7 @@ class SweepRunner:
             attempted |= {r.run_id for r in todo}
             wave += 1
         counts = {"done": 0, "failed": 0}
-        for r in self.store.runs():
+        for r in self.store.runs(stage=None):
             counts[r["status"]] = counts.get(r["status"], 0) + 1
         self._print(f"sweep finished: {counts.get('done', 0)} done, {counts.get('failed', 0)} failed")
         return counts
@@ -164,11 +223,15 @@ class SweepRunner:
         lock = threading.Lock()
         results: dict[str, str] = {}
 
-        def execute(run: PlannedRun) -> None:
+        pending = {r.run_id for r in todo}
+        chains = [c for c in self.chains(runs) if any(r.run_id in pending for r in c)]
+        todo = [r for c in chains for r in c]
+
+        def execute(chain: list[PlannedRun]) -> None:
             with lock:
                 slot = free.pop()
             try:
-                results[run.run_id] = self._execute(run, environments[slot])
+                self._execute_chain(chain, environments[slot], results)
             finally:
                 with lock:
                     free.append(slot)
@@ -178,7 +241,7 @@ class SweepRunner:
             tasks = {r.run_id: progress.add_task(r.run_id, total=None, loss=float("nan"), tps=0.0, status="queued")
                      for r in todo}
             with ThreadPoolExecutor(max_workers=len(environments)) as pool:
-                futures = [pool.submit(execute, r) for r in todo]
+                futures = [pool.submit(execute, c) for c in chains]
                 while not all(f.done() for f in futures):
                     self._update(progress, tasks, todo, results)
                     time.sleep(0.5)
@@ -186,11 +249,27 @@ class SweepRunner:
                     f.result()
             self._update(progress, tasks, todo, results)
 
+    def _execute_chain(self, chain: list[PlannedRun], env: dict[str, str], results: dict[str, str]) -> None:
+        """Each run of the chain in stage order: done ones skipped, each done one evaluated; a failure stops it."""
+        done = {r["run_id"] for r in self.store.runs(stage=None) if r["status"] == "done"}
+        for i, run in enumerate(chain):
+            status = "done" if run.run_id in done else self._execute(run, env)
+            results[run.run_id] = status
+            if status != "done":
+                for later in chain[i + 1:]:
+                    self.store.mark(later.run_id, "failed", f"not run: its {run.stage} run {run.run_id} failed")
+                    results[later.run_id] = "failed"
+                return
+            self._evaluate(run, env)
+
     def _execute(self, run: PlannedRun, env: dict[str, str]) -> str:
         run_dir = Path(run.config.out_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         config_path = run_dir / "run.yaml"
-        dump_config(run.config, config_path)
+        if run.stage_config is not None:  # post-training: the recipe's config; the model comes from the parent
+            config_path.write_text(yaml.safe_dump(run.stage_config, sort_keys=False))
+        else:
+            dump_config(run.config, config_path)
         self.store.mark(run.run_id, "running")
         log = run_dir / "train.log"
         cmd = [sys.executable, "-m", "archifactory.cli", "train", str(config_path), "--set", "train.progress=false"]
@@ -229,7 +308,8 @@ class SweepRunner:
             if records:
                 last = records[-1]
                 fields.update(loss=last["loss"], tps=last["tokens_per_s"] or 0.0)
-                budget = run.config.train.max_tokens
+                tc = run.config.train
+                budget = tc.max_tokens or (tc.max_steps * tc.tokens_per_step() if tc.max_steps else None)
                 progress.update(task, completed=last["tokens"], total=budget, **fields)
             else:
                 progress.update(task, **fields)
@@ -263,10 +343,16 @@ def run_sweep(spec: SweepSpec, root: Path, sweep_dir: Path | None = None, consol
 def describe_plan(spec: SweepSpec, root: Path, sweep_dir: Path) -> str:
     lines = []
     for run in plan(spec, root, sweep_dir):
-        lines.append(yaml.safe_dump({run.run_id: {"variant": run.variant, "seed": run.seed, "lr": run.lr,
-                                                  "purpose": run.purpose,
-                                                  "max_tokens": run.config.train.max_tokens,
-                                                  "changes": run.changes}}, sort_keys=False).rstrip())
+        entry = {"variant": run.variant, "seed": run.seed, "lr": run.lr, "purpose": run.purpose}
+        if run.stage == "pretrain":
+            entry |= {"max_tokens": run.config.train.max_tokens, "changes": run.changes}
+        else:
+            tc = run.config.train
+            entry |= {"stage": run.stage, "from": run.parent, "max_steps": tc.max_steps, "batch_size": tc.batch_size,
+                      "seq_len": tc.seq_len, "optimizer_lr": run.config.optimizer.lr}
+        if spec.evaluates(run.stage) and run.purpose == COMPARE:
+            entry["eval"] = {"tasks": spec.eval.tasks, "limit": spec.eval.limit}
+        lines.append(yaml.safe_dump({run.run_id: entry}, sort_keys=False).rstrip())
     for name, variant in spec.variants.items():
         if variant.has_lr_grid:
             lines.append(f"# then {name} on seeds {spec.seeds} at the lr (of {variant.lr}) with the lowest mean "

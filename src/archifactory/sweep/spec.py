@@ -82,6 +82,38 @@ class Budget(Strict):
         return f"{self.seconds:,.0f} s of training per run"
 
 
+Stage = Literal["pretrain", "sft", "grpo"]
+STAGE_ORDER: tuple[str, ...] = ("pretrain", "sft", "grpo")
+LR_SCALE = "lr_scale"
+
+
+class EvalSection(Strict):
+    """Evaluation tasks run on every compared run after each of its stages (``archifactory eval``)."""
+
+    tasks: list[str] = Field(min_length=1)
+    """Task names as ``archifactory eval --tasks`` takes them (``lambada``, ``piqa``, ``lm_eval:NAME``, ...)."""
+    limit: int | None = Field(None, ge=1)
+    """Only the first N items of each task (``--limit``)."""
+    stages: list[Stage] | None = None
+    """The stages whose runs are evaluated; ``None``: every stage of the sweep."""
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, tasks: list[str]) -> list[str]:
+        from archifactory.eval.tasks import get_task
+
+        for name in tasks:
+            if not name.startswith("lm_eval:"):
+                try:
+                    get_task(name)
+                except KeyError as err:
+                    raise ValueError(str(err).strip("'\"")) from None
+        if len(set(tasks)) != len(tasks):
+            raise ValueError(f"{tasks} names a task twice")
+        return tasks
+
+
 class Variant(Strict):
     overrides: list[str] = Field(default_factory=list)
     description: str = ""
@@ -119,6 +151,14 @@ class SweepSpec(Strict):
     submitit: dict[str, Any] = Field(default_factory=dict)
     """``folder`` (job logs), ``cluster`` (slurm | local | debug; default: detected) and any
     ``AutoExecutor.update_parameters`` keys, e.g. ``slurm_partition``, ``timeout_min``, ``gpus_per_node``."""
+    stages: list[Stage] = Field(default_factory=lambda: ["pretrain"])
+    """``[pretrain]``, ``[pretrain, sft]`` or ``[pretrain, sft, grpo]``: the stages every compared run goes through."""
+    sft: dict[str, Any] | None = None
+    """The SFT recipe every variant gets: an SFT run config without base / model / name / out_dir, plus
+    an optional ``lr_scale`` (see the module docstring)."""
+    grpo: dict[str, Any] | None = None
+    """The GRPO recipe every variant gets, likewise."""
+    eval: EvalSection | None = None
 
     @field_validator("variants", mode="before")
     @classmethod
@@ -149,12 +189,44 @@ class SweepSpec(Strict):
         if shared:
             raise ValueError(f"lr_selection_seeds: seed(s) {shared} are also compared (seeds: {self.seeds}); the lr "
                              "must be chosen on other seeds than those whose results the report compares")
+        self._check_stages()
         grids = [name for name, v in self.variants.items() if v.has_lr_grid]
         if grids and not self.lr_selection_seeds:
             raise ValueError(f"variants.{grids[0]}.lr: an lr grid needs lr_selection_seeds (seeds not in "
                              f"seeds: {self.seeds}) to choose the lr on, e.g. lr_selection_seeds: "
                              f"{[max(self.seeds) + 100 + i for i in range(2)]}")
         return self
+
+
+    def _check_stages(self) -> None:
+        from archifactory.posttrain.recipe import check_recipe
+
+        if self.stages != list(STAGE_ORDER[: len(self.stages)]):
+            raise ValueError(f"stages: {self.stages}; use [pretrain], [pretrain, sft] or [pretrain, sft, grpo] "
+                             "(each stage starts from the one before)")
+        for stage in STAGE_ORDER[1:]:
+            recipe = getattr(self, stage)
+            if stage in self.stages and recipe is None:
+                raise ValueError(f"stages: lists {stage} but the spec has no {stage}: section; give the recipe every "
+                                 f"variant gets (an {stage} run config without base/model/name/out_dir)")
+            if stage not in self.stages and recipe is not None:
+                raise ValueError(f"{stage}: a recipe is given but stages: {self.stages} does not run it; add {stage} "
+                                 "to stages or remove the section")
+            if recipe is not None:
+                check_recipe(stage, {k: v for k, v in recipe.items() if k != LR_SCALE})
+                scale = recipe.get(LR_SCALE)
+                if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                                          or not 0 < scale < float("inf")):
+                    raise ValueError(f"{stage}.{LR_SCALE}: {scale!r}; give a positive number (the variant's "
+                                     f"pretraining lr times it is its {stage} lr) or leave it out")
+        if self.eval is not None and self.eval.stages is not None:
+            extra = [s for s in self.eval.stages if s not in self.stages]
+            if extra:
+                raise ValueError(f"eval.stages: {extra} not in stages: {self.stages}")
+
+    def evaluates(self, stage: str) -> bool:
+        """Whether the ``eval:`` tasks run on ``stage``'s runs."""
+        return self.eval is not None and (self.eval.stages is None or stage in self.eval.stages)
 
 
 @dataclasses.dataclass
@@ -167,6 +239,11 @@ class PlannedRun:
     changes: dict
     purpose: str = COMPARE
     """``compare`` (a result the report compares) or ``lr_selection`` (only chooses the variant's lr)."""
+    stage: str = "pretrain"
+    parent: str | None = None
+    """A post-training run's starting run (the previous stage's run of the same variant and seed)."""
+    stage_config: dict | None = None
+    """A post-training run's raw config, written as its ``run.yaml`` (its model is read from ``parent`` then)."""
 
 
 def load_sweep(path: str | Path, overrides: list[str] | tuple = ()) -> tuple[SweepSpec, Path]:
@@ -220,6 +297,46 @@ def plan(spec: SweepSpec, root: Path, sweep_dir: Path,
                 run.optimizer.lr = lr
             _apply_budget(run, spec.budget)
             runs.append(PlannedRun(run_id, name, seed, lr, run, changes, purpose))
+            if purpose == COMPARE:
+                runs += _stage_runs(spec, root, sweep_dir, runs[-1])
+    return runs
+
+
+def resolve_recipe_paths(recipe: dict, root: Path) -> dict:
+    """A recipe with its local data files (``data.source``, ``task.data``) resolved against the spec's
+    directory when they exist there (as ``base`` is); other values (cwd-relative paths, hub names) kept."""
+    recipe = copy.deepcopy(recipe)
+    for section, key in (("data", "source"), ("task", "data")):
+        value = (recipe.get(section) or {}).get(key)
+        if isinstance(value, str) and not Path(value).is_absolute() and (root / value).exists():
+            recipe[section][key] = str((root / value).resolve())
+    return recipe
+
+
+def _stage_runs(spec: SweepSpec, root: Path, sweep_dir: Path, pretrain: PlannedRun) -> list[PlannedRun]:
+    """The post-training runs that continue ``pretrain``, one per stage after it, each from the one before."""
+    from archifactory.posttrain.recipe import recipe_run
+
+    runs, parent = [], pretrain
+    model = pretrain.config.model.model_dump(mode="json")
+    if len(spec.stages) > 1 and pretrain.config.data.tokenizer.kind == "bytes":
+        raise ConfigError(f"variant {pretrain.variant!r}: data.tokenizer.kind=bytes cannot take the chat template's "
+                          "tokens; pretrain with data.tokenizer.kind=bpe (or hf) for the sft stage")
+    for stage in spec.stages[1:]:
+        recipe = resolve_recipe_paths(getattr(spec, stage), root)
+        scale = recipe.pop(LR_SCALE, None)
+        run_id = f"{parent.run_id}-{stage}"
+        out_dir = sweep_dir / "runs" / run_id
+        try:
+            data, cfg = recipe_run(stage, recipe, base=parent.config.out_dir, name=run_id, out_dir=out_dir,
+                                   seed=pretrain.seed, model=model,
+                                   lr=None if scale is None else scale * pretrain.config.optimizer.lr)
+        except ConfigError as err:
+            raise ConfigError(f"variant {pretrain.variant!r}: {err}") from None
+        run = PlannedRun(run_id, pretrain.variant, pretrain.seed, pretrain.lr, cfg, pretrain.changes, COMPARE,
+                         stage, parent.run_id, data)
+        runs.append(run)
+        parent = run
     return runs
 
 

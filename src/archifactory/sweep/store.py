@@ -5,10 +5,20 @@ Tables:
 - ``runs``: one row per (variant, seed[, lr]): status (pending | running | done | failed), error text,
   the resolved run config (JSON), the variant's changes against the base (JSON), run directory,
   environment (JSON, with kernel paths), start/finish times, and its purpose: ``compare`` (a result the
-  report compares) or ``lr_selection`` (a run of an lr grid that only chooses the variant's lr).
-- ``metrics``: per-step training and evaluation records of every run.
+  report compares) or ``lr_selection`` (a run of an lr grid that only chooses the variant's lr); its
+  ``stage`` (``pretrain`` | ``sft`` | ``grpo``) and, for a post-training stage, ``parent_run_id``: the run
+  it starts from (an SFT run's pretraining run, a GRPO run's SFT run), with the same variant and seed.
+- ``metrics``: per-step training and evaluation records of every run (kinds ``train``, ``eval`` and, for
+  GRPO, ``grpo``: mean reward, pass rate, completion length, KL, clip fraction; GRPO's ``eval`` records
+  hold ``eval_accuracy``, the held-out greedy exact match).
 - ``final``: one row per finished run: final validation loss / bits per byte / perplexity, parameters,
-  FLOPs per token, tokens/s, peak memory, cache bytes, tokens, wall time, the token-stream hash.
+  FLOPs per token, tokens/s, peak memory, cache bytes, tokens, wall time, the token-stream hash, and
+  ``exact_match``: held-out greedy exact match on the GRPO task (a GRPO run's final evaluation; an SFT
+  run's is its GRPO run's step-0 evaluation, the same problems decoded the same way before any update).
+- ``evaluations`` / ``eval_metrics``: the sweep's ``eval:`` tasks per run (:class:`archifactory.eval.store.EvalStore`).
+
+Stores written before a column existed are migrated when opened for writing (``ALTER TABLE ... ADD
+COLUMN`` with the column's default: ``stage`` = ``pretrain``, ``purpose`` = ``compare``).
 
 Every write is a transaction; ``archifactory report`` reads this file alone.
 """
@@ -46,7 +56,9 @@ CREATE TABLE IF NOT EXISTS runs (
     env_json TEXT,
     started_at REAL,
     finished_at REAL,
-    purpose TEXT NOT NULL DEFAULT 'compare'
+    purpose TEXT NOT NULL DEFAULT 'compare',
+    stage TEXT NOT NULL DEFAULT 'pretrain',
+    parent_run_id TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -59,6 +71,12 @@ CREATE TABLE IF NOT EXISTS metrics (
     tokens_per_s REAL,
     val_loss REAL,
     val_bpb REAL,
+    reward REAL,
+    pass_rate REAL,
+    completion_length REAL,
+    kl REAL,
+    clip_fraction REAL,
+    eval_accuracy REAL,
     PRIMARY KEY (run_id, kind, step)
 );
 CREATE TABLE IF NOT EXISTS final (
@@ -75,9 +93,20 @@ CREATE TABLE IF NOT EXISTS final (
     tokens INTEGER,
     elapsed_s REAL,
     stream_hash TEXT,
-    summary_json TEXT
+    summary_json TEXT,
+    exact_match REAL
 );
 """
+
+MIGRATIONS = {  # table -> columns added since the first release, with their definitions
+    "runs": {"purpose": "TEXT NOT NULL DEFAULT 'compare'", "stage": "TEXT NOT NULL DEFAULT 'pretrain'",
+             "parent_run_id": "TEXT"},
+    "metrics": {k: "REAL" for k in ("reward", "pass_rate", "completion_length", "kl", "clip_fraction",
+                                    "eval_accuracy")},
+    "final": {"exact_match": "REAL"},
+}
+METRIC_COLUMNS = ("tokens", "elapsed_s", "loss", "lr", "tokens_per_s", "val_loss", "val_bpb", *MIGRATIONS["metrics"])
+STAGES = ("pretrain", "sft", "grpo")
 
 
 class StoreDamagedError(UserError, RuntimeError):
@@ -103,12 +132,15 @@ class Store:
             return
         with self.transaction() as db:
             db.executescript(SCHEMA)
-            if not self._has_purpose(db):  # a store written before lr-selection runs existed
-                db.execute("ALTER TABLE runs ADD COLUMN purpose TEXT NOT NULL DEFAULT 'compare'")
+            for table, columns in MIGRATIONS.items():  # a store written before these columns existed
+                have = self._columns(db, table)
+                for name, definition in columns.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
     @staticmethod
-    def _has_purpose(db: sqlite3.Connection) -> bool:
-        return any(row[1] == "purpose" for row in db.execute("PRAGMA table_info(runs)"))
+    def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+        return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
     def _damaged(self, reason: str) -> StoreDamagedError:
         return StoreDamagedError(
@@ -149,16 +181,23 @@ class Store:
             )
 
     def add_run(self, run_id: str, variant: str, seed: int, lr: float | None, is_baseline: bool, config: dict,
-                changes: dict, run_dir: str, purpose: str = "compare") -> None:
-        """Register a run; an existing run keeps its status and results."""
+                changes: dict, run_dir: str, purpose: str = "compare", stage: str = "pretrain",
+                parent_run_id: str | None = None) -> None:
+        """Register a run; an existing run keeps its status and results. ``stage``: ``pretrain`` | ``sft`` |
+        ``grpo``; a post-training stage names the run it starts from in ``parent_run_id``."""
+        if stage not in STAGES:
+            raise ValueError(f"stage={stage!r}; use one of {', '.join(STAGES)}")
+        if (stage == "pretrain") != (parent_run_id is None):
+            raise ValueError(f"run {run_id}: a {stage} run {'has no' if stage == 'pretrain' else 'needs a'} parent run")
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO runs (run_id, variant, seed, lr, is_baseline, config_json, changes_json, run_dir, purpose) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET config_json=excluded.config_json, "
-                "changes_json=excluded.changes_json, run_dir=excluded.run_dir, is_baseline=excluded.is_baseline, "
-                "purpose=excluded.purpose",
+                "INSERT INTO runs (run_id, variant, seed, lr, is_baseline, config_json, changes_json, run_dir, purpose, "
+                "stage, parent_run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
+                "config_json=excluded.config_json, changes_json=excluded.changes_json, run_dir=excluded.run_dir, "
+                "is_baseline=excluded.is_baseline, purpose=excluded.purpose, stage=excluded.stage, "
+                "parent_run_id=excluded.parent_run_id",
                 (run_id, variant, seed, lr, int(is_baseline), json.dumps(config), json.dumps(changes), run_dir,
-                 purpose),
+                 purpose, stage, parent_run_id),
             )
 
     def mark(self, run_id: str, status: str, error: str | None = None) -> None:
@@ -177,23 +216,26 @@ class Store:
             for r in metrics:  # a resumed run repeats steps after its checkpoint: keep the last record
                 rows[(r.get("kind", "train"), int(r["step"]))] = r
             db.executemany(
-                "INSERT INTO metrics (run_id, kind, step, tokens, elapsed_s, loss, lr, tokens_per_s, val_loss, val_bpb) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (run_id, kind, step, r.get("tokens"), r.get("elapsed_s"), r.get("loss"), r.get("lr"),
-                     r.get("tokens_per_s"), r.get("val_loss"), r.get("val_bpb"))
-                    for (kind, step), r in sorted(rows.items())
-                ],
+                f"INSERT INTO metrics (run_id, kind, step, {', '.join(METRIC_COLUMNS)}) "
+                f"VALUES (?, ?, ?{', ?' * len(METRIC_COLUMNS)})",
+                [(run_id, kind, step, *(r.get(c) for c in METRIC_COLUMNS)) for (kind, step), r in sorted(rows.items())],
             )
             db.execute(
                 "INSERT OR REPLACE INTO final (run_id, val_loss, val_bpb, val_ppl, params, active_params, flops_per_token, "
-                "tokens_per_s, peak_mem_bytes, state_bytes, tokens, elapsed_s, stream_hash, summary_json) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "tokens_per_s, peak_mem_bytes, state_bytes, tokens, elapsed_s, stream_hash, summary_json, exact_match) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (run_id, summary.get("val_loss"), summary.get("val_bpb"), summary.get("val_ppl"), summary.get("params"),
                  summary.get("active_params"), summary.get("flops_per_token_train"), summary.get("tokens_per_s"),
                  summary.get("peak_mem_bytes"), summary.get("state_bytes"), summary.get("tokens"),
-                 summary.get("elapsed_s"), summary.get("stream_hash"), json.dumps(summary)),
+                 summary.get("elapsed_s"), summary.get("stream_hash"), json.dumps(summary),
+                 summary.get("eval_accuracy")),
             )
+            parent = db.execute("SELECT stage, parent_run_id FROM runs WHERE run_id=?", (run_id,)).fetchone()
+            start = [r for (kind, step), r in rows.items() if kind == "eval" and step == 0 and "eval_accuracy" in r]
+            if parent is not None and parent["stage"] == "grpo" and start:
+                # the SFT model's held-out exact match: this GRPO run's evaluation before its first update
+                db.execute("UPDATE final SET exact_match=? WHERE run_id=?",
+                           (start[0]["eval_accuracy"], parent["parent_run_id"]))
             env = {k: summary.get(k) for k in ("device", "precision", "torch", "python", "kernel_paths", "world_size")}
             db.execute("UPDATE runs SET status='done', error=NULL, finished_at=?, env_json=? WHERE run_id=?",
                        (time.time(), json.dumps(env), run_id))
@@ -205,21 +247,39 @@ class Store:
             row = db.execute("SELECT * FROM sweep WHERE id=1").fetchone()
         return dict(row) if row else None
 
-    def runs(self) -> list[dict[str, Any]]:
+    def _stage_filter(self, db: sqlite3.Connection, stage: str | None) -> tuple[str, list]:
+        if stage is None:
+            return "", []
+        if stage not in STAGES:
+            raise ValueError(f"stage={stage!r}; use one of {', '.join(STAGES)} or None for every stage")
+        if "stage" not in self._columns(db, "runs"):  # read-only store written before stages existed
+            return ("", []) if stage == "pretrain" else (" AND 0", [])
+        return " AND runs.stage=?", [stage]
+
+    def runs(self, stage: str | None = "pretrain") -> list[dict[str, Any]]:
+        """Registered runs of ``stage`` (default: pretraining runs, the ones variants are compared on; ``None``:
+        every stage), with ``purpose``, ``stage`` and ``parent_run_id`` filled in for older stores."""
         with self.connect() as db:
-            rows = [dict(r) for r in db.execute("SELECT * FROM runs ORDER BY variant, seed, lr")]
+            where, args = self._stage_filter(db, stage)
+            rows = [dict(r) for r in db.execute(f"SELECT * FROM runs WHERE 1=1{where} ORDER BY variant, seed, lr", args)]
         for row in rows:
             row.setdefault("purpose", "compare")
+            row.setdefault("stage", "pretrain")
+            row.setdefault("parent_run_id", None)
         return rows
 
-    def finals(self) -> list[dict[str, Any]]:
-        """Finished runs' final figures with ``variant``, ``seed``, ``lr``, ``is_baseline`` and ``purpose``
-        (``compare`` in a store written before lr-selection runs existed)."""
+    def finals(self, stage: str | None = "pretrain") -> list[dict[str, Any]]:
+        """Finished runs' final figures with ``variant``, ``seed``, ``lr``, ``is_baseline``, ``purpose``
+        (``compare`` in a store written before lr-selection runs existed), ``stage`` and ``parent_run_id``;
+        only ``stage``'s runs (default ``pretrain``; ``None``: every stage)."""
         with self.connect() as db:
-            purpose = "purpose" if self._has_purpose(db) else "'compare' AS purpose"
+            have = self._columns(db, "runs")
+            purpose = "purpose" if "purpose" in have else "'compare' AS purpose"
+            stage_cols = "stage, parent_run_id" if "stage" in have else "'pretrain' AS stage, NULL AS parent_run_id"
+            where, args = self._stage_filter(db, stage)
             return [dict(r) for r in db.execute(
-                f"SELECT runs.run_id, variant, seed, lr, is_baseline, {purpose}, final.* FROM final "
-                "JOIN runs USING (run_id) WHERE runs.status='done' ORDER BY variant, seed"
+                f"SELECT runs.run_id, variant, seed, lr, is_baseline, {purpose}, {stage_cols}, final.* FROM final "
+                f"JOIN runs USING (run_id) WHERE runs.status='done'{where} ORDER BY variant, seed", args
             )]
 
     def metrics(self, run_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,250 @@
+"""Post-training stages in a sweep: the spec, the plan (one recipe for every variant), the store's
+stage columns and their migration, and the runner end to end (chains, evaluation, resuming)."""
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+import yaml
+
+from archifactory.config import ConfigError, validate
+from archifactory.sweep.spec import SweepSpec, load_sweep, plan
+from archifactory.sweep.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+ALPACA = SHARED / "sft" / "alpaca_en_demo.jsonl"
+TINYSTORIES = SHARED / "tinystories" / "train.txt"
+
+
+def base(tmp_path):
+    return {
+        "model": {"vocab_size": 320, "d_model": 32, "n_layers": 2, "max_seq_len": 128,
+                  "mixer": {"kind": "attention", "n_heads": 2}, "ffn": {"kind": "swiglu", "hidden": 64}},
+        "data": {"corpus": {"kind": "tinystories", "path": str(TINYSTORIES), "max_documents": 300},
+                 "tokenizer": {"kind": "bpe"}, "cache_dir": str(tmp_path / "cache")},
+        "optimizer": {"lr": 3e-3},
+        "train": {"seq_len": 32, "batch_size": 8, "max_steps": 1, "eval_every": 4, "eval_tokens": 1024,
+                  "log_every": 1, "checkpoint_every": 4, "threads": 1, "precision": "fp32"},
+    }
+
+
+SFT = {"data": {"source": str(ALPACA), "max_examples": 40, "val_fraction": 0.1},
+       "optimizer": {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0},
+       "train": {"seq_len": 96, "batch_size": 4, "max_steps": 2, "eval_every": 2, "checkpoint_every": 2,
+                 "threads": 1, "precision": "fp32"}}
+GRPO = {"task": {"name": "addition", "digits": 1},
+        "grpo": {"num_generations": 4, "max_completion_length": 3, "eval_problems": 4},
+        "train": {"seq_len": 64, "batch_size": 8, "max_steps": 2, "eval_every": 2, "checkpoint_every": 1,
+                  "threads": 1, "precision": "fp32"}}
+
+
+def spec(tmp_path, **fields):
+    data = {"name": "t", "base": base(tmp_path), "seeds": [0, 1], "budget": {"tokens": 8 * 32 * 4},
+            "variants": {"mqa": ["model.mixer.n_kv_heads=1"]}, "parallel": 2,
+            "stages": ["pretrain", "sft", "grpo"], "sft": SFT, "grpo": GRPO, **fields}
+    return validate(SweepSpec, data)
+
+
+# ----------------------------------------------------------------------------------------------- spec
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"stages": ["pretrain", "grpo"]}, r"use \[pretrain\], \[pretrain, sft\] or \[pretrain, sft, grpo\]"),
+    ({"stages": ["sft"]}, "each stage starts from the one before"),
+    ({"stages": ["pretrain", "sft"]}, "grpo: a recipe is given but stages"),
+    ({"sft": None}, "stages: lists sft but the spec has no sft: section"),
+    ({"sft": {**SFT, "base": "runs/x"}}, "sft.base: set by the sweep for each run"),
+    ({"grpo": {**GRPO, "model": "tiny"}}, "grpo.model: set by the sweep for each run"),
+    ({"grpo": {**GRPO, "lr_scale": -1}}, "grpo.lr_scale: -1; give a positive number"),
+    ({"eval": {"tasks": ["piqaa"]}}, "unknown task 'piqaa'"),
+    ({"eval": {"tasks": ["piqa"], "limit": 0}}, "greater than or equal to 1"),
+    ({"stages": ["pretrain"], "sft": None, "grpo": None, "eval": {"tasks": ["piqa"], "stages": ["sft"]}},
+     r"eval.stages: \['sft'\] not in stages"),
+])
+def test_stage_spec_errors_say_what_to_change(tmp_path, fields, message):
+    with pytest.raises(ConfigError, match=message):
+        spec(tmp_path, **fields)
+
+
+def test_plan_gives_every_variant_the_same_recipe(tmp_path):
+    s = spec(tmp_path, variants={"mqa": ["model.mixer.n_kv_heads=1"],
+                                 "fast": {"overrides": ["model.ffn.hidden=96"], "lr": [6e-3]}},
+             grpo={**GRPO, "lr_scale": 0.1})
+    runs = plan(s, tmp_path, tmp_path / "sweep")
+    by_id = {r.run_id: r for r in runs}
+    assert [r.run_id for r in runs if r.variant == "mqa"] == ["mqa-s0", "mqa-s0-sft", "mqa-s0-sft-grpo", "mqa-s1",
+                                                              "mqa-s1-sft", "mqa-s1-sft-grpo"]
+    grpo = by_id["mqa-s1-sft-grpo"]
+    assert (grpo.stage, grpo.parent, grpo.seed) == ("grpo", "mqa-s1-sft", 1)
+    assert grpo.stage_config["base"] == str(tmp_path / "sweep" / "runs" / "mqa-s1-sft")
+    assert by_id["mqa-s1-sft"].stage_config["base"] == str(tmp_path / "sweep" / "runs" / "mqa-s1")
+    # the lr rule: GRPO at a tenth of each variant's pretraining lr; SFT at the recipe's lr for all
+    assert by_id["fast-lr0.006-s0-sft-grpo"].config.optimizer.lr == pytest.approx(6e-4)
+    assert by_id["baseline-s0-sft-grpo"].config.optimizer.lr == pytest.approx(3e-4)
+    assert {r.config.optimizer.lr for r in runs if r.stage == "sft"} == {1e-3}
+
+    def recipe(run):  # everything but what names the run, its starting point, seed and lr
+        data = json.loads(json.dumps(run.stage_config))
+        data["train"].pop("seed")
+        data["optimizer"].pop("lr")
+        return {k: v for k, v in data.items() if k not in ("base", "name", "out_dir")}
+
+    for stage in ("sft", "grpo"):
+        staged = [r for r in runs if r.stage == stage]
+        assert len(staged) == 6 and all(recipe(r) == recipe(staged[0]) for r in staged)
+        assert [r.stage_config["train"]["seed"] for r in staged] == [r.seed for r in staged]
+    # stage defaults hold where the recipe names none: SFT's lr schedule is linear decay, GRPO's constant
+    assert by_id["mqa-s0-sft"].config.schedule.kind == "linear"
+    assert by_id["mqa-s0-sft-grpo"].config.schedule.kind == "constant"
+
+
+def test_recipe_data_paths_resolve_against_the_spec_file(tmp_path):
+    folder = tmp_path / "configs" / "sweeps"
+    folder.mkdir(parents=True)
+    (tmp_path / "chat.jsonl").write_text(ALPACA.read_text())
+    data = {"name": "p", "base": base(tmp_path), "budget": {"tokens": 256}, "stages": ["pretrain", "sft"],
+            "sft": {**SFT, "data": {"source": "../../chat.jsonl"}}}
+    (folder / "p.yaml").write_text(yaml.safe_dump(data))
+    s, root = load_sweep(folder / "p.yaml")
+    sft = [r for r in plan(s, root, tmp_path / "sweep") if r.stage == "sft"][0]
+    assert sft.stage_config["data"]["source"] == str((tmp_path / "chat.jsonl").resolve())
+
+
+def test_a_bad_recipe_is_an_error_naming_the_variant(tmp_path):
+    s = spec(tmp_path, base_overrides=["data.tokenizer.kind=bytes", "model.vocab_size=257"])
+    with pytest.raises(ConfigError, match="data.tokenizer.kind=bytes cannot take the chat template's tokens"):
+        plan(s, tmp_path, tmp_path / "sweep")
+    s = spec(tmp_path, grpo={**GRPO, "train": {**GRPO["train"], "batch_size": 6}})
+    with pytest.raises(ConfigError, match="variant 'baseline': grpo: .*must hold whole groups"):
+        plan(s, tmp_path, tmp_path / "sweep")
+    s = spec(tmp_path, sft={**SFT, "sft": {"packing": "sometimes"}})
+    with pytest.raises(ConfigError, match="variant 'baseline': sft: .*sft.packing"):
+        plan(s, tmp_path, tmp_path / "sweep")
+
+
+def test_shipped_posttrain_sweeps_plan(tmp_path):
+    for path in sorted((ROOT / "configs" / "sweeps").glob("posttrain*.yaml")):
+        s, root = load_sweep(path)
+        runs = plan(s, root, tmp_path / path.stem)
+        assert s.stages == ["pretrain", "sft", "grpo"] and s.eval is not None, path
+        assert {r.stage for r in runs} == {"pretrain", "sft", "grpo"}
+        sft = [r for r in runs if r.stage == "sft"][0]
+        assert Path(sft.stage_config["data"]["source"]).is_file(), sft.stage_config["data"]
+
+
+# ---------------------------------------------------------------------------------------------- store
+
+
+OLD_SCHEMA = """
+CREATE TABLE runs (run_id TEXT PRIMARY KEY, variant TEXT NOT NULL, seed INTEGER NOT NULL, lr REAL,
+    is_baseline INTEGER NOT NULL DEFAULT 0, status TEXT NOT NULL DEFAULT 'pending', error TEXT,
+    config_json TEXT NOT NULL, changes_json TEXT NOT NULL, run_dir TEXT NOT NULL, env_json TEXT,
+    started_at REAL, finished_at REAL);
+CREATE TABLE metrics (run_id TEXT NOT NULL, kind TEXT NOT NULL, step INTEGER NOT NULL, tokens INTEGER,
+    elapsed_s REAL, loss REAL, lr REAL, tokens_per_s REAL, val_loss REAL, val_bpb REAL,
+    PRIMARY KEY (run_id, kind, step));
+CREATE TABLE final (run_id TEXT PRIMARY KEY, val_loss REAL, val_bpb REAL, val_ppl REAL, params INTEGER,
+    active_params INTEGER, flops_per_token REAL, tokens_per_s REAL, peak_mem_bytes INTEGER, state_bytes INTEGER,
+    tokens INTEGER, elapsed_s REAL, stream_hash TEXT, summary_json TEXT);
+INSERT INTO runs (run_id, variant, seed, status, config_json, changes_json, run_dir)
+    VALUES ('baseline-s0', 'baseline', 0, 'done', '{}', '{}', 'runs/baseline-s0');
+INSERT INTO final (run_id, val_loss) VALUES ('baseline-s0', 2.5);
+"""
+
+
+def test_a_store_from_before_stages_is_migrated_and_read(tmp_path):
+    path = tmp_path / "results.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(OLD_SCHEMA)
+    db.close()
+    old = Store(path, read_only=True)  # read as it is: every run a pretraining run
+    assert [(r["run_id"], r["stage"], r["purpose"]) for r in old.finals()] == [("baseline-s0", "pretrain", "compare")]
+    assert old.finals(stage="sft") == [] and old.runs()[0]["parent_run_id"] is None
+    store = Store(path)  # opened for writing: the columns are added with their defaults
+    columns = {row[1]: row for row in sqlite3.connect(path).execute("PRAGMA table_info(runs)")}
+    assert columns["stage"][4] == "'pretrain'" and columns["stage"][3] == 1  # default, NOT NULL
+    assert "parent_run_id" in columns and "purpose" in columns
+    assert store.runs()[0]["stage"] == "pretrain" and store.finals()[0]["val_loss"] == 2.5
+    store.add_run("baseline-s0-sft", "baseline", 0, None, True, {}, {}, "runs/x", stage="sft",
+                  parent_run_id="baseline-s0")
+    assert [r["run_id"] for r in store.runs()] == ["baseline-s0"]
+    assert [(r["run_id"], r["parent_run_id"]) for r in store.runs(stage="sft")] == [("baseline-s0-sft", "baseline-s0")]
+    assert len(store.runs(stage=None)) == 2
+    with pytest.raises(ValueError, match="a sft run needs a parent run"):
+        store.add_run("y", "baseline", 0, None, True, {}, {}, "runs/y", stage="sft")
+    with pytest.raises(ValueError, match="stage='dpo'"):
+        store.add_run("y", "baseline", 0, None, True, {}, {}, "runs/y", stage="dpo", parent_run_id="x")
+
+
+def test_grpo_results_give_the_sft_run_its_starting_exact_match(tmp_path):
+    store = Store(tmp_path / "results.sqlite")
+    store.add_run("b-s0", "baseline", 0, None, True, {}, {}, "r0")
+    store.add_run("b-s0-sft", "baseline", 0, None, True, {}, {}, "r1", stage="sft", parent_run_id="b-s0")
+    store.add_run("b-s0-sft-grpo", "baseline", 0, None, True, {}, {}, "r2", stage="grpo", parent_run_id="b-s0-sft")
+    store.record_results("b-s0-sft", [{"kind": "eval", "step": 4, "val_loss": 3.0}], {"val_loss": 3.0})
+    metrics = [{"kind": "eval", "step": 0, "eval_accuracy": 0.125},
+               {"kind": "grpo", "step": 1, "reward": 0.5, "pass_rate": 0.25, "completion_length": 3.0, "kl": 0.0,
+                "clip_fraction": 0.0},
+               {"kind": "eval", "step": 2, "eval_accuracy": 0.375}]
+    store.record_results("b-s0-sft-grpo", metrics, {"eval_accuracy": 0.375})
+    finals = {f["run_id"]: f for f in store.finals(stage=None)}
+    assert finals["b-s0-sft"]["exact_match"] == 0.125 and finals["b-s0-sft-grpo"]["exact_match"] == 0.375
+    curve = store.metrics("b-s0-sft-grpo", "grpo")
+    assert [(m["step"], m["reward"], m["pass_rate"]) for m in curve] == [(1, 0.5, 0.25)]
+    assert [m["eval_accuracy"] for m in store.metrics("b-s0-sft-grpo", "eval")] == [0.125, 0.375]
+
+
+# --------------------------------------------------------------------------------------------- runner
+
+
+def test_runner_chains_the_stages_evaluates_each_and_restarts_where_it_stopped(tmp_path):
+    from archifactory.eval.store import EvalStore
+    from archifactory.sweep.runner import SweepRunner
+
+    s = spec(tmp_path, seeds=[0], eval={"tasks": ["piqa"], "limit": 2, "stages": ["pretrain", "grpo"]})
+    sweep_dir = tmp_path / "sweep"
+    counts = SweepRunner(s, tmp_path, sweep_dir).run()
+    assert counts == {"done": 6, "failed": 0}
+    store = Store(sweep_dir / "results.sqlite")
+    runs = {r["run_id"]: r for r in store.runs(stage=None)}
+    assert {r: (v["stage"], v["parent_run_id"]) for r, v in runs.items()} == {
+        "baseline-s0": ("pretrain", None), "baseline-s0-sft": ("sft", "baseline-s0"),
+        "baseline-s0-sft-grpo": ("grpo", "baseline-s0-sft"), "mqa-s0": ("pretrain", None),
+        "mqa-s0-sft": ("sft", "mqa-s0"), "mqa-s0-sft-grpo": ("grpo", "mqa-s0-sft")}
+    sft = {f["run_id"]: f for f in store.finals(stage="sft")}
+    grpo = {f["run_id"]: f for f in store.finals(stage="grpo")}
+    assert all(f["val_loss"] > 0 for f in sft.values())
+    assert all(0 <= f["exact_match"] <= 1 for f in [*sft.values(), *grpo.values()])
+    # the same SFT data order and the same GRPO prompts for both variants
+    assert len({f["stream_hash"] for f in sft.values()}) == 1 and len({f["stream_hash"] for f in grpo.values()}) == 1
+    assert [m["step"] for m in store.metrics("mqa-s0-sft-grpo", "grpo")] == [1, 2]
+    # the SFT model's exact match is the GRPO run's evaluation before its first update
+    start = store.metrics("mqa-s0-sft-grpo", "eval")[0]
+    assert start["step"] == 0 and sft["mqa-s0-sft"]["exact_match"] == start["eval_accuracy"]
+    evaluated = {(m.run_id, m.task) for m in EvalStore(sweep_dir / "results.sqlite").metrics()}
+    assert evaluated == {(r, "piqa") for r in ("baseline-s0", "mqa-s0", "baseline-s0-sft-grpo", "mqa-s0-sft-grpo")}
+
+    # killed during GRPO: its row is not done and its final model is gone; the sweep resumes only that run
+    store.mark("mqa-s0-sft-grpo", "running")
+    import shutil
+
+    shutil.rmtree(sweep_dir / "runs" / "mqa-s0-sft-grpo" / "model")
+    logs = {r: (sweep_dir / "runs" / r / "train.log").read_text() for r in runs}
+    eval_log = (sweep_dir / "runs" / "mqa-s0" / "eval.log").read_text()
+    assert SweepRunner(s, tmp_path, sweep_dir).run() == {"done": 6, "failed": 0}
+    changed = {r for r in runs if (sweep_dir / "runs" / r / "train.log").read_text() != logs[r]}
+    assert changed == {"mqa-s0-sft-grpo"}
+    assert "resum" in (sweep_dir / "runs" / "mqa-s0-sft-grpo" / "train.log").read_text()[len(logs["mqa-s0-sft-grpo"]):]
+    assert (sweep_dir / "runs" / "mqa-s0" / "eval.log").read_text() == eval_log  # stored evaluations skipped
+
+
+def test_a_failed_stage_stops_its_chain(tmp_path):
+    from archifactory.sweep.runner import SweepRunner
+
+    s = spec(tmp_path, seeds=[0], variants={}, sft={**SFT, "data": {"source": str(tmp_path / "missing.jsonl")}})
+    assert SweepRunner(s, tmp_path, tmp_path / "sweep").run() == {"done": 1, "failed": 2}
+    runs = {r["run_id"]: r for r in Store(tmp_path / "sweep" / "results.sqlite").runs(stage=None)}
+    assert "missing.jsonl" in runs["baseline-s0-sft"]["error"]
+    assert runs["baseline-s0-sft-grpo"]["error"] == "not run: its sft run baseline-s0-sft failed"
