@@ -331,3 +331,57 @@ def test_cli_grpo(sft_run, tmp_path):
                                       "--set", "grpo.max_completion_length=3", "--set", "train.progress=false"])
     assert result.exit_code == 0, result.output
     assert (out / "model" / "model.safetensors").is_file() and "stage: grpo" in (out / "config.yaml").read_text()
+
+
+def test_several_updates_per_rollout_clip_the_ratio_to_the_sampling_weights(sft_run, tmp_path):
+    """num_iterations=2: the second step reuses the first step's completions, and its loss is the clipped
+    surrogate with ratio exp(logp_now - logp_sampling), computed here by hand from the two weight sets."""
+    from archifactory.config import ConfigError
+    from archifactory.posttrain.grpo import GRPOTrainer, load_grpo_config
+
+    with pytest.raises(ConfigError, match="checkpoint_every=3 must be a multiple of grpo.num_iterations=2"):
+        load_grpo_config({**grpo_config(sft_run, tmp_path, checkpoint_every=3),
+                          "grpo": {"num_generations": 4, "num_iterations": 2}})
+    cfg = grpo_config(sft_run, tmp_path, "mu", micro_batch_size=8)
+    cfg["grpo"] |= {"format_reward": 1.0, "max_completion_length": 6, "num_iterations": 2, "epsilon": 0.05}
+    cfg["optimizer"] = {"name": "adamw", "lr": 3e-2, "weight_decay": 0.0}
+    trainer = GRPOTrainer(load_grpo_config(cfg), resume=False)
+    trainer.setup()
+    trainer.metrics.close()
+
+    def logp(model, r):  # log-softmax of the logits, gathered at the completion tokens (temperature 1)
+        logits = model(r["input_ids"]).logits
+        lse = torch.logsumexp(logits, dim=-1)
+        picked = logits.gather(-1, r["targets"].clamp(min=0)[..., None]).squeeze(-1)
+        return picked - lse
+
+    import copy
+
+    sampling_model = copy.deepcopy(trainer.model)  # the weights that sample generation batch 0
+    trainer.train_step()  # step 0: samples generation batch 0 and updates once
+    r = trainer._rollouts[0]
+    assert r["rewards"].std() > 0
+    with torch.no_grad():
+        old = logp(sampling_model, r)
+    mask = r["targets"] != -100
+    assert torch.allclose(r["old_logprobs"][mask], old[mask], atol=1e-5)
+    trainer.step = 1
+    loss = trainer.micro_loss(1)  # step 1, same generation batch: no new sampling
+    assert trainer._rollouts[0] is r
+    mask = mask.float()
+    new = logp(trainer.model, r)
+    ratio = torch.exp(new - old)
+    adv = r["advantages"][:, None]
+    per_token = -torch.minimum(ratio * adv, ratio.clamp(1 - 0.05, 1 + 0.05) * adv)
+    hand = (per_token * mask).sum() / mask.sum()
+    assert not torch.allclose(ratio[mask.bool()], torch.ones_like(ratio[mask.bool()]))  # the weights moved
+    clipped = ((ratio < 0.95) & (adv < 0)) | ((ratio > 1.05) & (adv > 0))
+    assert clipped[mask.bool()].any()  # the clip binds somewhere
+    assert float(loss.detach()) == pytest.approx(float(hand.detach()), rel=1e-4, abs=1e-6)
+    g_loss = torch.autograd.grad(loss, list(trainer.model.parameters()), allow_unused=True)
+    g_hand = torch.autograd.grad(hand, list(trainer.model.parameters()), allow_unused=True)
+    assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-6)
+               for a, b in zip(g_loss, g_hand))
+    trainer.step = 2
+    trainer.micro_loss(2)  # step 2 starts generation batch 1
+    assert trainer._rollouts[0] is not r and trainer._generation == 1

@@ -223,6 +223,11 @@ def test_runner_chains_the_stages_evaluates_each_and_restarts_where_it_stopped(t
     # the SFT model's exact match is the GRPO run's evaluation before its first update
     start = store.metrics("mqa-s0-sft-grpo", "eval")[0]
     assert start["step"] == 0 and sft["mqa-s0-sft"]["exact_match"] == start["eval_accuracy"]
+    from archifactory.sweep.stages import stage_fairness
+
+    for stage in ("sft", "grpo"):
+        check = stage_fairness(stage, store.runs(stage=stage), store.finals(stage=stage))
+        assert check.ok and len(check.run_ids) == 2, check.values
     evaluated = {(m.run_id, m.task) for m in EvalStore(sweep_dir / "results.sqlite").metrics()}
     assert evaluated == {(r, "piqa") for r in ("baseline-s0", "mqa-s0", "baseline-s0-sft-grpo", "mqa-s0-sft-grpo")}
 
@@ -248,3 +253,27 @@ def test_a_failed_stage_stops_its_chain(tmp_path):
     runs = {r["run_id"]: r for r in Store(tmp_path / "sweep" / "results.sqlite").runs(stage=None)}
     assert "missing.jsonl" in runs["baseline-s0-sft"]["error"]
     assert runs["baseline-s0-sft-grpo"]["error"] == "not run: its sft run baseline-s0-sft failed"
+
+
+def test_stage_fairness_names_the_run_that_got_another_recipe():
+    from archifactory.sweep.stages import stage_fairness
+
+    def run(rid, lr=1e-3, steps=10, data="d1", max_steps=10):
+        config = {"name": rid, "base": f"runs/{rid[:-4]}", "optimizer": {"name": "adamw", "lr": lr},
+                  "train": {"seed": int(rid[-5]), "max_steps": max_steps, "batch_size": 4}, "sft": {"packing": "auto"}}
+        summary = {"corpus_fingerprint": data, "tokenizer_hash": "t", "steps": steps}
+        return ({"run_id": rid, "config_json": json.dumps(config)},
+                {"run_id": rid, "purpose": "compare", "stream_hash": "s" + data, "summary_json": json.dumps(summary)})
+
+    fair = [run("a-s0-sft"), run("b-s1-sft"), run("c-s0-sft")]
+    check = stage_fairness("sft", *zip(*fair))
+    assert check.ok and check.lr_by_run == {"a-s0-sft": 1e-3, "b-s1-sft": 1e-3, "c-s0-sft": 1e-3}
+    unfair = [run("a-s0-sft"), run("b-s1-sft", data="d2"), run("c-s0-sft", lr=2e-3, steps=9, max_steps=9)]
+    check = stage_fairness("sft", *zip(*unfair))
+    assert not check.ok
+    assert check.differing("data") == check.differing("stream") == ["b-s1-sft"]
+    assert check.differing("recipe") == check.differing("steps") == check.differing("budget") == ["c-s0-sft"]
+    assert check.identical("tokenizer")
+    # with the lr_scale rule the lr follows the variant: not a difference of recipe
+    check = stage_fairness("sft", *zip(run("a-s0-sft"), run("c-s0-sft", lr=2e-3)), lr_follows_variant=True)
+    assert check.ok and check.lr_by_run["c-s0-sft"] == 2e-3

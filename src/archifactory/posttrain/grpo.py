@@ -7,10 +7,17 @@ completions per prompt with the model's cached ``generate`` (stopping at ``<|im_
 within each group and takes the clipped GRPO loss (:mod:`archifactory.posttrain.grpo_loss`). The
 completion mask covers the completion up to and including its ``<|im_end|>``, as TRL's.
 
-Differences from TRL's ``GRPOTrainer``: one policy update per generation batch (TRL's default
-``num_iterations=1``, so the old log-probabilities are the current ones, detached, and the ratio is 1 at
-the update: the clip matters only with several updates, which are not offered yet); the validation metric is
-greedy exact-match accuracy on held-out problems (``eval_accuracy``), not a loss.
+**Several updates per rollout** (``grpo.num_iterations``, TRL's name; mu in the GRPO paper): a step whose
+index is a multiple of mu samples a new generation batch and records its log-probabilities under the
+sampling weights (``old_logprobs``); the next mu - 1 steps take the loss on the same completions, so the
+ratio ``exp(logp - old_logp)`` moves away from 1 and the clip binds. With mu = 1 (TRL's default) the old
+log-probabilities are the current ones, detached, and the ratio is 1. Checkpoints fall on generation
+boundaries (``train.checkpoint_every`` a multiple of mu), so a resumed run samples what the uninterrupted
+one would have.
+
+Differences from TRL's ``GRPOTrainer``: the validation metric is greedy exact-match accuracy on held-out
+problems (``eval_accuracy``), not a loss; TRL's ``steps_per_generation`` (one generation batch split over
+several steps) is not offered: a generation batch is one step's ``train.batch_size`` completions.
 
 ```
 grpo_run_dir/  config.yaml, tokenizer.json, chat_template.jinja (copied from the SFT run), metrics.jsonl
@@ -81,6 +88,9 @@ class GRPOOptions(Strict):
     """Added to the reward when a final answer can be read (0: correctness only)."""
     eval_problems: int = Field(64, ge=1)
     """Held-out problems answered greedily for ``eval_accuracy``."""
+    num_iterations: int = Field(1, ge=1)
+    """Optimizer steps per generation batch (TRL's ``num_iterations``, the paper's mu); > 1 makes the
+    clipped ratio bind."""
 
 
 def _grpo_train_default() -> TrainConfig:
@@ -109,6 +119,12 @@ class GRPORunConfig(RunConfig):
             raise ValueError(
                 f"train.micro_batch_size (or batch_size) = {micro} completions must hold whole groups of "
                 f"grpo.num_generations={self.grpo.num_generations}; use a multiple of it"
+            )
+        mu = self.grpo.num_iterations
+        if self.train.checkpoint_every % mu:
+            raise ValueError(
+                f"train.checkpoint_every={self.train.checkpoint_every} must be a multiple of grpo.num_iterations={mu}, "
+                "so a checkpoint falls where a new generation batch starts (exact resume)"
             )
         return self
 
@@ -151,6 +167,7 @@ class GRPOTrainer(Trainer):
             self.tokenizer.save(self.run_dir / "tokenizer.json")
             shutil.copyfile(base / TEMPLATE_FILE, self.run_dir / TEMPLATE_FILE)
         self._rollouts: list[dict] = []
+        self._generation: int | None = None  # the generation batch held in _rollouts
 
     def build_model(self) -> CausalLM:
         model = CausalLM.from_pretrained(Path(self.cfg.base) / "model")
@@ -169,6 +186,10 @@ class GRPOTrainer(Trainer):
         return micro_index * self.prompts_per_micro + self.dist.rank * per_rank + k
 
     def _stream_hash(self, n_batches: int) -> str:
+        """Hash of every prompt sampled in the first ``n_batches`` micro-batch steps (with mu updates per
+        generation batch, the micro-batches of ceil(steps / mu) generation batches)."""
+        mu = self.cfg.grpo.num_iterations
+        n_batches = -(-n_batches // (self.accum * mu)) * self.accum
         h = hashlib.sha256(f"grpo:{self.cfg.task.model_dump_json()}:{self.prompts_per_micro}".encode())
         for i in range(n_batches * self.prompts_per_micro):
             h.update(self.task.problem(i).prompt.encode())
@@ -216,14 +237,29 @@ class GRPOTrainer(Trainer):
             "correct": torch.tensor(correct, dtype=torch.float), "lengths": torch.tensor(lengths, dtype=torch.float),
         }
 
+    @torch.no_grad()
+    def sample_generation(self, generation: int) -> None:
+        """Roll out generation batch ``generation`` (one step's micro-batches) and, with several updates
+        per batch, the log-probabilities of its completions under the sampling weights."""
+        was_training = self.model.training
+        first = generation * self.accum
+        self._rollouts = [self.rollout(i) for i in range(first, first + self.accum)]
+        self.model.train(was_training)
+        if self.cfg.grpo.num_iterations > 1:
+            for r in self._rollouts:
+                with self.autocast():
+                    logits = self.model(r["input_ids"].to(self.device)).logits
+                r["old_logprobs"] = token_logprobs(logits, r["targets"].to(self.device), self.cfg.grpo.temperature)
+        local = torch.tensor(float(sum(int((r["targets"] != IGNORE_INDEX).sum()) for r in self._rollouts)))
+        self._step_tokens = float(all_reduce_mean(local.to(self.device), self.dist)) * self.dist.world_size
+        self._generation = generation
+
     def micro_loss(self, index: int) -> torch.Tensor:
         opts = self.cfg.grpo
         if index % self.accum == 0:  # sample the whole step first: DAPO normalises by all its tokens
-            was_training = self.model.training
-            self._rollouts = [self.rollout(i) for i in range(index, index + self.accum)]
-            self.model.train(was_training)
-            local = torch.tensor(float(sum(int((r["targets"] != IGNORE_INDEX).sum()) for r in self._rollouts)))
-            self._step_tokens = float(all_reduce_mean(local.to(self.device), self.dist)) * self.dist.world_size
+            generation = index // self.accum // opts.num_iterations
+            if self._generation != generation:
+                self.sample_generation(generation)
             self._step_stats = []
         r = self._rollouts[index % self.accum]
         x, y = r["input_ids"].to(self.device), r["targets"].to(self.device)
@@ -231,12 +267,13 @@ class GRPOTrainer(Trainer):
         with self.autocast():
             logits = self.train_model(x).logits
         logprobs = token_logprobs(logits, y, opts.temperature)
+        old = r["old_logprobs"] if "old_logprobs" in r else logprobs.detach()
         ref = None
         if self.ref_model is not None:
             with torch.no_grad(), self.autocast():
                 ref = token_logprobs(self.ref_model(x).logits, y, opts.temperature)
         out = grpo_loss(
-            logprobs, logprobs.detach(), r["advantages"].to(self.device), mask, ref_logprobs=ref, beta=opts.beta,
+            logprobs, old, r["advantages"].to(self.device), mask, ref_logprobs=ref, beta=opts.beta,
             epsilon_low=opts.epsilon, epsilon_high=opts.epsilon_high, loss_type=opts.loss_type,
             n_tokens=self._step_tokens / self.dist.world_size, max_completion_length=opts.max_completion_length,
         )

@@ -1,0 +1,97 @@
+"""Post-training stages of a sweep, as the report reads them: per stage, did every variant get the same
+recipe (same data, same order, same steps and batch, same GRPO prompts and sampling seeds), and each
+run's curves and final figures.
+
+The pretraining checks (:func:`archifactory.sweep.stats.fairness`) compare token streams; a
+post-training stage is fair when its runs agree on:
+
+- ``data``: the SFT data's hash, or the GRPO task (name, digits, seed: the prompt stream's identity);
+- ``stream``: the ``stream_hash`` of what the run read (SFT: the conversations in training order; GRPO:
+  every prompt of every step);
+- ``tokenizer``: the tokenizer's fingerprint (the base tokenizer plus the chat tokens);
+- ``steps``: the optimizer steps run;
+- ``budget``: ``train.max_steps / max_tokens / max_time_s / batch_size / seq_len`` of the run config;
+- ``recipe``: the rest of the resolved run config (optimizer, schedule, SFT or GRPO options), except what
+  names the run, its starting point, its seed, and the learning rate when the spec's ``lr_scale`` rule
+  ties it to the variant's pretraining lr (then ``lr`` lists each run's value).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from typing import Any, Mapping, Sequence
+
+from archifactory.sweep.stats import loads_or_none
+
+POSTTRAIN_STAGES = ("sft", "grpo")
+BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time_s", "batch_size", "seq_len")
+PER_RUN_KEYS = ("name", "out_dir", "base", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageFairness:
+    stage: str
+    run_ids: list[str]
+    values: dict[str, dict[str, Any]]
+    """check -> run id -> the run's value (JSON text for mappings)."""
+    lr_by_run: dict[str, float | None]
+
+    def identical(self, check: str) -> bool:
+        return len(set(self.values[check].values())) <= 1 and None not in self.values[check].values()
+
+    def differing(self, check: str) -> list[str]:
+        """Runs whose value is not the most common one (or missing)."""
+        counted = Counter(v for v in self.values[check].values() if v is not None)
+        reference = counted.most_common(1)[0][0] if counted else None
+        return sorted(r for r, v in self.values[check].items() if v is None or v != reference)
+
+    @property
+    def ok(self) -> bool:
+        return all(self.identical(check) for check in self.values)
+
+
+def _recipe(config: Mapping[str, Any], lr_follows_variant: bool) -> str:
+    data = json.loads(json.dumps(config))
+    for key in PER_RUN_KEYS:
+        data.pop(key, None)
+    train = data.get("train") or {}
+    train.pop("seed", None)
+    for key in BUDGET_FIELDS:
+        train.pop(key, None)
+    if lr_follows_variant:
+        (data.get("optimizer") or {}).pop("lr", None)
+    return json.dumps(data, sort_keys=True)
+
+
+def stage_fairness(stage: str, runs: Sequence[Mapping[str, Any]], finals: Sequence[Mapping[str, Any]],
+                   lr_follows_variant: bool = False) -> StageFairness:
+    """The checks of the module docstring over ``stage``'s finished compared runs (``runs`` and ``finals``
+    as :meth:`Store.runs` / :meth:`Store.finals` give them for that stage)."""
+    done = {f["run_id"]: f for f in finals if f.get("purpose", "compare") == "compare"}
+    configs = {r["run_id"]: loads_or_none(r.get("config_json")) or {} for r in runs if r["run_id"] in done}
+    summaries = {rid: loads_or_none(f.get("summary_json")) or {} for rid, f in done.items()}
+    ids = sorted(done)
+    values: dict[str, dict[str, Any]] = {
+        "data": {rid: summaries[rid].get("corpus_fingerprint") for rid in ids},
+        "stream": {rid: done[rid].get("stream_hash") for rid in ids},
+        "tokenizer": {rid: summaries[rid].get("tokenizer_hash") for rid in ids},
+        "steps": {rid: summaries[rid].get("steps") for rid in ids},
+        "budget": {rid: json.dumps({k: (configs.get(rid, {}).get("train") or {}).get(k) for k in BUDGET_FIELDS})
+                   for rid in ids},
+        "recipe": {rid: _recipe(configs.get(rid, {}), lr_follows_variant) for rid in ids},
+    }
+    lrs = {rid: (configs.get(rid, {}).get("optimizer") or {}).get("lr") for rid in ids}
+    return StageFairness(stage, ids, values, lrs)
+
+
+def lr_follows_variant(spec_yaml: str | None, stage: str) -> bool:
+    """Whether the sweep's ``stage`` recipe ties the lr to each variant's pretraining lr (``lr_scale``)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(spec_yaml or "") or {}
+    except yaml.YAMLError:
+        return False
+    return isinstance(spec.get(stage), dict) and spec[stage].get("lr_scale") is not None
