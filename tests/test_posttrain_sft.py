@@ -2,6 +2,7 @@
 resizing, the assistant-only loss mask, token-weighted gradient accumulation, packing that keeps
 conversations apart, and SFT runs (validation loss, exact resume, CLI, chat generation)."""
 
+import math
 import json
 import shutil
 from pathlib import Path
@@ -391,3 +392,16 @@ def test_sft_configs_take_the_sft_defaults_unless_given(base_run, tmp_path):
     assert (given.optimizer.lr, given.optimizer.weight_decay) == (0.01, 0.0)  # an override refines the SFT default
     muon = load_sft_config({"base": str(base_run), "data": {"source": str(ALPACA)}}, ["optimizer.name=muon"])
     assert muon.optimizer.name == "muon"
+
+
+def test_num_train_epochs_sets_the_steps(base_run, tmp_path):
+    """One conversation per row (packing off): 1.5 epochs of n conversations at 4 rows per step is
+    ceil(1.5 n / 4) steps, whatever train.max_steps says."""
+    cfg = sft_config(base_run, tmp_path, "epochs", max_steps=1000, eval_every=1000, checkpoint_every=1000)
+    cfg["data"]["max_examples"] = 24
+    cfg["sft"] = {"packing": "off", "num_train_epochs": 1.5}
+    summary = sft(cfg)
+    n = summary["train_conversations"]
+    assert n == 24 - summary["val_conversations"] - summary["dropped"]
+    assert summary["steps"] == math.ceil(1.5 * n / 4)
+    assert 1.5 <= summary["epochs"] < 1.5 + 4 / n

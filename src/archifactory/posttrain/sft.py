@@ -74,6 +74,11 @@ class SFTOptions(Strict):
     """Loss on assistant tokens only (-100 elsewhere); ``false``: on every token but padding."""
     packing: Literal["auto", "on", "off"] = "auto"
     """Several conversations per row where the model can keep them apart (attention-only models)."""
+    num_train_epochs: float | None = Field(None, gt=0)
+    """Passes over the training conversations (TRL's name; fractions allowed): the run's length is then
+    ceil(rows of those epochs / rows per step) optimizer steps, and ``train.max_steps`` is not used (TRL
+    lets a positive ``max_steps`` win instead; here ``train`` always has a budget, so the explicit epochs
+    win). ``None``: the ``train`` budget decides."""
 
 
 def _sft_train_default() -> TrainConfig:
@@ -267,6 +272,23 @@ class SFTTrainer(Trainer):
             self.optimizer.train()
         loss = nats / tokens
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50)), "val_tokens": tokens}
+
+    def setup(self) -> None:
+        super().setup()
+        epochs = self.cfg.sft.num_train_epochs
+        if epochs is not None:
+            self.total_steps = self.steps_for_epochs(epochs)
+            self.log(f"sft.num_train_epochs={epochs:g}: {self.total_steps} optimizer steps")
+
+    def steps_for_epochs(self, epochs: float) -> int:
+        """Optimizer steps that read ``epochs`` passes over the training rows (the last step may run into
+        the next epoch)."""
+        rows, whole = 0.0, int(epochs)
+        for epoch in range(whole):
+            rows += len(self.loader.epoch_rows(epoch))
+        if epochs > whole:
+            rows += (epochs - whole) * len(self.loader.epoch_rows(whole))
+        return max(1, math.ceil(rows / (self.loader.batch_size * self.accum)))
 
     def _summary(self, elapsed: float, last_eval: dict) -> dict:
         return {
