@@ -385,3 +385,14 @@ def test_several_updates_per_rollout_clip_the_ratio_to_the_sampling_weights(sft_
     trainer.step = 2
     trainer.micro_loss(2)  # step 2 starts generation batch 1
     assert trainer._rollouts[0] is not r and trainer._generation == 1
+
+
+def test_example_grpo_config_loads(sft_run):
+    from pathlib import Path
+
+    from archifactory.posttrain.grpo import load_grpo_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "runs" / "grpo-addition.yaml"
+    cfg = load_grpo_config(path, [f"base={sft_run}"])
+    assert cfg.stage == "grpo" and cfg.task.name == "addition" and cfg.grpo.num_generations == 16
+    assert cfg.train.batch_size % cfg.grpo.num_generations == 0

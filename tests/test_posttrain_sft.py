@@ -2,8 +2,8 @@
 resizing, the assistant-only loss mask, token-weighted gradient accumulation, packing that keeps
 conversations apart, and SFT runs (validation loss, exact resume, CLI, chat generation)."""
 
-import math
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -405,3 +405,11 @@ def test_num_train_epochs_sets_the_steps(base_run, tmp_path):
     assert n == 24 - summary["val_conversations"] - summary["dropped"]
     assert summary["steps"] == math.ceil(1.5 * n / 4)
     assert 1.5 <= summary["epochs"] < 1.5 + 4 / n
+
+
+def test_example_sft_config_loads_from_the_repository_root(base_run, monkeypatch):
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # its paths are relative to the repository root, as `archifactory sft` runs there
+    cfg = load_sft_config(root / "configs" / "runs" / "sft-alpaca.yaml", [f"base={base_run}"])
+    assert cfg.stage == "sft" and Path(cfg.data.source).resolve().samefile(ALPACA)
+    assert cfg.sft.assistant_only_loss and cfg.model.vocab_size == 516
