@@ -393,22 +393,36 @@ def match_params(cfg: RunConfig, target: int, tolerance: float, variant: str) ->
         data["model"]["ffn"][field] = h
         return validate(RunConfig, data)
 
-    low, high = 1, 64 * cfg.model.d_model
-    while low < high:  # parameters grow with the hidden size: bisect for the closest
-        mid = (low + high) // 2
-        if _params(with_hidden(mid)) < target:
-            low = mid + 1
-        else:
-            high = mid
-    best = min((h for h in (low - 1, low) if h >= 1), key=lambda h: abs(_params(with_hidden(h)) - target))
+    counts: dict[int, int] = {}
+
+    def params_at(h: int) -> int:
+        if h not in counts:
+            counts[h] = _params(with_hidden(h))
+        return counts[h]
+
+    old = getattr(ffn, field)
+    # parameters are affine in the hidden size for every FFN (count = a + b * hidden): two counts give the
+    # line, its solution is checked with its neighbours; bisection where the count is not affine
+    slope = (params_at(2 * old) - params_at(old)) / old if old else 0  # hidden None: a default width
+    guess = round(old + (target - params_at(old)) / slope) if old and slope > 0 else 0
+    if guess > 1 and params_at(guess - 1) <= target <= params_at(guess + 1):
+        best = min((guess - 1, guess, guess + 1), key=lambda h: abs(params_at(h) - target))
+    else:
+        low, high = 1, 64 * cfg.model.d_model
+        while low < high:  # parameters grow with the hidden size: bisect for the closest
+            mid = (low + high) // 2
+            if params_at(mid) < target:
+                low = mid + 1
+            else:
+                high = mid
+        best = min((h for h in (low - 1, low) if h >= 1), key=lambda h: abs(params_at(h) - target))
     resized = with_hidden(best)
-    after = _params(resized)
+    after = params_at(best)
     if abs(after - target) > tolerance * target:
         raise ConfigError(
             f"variant {variant!r}: cannot match the base's {target:,} parameters within {tolerance:.0%} by "
             f"resizing ffn.{field} (closest: {after:,} at {best}); change the variant's width instead"
         )
-    old = getattr(ffn, field)
     return resized, {"changed": {f"model.ffn.{field}": [old, best]}, "params_before": before,
                      "params_after": after, "target": target}
 
