@@ -306,3 +306,85 @@ def test_gpu_recipe_plans_and_builds_30m_models(tmp_path):
     assert {r.config.grpo.num_iterations for r in grpo} == {2} and {r.config.train.batch_size for r in grpo} == {256}
     text = describe_plan(s, root, tmp_path / "sweep")
     assert "baseline-s2-sft-grpo:" in text and "from: baseline-s2-sft" in text
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def build_stage_store(sweep_dir: Path) -> dict:
+    """A store with two variants x three seeds through pretrain, SFT and GRPO (figures made up, not trained)."""
+    store = Store(sweep_dir / "results.sqlite")
+    spec = {"name": "pt", "base": "x.yaml", "seeds": [0, 1, 2], "budget": {"tokens": 1000},
+            "stages": ["pretrain", "sft", "grpo"], "sft": {"data": {"source": "chat.jsonl"}, "train": {"max_steps": 4}},
+            "grpo": {"task": {"name": "addition", "digits": 1}, "train": {"max_steps": 3}, "lr_scale": 0.1}}
+    store.set_sweep("pt", yaml.safe_dump(spec), {})
+    rng = __import__("random").Random(0)
+    figures = {}
+    for variant in ("baseline", "mqa"):
+        for seed in (0, 1, 2):
+            pre, sft, grpo = f"{variant}-s{seed}", f"{variant}-s{seed}-sft", f"{variant}-s{seed}-sft-grpo"
+            config = {"name": pre, "optimizer": {"lr": 3e-3}, "train": {"seed": seed, "max_tokens": 1000}}
+            store.add_run(pre, variant, seed, None, variant == "baseline", config, {}, pre)
+            store.record_results(pre, [{"kind": "eval", "step": 4, "tokens": 1000, "val_loss": 5.0}],
+                                 {"val_loss": 5.0, "stream_hash": "p"})
+            for stage, run_id, parent, lr in (("sft", sft, pre, 3e-4), ("grpo", grpo, sft, 3e-4 if variant ==
+                                                                                   "baseline" else 2e-4)):
+                cfg = {"name": run_id, "base": parent, "optimizer": {"lr": lr, "name": "adamw"},
+                       "train": {"seed": seed, "max_steps": 4 if stage == "sft" else 3, "batch_size": 8, "seq_len": 64}}
+                cfg |= ({"data": {"source": "/data/chat.jsonl", "format": "auto"}, "sft": {}} if stage == "sft" else
+                        {"task": {"name": "addition", "digits": 1, "seed": 0},
+                         "grpo": {"num_generations": 4, "loss_type": "dapo", "eval_problems": 64}})
+                store.add_run(run_id, variant, seed, None, variant == "baseline", cfg, {}, run_id, stage=stage,
+                              parent_run_id=parent)
+            val = round(4.0 + rng.random(), 4)
+            store.record_results(sft, [{"kind": "eval", "step": s, "val_loss": val + 1 - s / 4} for s in (0, 2, 4)],
+                                 {"val_loss": val, "corpus_fingerprint": "d", "tokenizer_hash": "t", "steps": 4,
+                                  "stream_hash": "s"})
+            start, end = rng.randrange(0, 10) / 100, rng.randrange(10, 40) / 100
+            metrics = [{"kind": "eval", "step": 0, "eval_accuracy": start}, {"kind": "eval", "step": 3, "eval_accuracy": end}]
+            metrics += [{"kind": "grpo", "step": s, "reward": 0.1 * s, "pass_rate": 0.05 * s, "completion_length": 3,
+                         "kl": 0.0, "clip_fraction": 0.0} for s in (1, 2, 3)]
+            store.record_results(grpo, metrics, {"eval_accuracy": end, "corpus_fingerprint": "task", "tokenizer_hash": "t",
+                                                 "steps": 3, "stream_hash": "g"})
+            figures[(variant, seed)] = {"val_loss": val, "sft_em": start, "grpo_em": end}
+    return figures
+
+
+def test_report_shows_each_stage_with_intervals_over_seeds(tmp_path):
+    import numpy as np
+    from scipy import stats as scipy_stats
+
+    from archifactory.sweep.report import write_report
+    from test_report import md_tables, table_with
+
+    figures = build_stage_store(tmp_path)
+    html, md = write_report(tmp_path)
+    text = md.read_text()
+    table = table_with(md_tables(text), "variant", "exact match after GRPO (95% CI)")
+    rows = {r[0].rstrip(" ★"): dict(zip(table[0], r)) for r in table[1:]}
+    assert list(rows) == ["baseline", "mqa"]
+
+    def ci(x, scale=1.0, digits=4):
+        x = np.asarray(x) * scale
+        low, high = scipy_stats.t.interval(0.95, len(x) - 1, loc=x.mean(), scale=scipy_stats.sem(x))
+        return f"{x.mean():.{digits}f} ± {(high - low) / 2:.{digits}f}"
+
+    for variant, row in rows.items():
+        got = [figures[(variant, s)] for s in (0, 1, 2)]
+        assert row["SFT val loss (95% CI)"] == ci([g["val_loss"] for g in got])
+        assert row["exact match after SFT (95% CI)"] == ci([g["sft_em"] for g in got], 100, 1) + " %"
+        assert row["exact match after GRPO (95% CI)"] == ci([g["grpo_em"] for g in got], 100, 1) + " %"
+        gain = [g["grpo_em"] - g["sft_em"] for g in got]
+        low, high = scipy_stats.t.interval(0.95, 2, loc=np.mean(gain), scale=scipy_stats.sem(gain))
+        assert row["GRPO − SFT (paired, 95% CI)"] == f"{100 * np.mean(gain):+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]"
+        assert row["final GRPO reward (mean)"] == "0.300" and row["seeds SFT / GRPO"] == "3 / 3"
+    assert "(report_files/grpo_curves.png)" in text and "(report_files/sft_val_loss.png)" in text
+    assert "SFT: chat.jsonl (auto format), 4 steps of 8 rows" in text
+    assert "GRPO: addition (1 digits, task seed 0), 3 steps of 8 completions" in text
+    assert "lr 0.1 x the variant's pretraining lr" in text
+    # the GRPO lr follows each variant's pretraining lr (lr_scale): listed, not a failed check
+    assert "pretraining lr (lr\\_scale): 0.0002, 0.0003" in text
+    assert "✗" not in text.split("Post-training fairness")[1].split("##")[0]
+    # the pretraining sections still see only the pretraining runs
+    results = table_with(md_tables(text), "variant", "val loss (95% CI)")
+    assert [r[3] for r in results[1:]] == ["3 / 3", "3 / 3"] or all("3 / 3" in r for r in results[1:])

@@ -95,3 +95,50 @@ def lr_follows_variant(spec_yaml: str | None, stage: str) -> bool:
     except yaml.YAMLError:
         return False
     return isinstance(spec.get(stage), dict) and spec[stage].get("lr_scale") is not None
+
+
+@dataclasses.dataclass
+class PosttrainData:
+    """A sweep's post-training stages as the report shows them (empty when the sweep had none)."""
+
+    runs: dict[str, list[dict[str, Any]]]
+    """stage -> registered runs of that stage (store rows)."""
+    finals: dict[str, list[dict[str, Any]]]
+    """stage -> finished runs' final rows (with ``variant``, ``seed``, ``exact_match``, ``val_loss``...)."""
+    curves: dict[str, dict[str, list[dict[str, Any]]]]
+    """kind (``sft_eval``, ``grpo``, ``grpo_eval``) -> run id -> metric rows in step order."""
+    fairness: dict[str, StageFairness]
+    spec: dict[str, Any]
+    """The sweep spec's ``stages``, ``sft``, ``grpo`` and ``eval`` entries (as written)."""
+
+    @property
+    def stages(self) -> list[str]:
+        return [s for s in POSTTRAIN_STAGES if self.runs.get(s)]
+
+    def final(self, stage: str, variant: str) -> list[dict[str, Any]]:
+        return [f for f in self.finals.get(stage, []) if f["variant"] == variant]
+
+
+def read_posttrain(store, spec_yaml: str | None) -> PosttrainData:
+    """The post-training runs, final figures, curves and fairness checks of a sweep's store."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load(spec_yaml or "") or {}
+    except yaml.YAMLError:
+        spec = {}
+    runs = {s: store.runs(stage=s) for s in POSTTRAIN_STAGES}
+    finals = {s: [f for f in store.finals(stage=s) if f.get("purpose", "compare") == "compare"] for s in POSTTRAIN_STAGES}
+    curves: dict[str, dict[str, list[dict[str, Any]]]] = {"sft_eval": {}, "grpo": {}, "grpo_eval": {}}
+    wanted = {("sft", "eval"): "sft_eval", ("grpo", "grpo"): "grpo", ("grpo", "eval"): "grpo_eval"}
+    for (stage, kind), name in wanted.items():
+        ids = {r["run_id"] for r in runs[stage]}
+        if not ids:
+            continue
+        for row in store.metrics(kind=kind):
+            if row["run_id"] in ids:
+                curves[name].setdefault(row["run_id"], []).append(row)
+    fairness = {s: stage_fairness(s, runs[s], finals[s], lr_follows_variant(spec_yaml, s))
+                for s in POSTTRAIN_STAGES if finals[s]}
+    return PosttrainData(runs, finals, curves, fairness,
+                         {k: spec.get(k) for k in ("stages", "sft", "grpo", "eval") if isinstance(spec, dict)})

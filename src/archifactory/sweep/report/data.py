@@ -13,6 +13,7 @@ from pathlib import Path
 from archifactory.eval.store import MetricResult, metric_from_row
 from archifactory.results import FinalRecord, MetricRecord, RunRecord, SweepRecord
 from archifactory.sweep import stats as st
+from archifactory.sweep.stages import PosttrainData, read_posttrain
 from archifactory.sweep.store import Store
 
 RESULTS_FILE = "results.sqlite"
@@ -44,6 +45,8 @@ class SweepData:
     train_curves: dict[str, list[MetricRecord]] = field(default_factory=dict)
     stage_runs: list[RunRecord] = field(default_factory=list)
     """Every registered run of every stage (pretraining and post-training: ``RunRecord.stage``)."""
+    posttrain: PosttrainData | None = None
+    """The post-training stages' runs, curves and fairness checks (:mod:`archifactory.sweep.stages`)."""
     evals: list[MetricResult] = field(default_factory=list)
     """Evaluation results of the sweep's runs (one per run, task, item limit and metric: the newest
     evaluation where a run's weights were evaluated more than once)."""
@@ -158,4 +161,5 @@ def read_sweep_results(sweep_dir: str | Path) -> SweepData:
         train_curves=train_curves,
         stage_runs=stage_runs,
         evals=read_evaluations(store, {r.run_id for r in stage_runs}),
+        posttrain=read_posttrain(store, sweep.spec_yaml),
     )

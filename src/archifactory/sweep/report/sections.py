@@ -43,6 +43,8 @@ from archifactory.sweep.report.format import (
     summarize_kernel_paths,
 )
 
+from archifactory.sweep.report.posttrain import posttrain_section  # noqa: E402
+
 SectionBuilder = Callable[[SweepData], "list[Block] | None"]
 
 # --------------------------------------------------------------------------------------- the tables
@@ -426,6 +428,7 @@ SECTION_BUILDERS: list[tuple[str, SectionBuilder]] = [
     ("results", results_section),
     ("plots", plots_section),
     ("lr_choice", lr_section),
+    ("posttrain", posttrain_section),
     ("evaluation", evaluation_sections),
     ("changes", changes_section),
     ("failures", failures_section),
