@@ -149,7 +149,7 @@ def curves_figure(data: SweepData, post: PosttrainData, panels: list[tuple]) -> 
     drawn = [(p, b) for p, b in drawn if b]
     if not drawn:
         return None
-    fig, axes = figures._new_figure(5.5 * len(drawn), 3.8, len(drawn))
+    fig, axes = figures.new_figure(5.5 * len(drawn), 3.8, len(drawn))
     for ax, ((stage, kind, key, ylabel, title, _), bands) in zip(axes, drawn):
         for variant, ((x, mean, low, high), n) in bands.items():
             color, is_base = data.color(variant), variant == data.baseline
@@ -161,7 +161,7 @@ def curves_figure(data: SweepData, post: PosttrainData, panels: list[tuple]) -> 
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
     axes[0].legend(fontsize=8.5, frameon=False)
-    return figures._png(fig)
+    return figures.to_png(fig)
 
 
 def posttrain_section(data: SweepData) -> list[Block] | None:
