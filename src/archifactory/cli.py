@@ -186,11 +186,9 @@ def info(
     """Parameters by component, FLOPs per token and cache bytes of a model config."""
     import torch
 
-    from archifactory.model.lm import CausalLM
-
     cfg = _load(model, set_)
     with torch.device("meta"):  # counts need shapes only: nothing is allocated
-        lm = CausalLM(cfg)
+        lm = cfg.build()
     T = cfg.max_seq_len if seq_len is None else seq_len
     table = Table(title=f"{model}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}")
     table.add_column("component")

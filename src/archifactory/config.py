@@ -258,7 +258,7 @@ def _valid_keys_by_path(cls: type[BaseModel], data: Any, path: tuple = ()) -> di
     if not isinstance(data, dict):
         return out
     for r in (reg.MIXERS, reg.FFNS, reg.NORMS, reg.POSITIONS, reg.CORPORA, reg.TOKENIZERS, reg.OPTIMIZERS,
-              reg.SCHEDULES):
+              reg.SCHEDULES, reg.MODELS):
         kind = data.get(r.key)
         if isinstance(kind, str) and kind in r and issubclass(r.get(kind), cls):
             cls = r.get(kind)
@@ -364,8 +364,15 @@ NAME_KEYED_FIELDS = frozenset({"optimizer"})
 SHARED_ON_SWITCH = ("lr",)
 
 
+#: Overrides that switch the model kind (``model.kind=megabyte`` in a run, ``kind=megabyte`` on a model):
+#: every model kind extends the same ModelConfig, so the shared fields (sizes, mixer, FFN) are kept.
+MODEL_KIND_KEYS = (["kind"], ["model", "kind"])
+
+
 def _selects_component(keys: list[str]) -> bool:
     """Does the override ``keys`` choose a component (``a.kind=...``, ``optimizer.name=...``)?"""
+    if keys in MODEL_KIND_KEYS:
+        return False
     return keys[-1] == "kind" or (keys[-1] == "name" and len(keys) >= 2 and keys[-2] in NAME_KEYED_FIELDS)
 
 

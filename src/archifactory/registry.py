@@ -62,6 +62,9 @@ CORPORA: Registry = Registry("corpus")
 TOKENIZERS: Registry = Registry("tokenizer")
 OPTIMIZERS: Registry = Registry("optimizer", key="name")
 SCHEDULES: Registry = Registry("schedule")
+MODELS: Registry = Registry("model")
+"""Model kinds: ``transformer`` (:class:`~archifactory.model.lm.CausalLM`), and hierarchical models
+(``megabyte``, ``hourglass``) whose configs extend :class:`~archifactory.model.config.ModelConfig`."""
 
 register_mixer: Callable = MIXERS.register
 register_ffn: Callable = FFNS.register
@@ -71,3 +74,4 @@ register_corpus: Callable = CORPORA.register
 register_tokenizer: Callable = TOKENIZERS.register
 register_optimizer: Callable = OPTIMIZERS.register
 register_schedule: Callable = SCHEDULES.register
+register_model: Callable = MODELS.register

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Iterable, Literal
+from typing import Annotated, Any, ClassVar, Iterable, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 import archifactory.ffn  # noqa: F401  (registers the built-in FFNs)
 import archifactory.mixers  # noqa: F401  (registers the built-in mixers)
 from archifactory.config import (
     MAX_COUNT,
     BuildContext,
+    ConfigError,
     FieldError,
     Strict,
     apply_overrides,
@@ -27,7 +28,7 @@ from archifactory.mixers.attention import AttentionConfig
 from archifactory.nn.init import InitConfig
 from archifactory.nn.norms import RMSNormConfig
 from archifactory.nn.positions import RoPEConfig
-from archifactory.registry import FFNS, MIXERS, NORMS, POSITIONS
+from archifactory.registry import FFNS, MIXERS, MODELS, NORMS, POSITIONS, register_model
 
 MixerField = component_field(MIXERS)
 FFNField = component_field(FFNS)
@@ -92,7 +93,14 @@ class PretrainedModules(Strict):
     """Keep the copied parameters fixed during training."""
 
 
+@register_model
 class ModelConfig(Strict):
+    """A decoder LM: token embedding -> ``n_layers`` blocks -> final norm -> head. Other model kinds
+    (:data:`~archifactory.registry.MODELS`: ``megabyte``, ``hourglass``) extend it with their own fields."""
+
+    registry_key: ClassVar[str] = "kind"
+    kind: Literal["transformer"] = Field("transformer", exclude=True)
+    """The model kind; the plain transformer's is left out of dumps, so its configs read as before."""
     # Upper bounds far beyond any model trained with this workbench keep validation's work (one entry
     # per layer) and every size product bounded; a larger model fails at build for lack of memory anyway.
     vocab_size: int = Field(ge=2, le=2**24)
@@ -125,6 +133,12 @@ class ModelConfig(Strict):
     init: InitConfig = Field(default_factory=InitConfig)
     pretrained: PretrainedModules | None = None
     """Initialise (and optionally freeze) the embedding / head / final norm from a Hugging Face model."""
+
+    def build(self):
+        """The model this config describes (a :class:`~archifactory.model.lm.CausalLM` for this kind)."""
+        from archifactory.model.lm import CausalLM
+
+        return CausalLM(self)
 
     def layer_configs(self) -> list[BlockConfig]:
         layers = [BlockConfig(mixer=self.mixer, ffn=self.ffn) for _ in range(self.n_layers)]
@@ -190,6 +204,24 @@ class ModelConfig(Strict):
         return self
 
 
+def _default_model_kind(value: Any) -> Any:
+    if isinstance(value, dict) and "kind" not in value:
+        return {"kind": "transformer", **value}
+    return value
+
+
+ModelField = Annotated[component_field(MODELS), BeforeValidator(_default_model_kind)]
+"""A field holding a model config of any registered kind (``transformer`` when no ``kind`` is given)."""
+
+
+def model_config_class(data: dict) -> type[ModelConfig]:
+    """The config class registered for ``data``'s ``kind`` (``transformer`` when none is given)."""
+    kind = data.get("kind", "transformer") if isinstance(data, dict) else "transformer"
+    if not isinstance(kind, str) or kind not in MODELS:
+        raise ConfigError(f"kind: unknown model kind {kind!r}; valid kinds: {', '.join(MODELS.kinds())}")
+    return MODELS.get(kind)
+
+
 def load_model_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> ModelConfig:
     """A :class:`ModelConfig` from a preset name (``tiny``), a YAML path, or a mapping, with dotted
     overrides such as ``mixer.n_kv_heads=2`` applied before validation."""
@@ -201,4 +233,11 @@ def load_model_config(source: str | Path | dict, overrides: Iterable[str] = ()) 
 
         path = resolve_model_source(source)
         data = load_yaml(path)
-    return validate(ModelConfig, apply_overrides(with_default_kinds(ModelConfig, data), overrides), source=path)
+    data = apply_overrides(with_default_kinds(ModelConfig, data), overrides)
+    cls = model_config_class(data)
+    return validate(cls, with_default_kinds(cls, data), source=path)
+
+
+# The other model kinds register themselves on import; they extend ModelConfig, so they come last.
+import archifactory.model.hourglass  # noqa: E402,F401
+import archifactory.model.megabyte  # noqa: E402,F401

@@ -108,7 +108,7 @@ class CausalLM(nn.Module):
     def from_config(cls, source: str | Path | dict | ModelConfig, overrides: Sequence[str] = ()) -> "CausalLM":
         """Build from a :class:`ModelConfig`, a preset name, a YAML path or a mapping."""
         config = source if isinstance(source, ModelConfig) else load_model_config(source, overrides)
-        return cls(config)
+        return config.build()
 
     # ---------------------------------------------------------------------------------------- forward
 
@@ -402,7 +402,7 @@ class CausalLM(nn.Module):
         problems = verify_checksums(directory)
         if problems:
             raise CorruptFileError(f"saved model {directory} is damaged: {'; '.join(problems)}")
-        model = cls(load_model_config(directory / "config.yaml"))
+        model = load_model_config(directory / "config.yaml").build()
         try:
             load_model(model, str(directory / "model.safetensors"), device=str(device))
         except Exception as err:  # safetensors' own error types: a damaged header or a wrong shape

@@ -158,7 +158,7 @@ def resize_vocab(model: CausalLM, vocab_size: int, new_ids: Sequence[int]) -> Ca
     if vocab_size < old:
         raise ValueError(f"vocab_size={vocab_size} would drop rows of the model's {old}-row embedding")
     config = model.config.model_copy(update={"vocab_size": vocab_size})
-    resized = CausalLM(config).to(device=model.embed.weight.device, dtype=model.embed.weight.dtype)
+    resized = config.build().to(device=model.embed.weight.device, dtype=model.embed.weight.dtype)
     state = model.state_dict()
     fresh = sorted({int(i) for i in new_ids} | set(range(old, vocab_size)))
     kept = torch.ones(vocab_size, dtype=torch.bool)

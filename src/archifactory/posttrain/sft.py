@@ -187,7 +187,7 @@ class SFTTrainer(Trainer):
         train_examples, train_stats = tokenize_conversations(train_convs, self.template, self.tokenizer, tc.seq_len, assistant_only)
         self.val_examples, val_stats = tokenize_conversations(val_convs, self.template, self.tokenizer, tc.seq_len, assistant_only)
         with torch.device("meta"):
-            blockers = CausalLM(cfg.model).document_blockers()
+            blockers = cfg.model.build().document_blockers()
         if cfg.sft.packing == "on" and blockers:
             raise ConfigError(
                 f"sft.packing=on, but packed conversations cannot be kept apart by {', '.join(blockers[:3])}"

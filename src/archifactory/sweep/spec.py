@@ -350,10 +350,9 @@ def _resolve(base: dict, overrides: list[str], variant: str) -> RunConfig:
 def _params(cfg: RunConfig) -> int:
     import torch
 
-    from archifactory.model.lm import CausalLM
 
     with torch.device("meta"):
-        return CausalLM(cfg.model).num_params()
+        return cfg.model.build().num_params()
 
 
 def _apply_budget(run: RunConfig, budget: Budget) -> None:
@@ -365,10 +364,9 @@ def _apply_budget(run: RunConfig, budget: Budget) -> None:
     else:
         import torch
 
-        from archifactory.model.lm import CausalLM
 
         with torch.device("meta"):  # shapes only
-            model = CausalLM(run.model)
+            model = run.model.build()
         per_token = model.flops_per_token(run.train.seq_len, training=True)
         update["max_tokens"] = max(1, int(budget.flops / per_token))
         if update["max_tokens"] > MAX_TOKENS:

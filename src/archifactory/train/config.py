@@ -26,7 +26,7 @@ from archifactory.config import (
 )
 from archifactory.data.corpora import ShakespeareCorpus
 from archifactory.data.tokenizer import BPETokenizerConfig
-from archifactory.model.config import ModelConfig
+from archifactory.model.config import ModelConfig, ModelField, model_config_class  # noqa: F401
 from archifactory.registry import CORPORA, OPTIMIZERS, SCHEDULES, TOKENIZERS
 from archifactory.train.optim import AdamWConfig, OptimizerConfig  # noqa: F401  (re-exported)
 from archifactory.train.schedule import CosineSchedule, ScheduleConfig  # noqa: F401  (re-exported)
@@ -111,7 +111,8 @@ class TrainConfig(Strict):
 class RunConfig(Strict):
     name: FolderName = "run"
     """The run's name; the default run directory is ``runs/<name>``, so it is one plain folder name."""
-    model: ModelConfig
+    model: ModelField
+    """A model of any registered kind (``transformer`` unless ``kind`` says otherwise)."""
     data: DataConfig = Field(default_factory=DataConfig)
     optimizer: component_field(OPTIMIZERS) = Field(default_factory=AdamWConfig)
     """An optimizer registered under ``name`` (``adamw``, ``muon``, ...), with that optimizer's fields."""
@@ -159,7 +160,7 @@ def expand_run_data(data: dict) -> dict:
     if isinstance(model, (str, Path)):
         model = load_yaml(resolve_model_source(model))
     if isinstance(model, dict):
-        data["model"] = with_default_kinds(ModelConfig, model)
+        data["model"] = with_default_kinds(model_config_class(model), model)
     data = with_default_kinds(RunConfig, data)  # `optimizer.lr=...` refines the default optimizer
     if isinstance(data.get("data"), dict) or "data" not in data:
         data["data"] = with_default_kinds(DataConfig, data.get("data", {}))

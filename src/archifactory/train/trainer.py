@@ -198,7 +198,7 @@ class Trainer:
     def build_model(self) -> CausalLM:
         """The model to train, on CPU (a hook: post-training stages start from a trained one), with the
         parts ``model.pretrained`` names copied from their Hugging Face model."""
-        model = CausalLM(self.cfg.model)
+        model = self.cfg.model.build()
         if self.cfg.model.pretrained is not None:
             from archifactory.model.hf import load_pretrained_modules
 
@@ -278,7 +278,7 @@ class Trainer:
                 set_optimizer_state_dict,
             )
 
-            whole = CausalLM(self.cfg.model)
+            whole = self.cfg.model.build()
             state = ckpt.load_checkpoint(path, whole, "cpu")
             options = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, whole.state_dict(), options=options)
@@ -463,7 +463,7 @@ class Trainer:
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.dist.is_main:
             return self.model
-        whole = CausalLM(self.cfg.model)
+        whole = self.cfg.model.build()
         whole.load_state_dict(state)
         return whole
 
