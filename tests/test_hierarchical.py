@@ -336,3 +336,43 @@ def test_trains_on_bytes_and_bpe_and_resumes_exactly(tmp_path, kind):
     assert math.isfinite(train(bpe, resume=False)["val_bpb"])
     loaded = CausalLM.from_pretrained(bpe.run_dir() / "model")
     assert type(loaded).__name__ == {"megabyte": "MegaByteLM", "hourglass": "HourglassLM"}[kind[0].split("=")[1]]
+
+
+def test_shipped_bytes_sweep_gives_every_model_the_same_training_flops(tmp_path):
+    from archifactory.sweep.spec import load_sweep, plan
+
+    spec, root = load_sweep(ROOT / "configs" / "sweeps" / "bytes.yaml")
+    runs = [r for r in plan(spec, root, tmp_path) if r.seed == spec.seeds[0]]
+    kinds, per_token = {}, {}
+    for run in runs:
+        assert run.config.data.tokenizer.kind == "bytes"
+        with torch.device("meta"):
+            model = run.config.model.build()
+        kinds[run.variant] = type(model).__name__
+        per_token[run.variant] = model.flops_per_token(run.config.train.seq_len, training=True)
+        spent = run.config.train.max_tokens * per_token[run.variant]
+        assert spec.budget.flops - per_token[run.variant] < spent <= spec.budget.flops  # whole tokens
+    assert kinds == {"baseline": "CausalLM", "megabyte": "MegaByteLM", "hourglass": "HourglassLM"}
+    assert len(set(per_token.values())) == 3  # unequal costs per byte, hence unequal token budgets
+
+
+def test_cli_info_and_config_for_each_kind():
+    from typer.testing import CliRunner
+
+    from archifactory.cli import app
+
+    runner = CliRunner()
+    for kind, row in (("megabyte", "patch"), ("hourglass", "resampling")):
+        result = runner.invoke(app, ["info", "tiny", "--seq-len", "64", "--set", f"kind={kind}"])
+        assert result.exit_code == 0, result.output
+        cfg = load_model_config("tiny", [f"kind={kind}"])
+        with torch.device("meta"):
+            model = cfg.build()
+        assert f"{model.num_params():,}" in result.output and row in result.output
+        assert f"training FLOPs per token at T=64: {model.flops_per_token(64, training=True):,}" in result.output
+        printed = runner.invoke(app, ["config", "tiny", "--set", f"kind={kind}"])
+        assert printed.exit_code == 0 and printed.output.startswith(f"kind: {kind}\n")
+    bad = runner.invoke(app, ["info", "tiny", "--set", "kind=bytenet"])
+    assert bad.exit_code != 0 and "unknown model kind 'bytenet'" in bad.output
+    with pytest.raises(TypeError, match="use config.build"):
+        CausalLM(load_model_config("tiny", ["kind=megabyte"]))

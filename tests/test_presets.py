@@ -22,21 +22,21 @@ def test_every_yaml_loads_and_builds(path: Path):
     if path.parent.name == "models":
         cfg = af.load_model_config(path)
         with torch.device("meta"):
-            model = af.CausalLM(cfg)
+            model = cfg.build()
         assert model.num_params() > 0
     elif path.parent.name == "runs":
         from archifactory.train import load_run_config
 
         cfg = load_run_config(path)
         with torch.device("meta"):
-            assert af.CausalLM(cfg.model).num_params() > 0
+            assert cfg.model.build().num_params() > 0
     elif path.parent.name == "sweeps":
         from archifactory.sweep.spec import load_sweep, plan
 
         spec, root = load_sweep(path)
         for run in plan(spec, root, Path("/nonexistent")):
             with torch.device("meta"):
-                assert af.CausalLM(run.config.model).num_params() > 0
+                assert run.config.model.build().num_params() > 0
     else:
         pytest.fail(f"no loader for {path}: add one to this test")
     assert data

@@ -48,6 +48,8 @@ class ModelCache:
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if config.kind != "transformer":
+            raise TypeError(f"CausalLM builds model kind 'transformer', not {config.kind!r}; use config.build()")
         self.config = config
         D, V = config.d_model, config.vocab_size
         self.embed = nn.Embedding(V, D)
