@@ -92,8 +92,7 @@ def hourglass_pair(resampling: bool, sampling: str, depth=(1, 2, 1), s=3):
         for src, dst in (("pre", "down_resampler"), ("post", "up_resampler")):
             layer(f"transformer.attn_resampling_{src}_valley.layers.0", dst, "")
         state = {k.replace("..", "."): v for k, v in state.items()}
-    missing, unexpected = ours.load_state_dict(state, strict=True), None
-    del missing, unexpected
+    ours.load_state_dict(state, strict=True)  # every parameter mapped, none left over
     return reference, ours
 
 
@@ -290,6 +289,10 @@ def test_model_kinds_registry_and_config_round_trip(tmp_path):
         load_model_config("tiny", ["kind=megabyte", "d_local=24", "mixer.n_heads=16"])
     with pytest.raises(ConfigError, match="mtp_heads"):
         load_model_config("tiny", ["kind=megabyte", "mtp_heads=1"])
+    from archifactory.model.hf import to_hf_config
+
+    with pytest.raises(ValueError, match="no transformers class represents a hourglass model"):
+        to_hf_config(hourglass)
 
 
 # ------------------------------------------------------------------------------- trainer and sweep

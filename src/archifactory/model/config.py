@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Iterable, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 
 import archifactory.ffn  # noqa: F401  (registers the built-in FFNs)
 import archifactory.mixers  # noqa: F401  (registers the built-in mixers)
@@ -210,15 +210,19 @@ def _default_model_kind(value: Any) -> Any:
     return value
 
 
-ModelField = Annotated[component_field(MODELS), BeforeValidator(_default_model_kind)]
+# component_field's dispatch on `kind`, over ModelConfig (not BaseModel), so that error messages list its keys
+ModelField = Annotated[
+    (SerializeAsAny[ModelConfig], *component_field(MODELS).__metadata__, BeforeValidator(_default_model_kind))
+]
 """A field holding a model config of any registered kind (``transformer`` when no ``kind`` is given)."""
 
 
-def model_config_class(data: dict) -> type[ModelConfig]:
-    """The config class registered for ``data``'s ``kind`` (``transformer`` when none is given)."""
+def model_config_class(data: dict, path: str = "kind") -> type[ModelConfig]:
+    """The config class registered for ``data``'s ``kind`` (``transformer`` when none is given); an
+    unknown kind is a :class:`ConfigError` naming ``path``."""
     kind = data.get("kind", "transformer") if isinstance(data, dict) else "transformer"
     if not isinstance(kind, str) or kind not in MODELS:
-        raise ConfigError(f"kind: unknown model kind {kind!r}; valid kinds: {', '.join(MODELS.kinds())}")
+        raise ConfigError(f"{path}: unknown model kind {kind!r}; valid kinds: {', '.join(MODELS.kinds())}")
     return MODELS.get(kind)
 
 

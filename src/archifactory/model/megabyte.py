@@ -25,6 +25,7 @@ vector at local position 0 -- the same information, one position earlier.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Literal
 
@@ -68,14 +69,12 @@ class MegaByteConfig(ModelConfig):
         return [block] * self.n_local_layers
 
     def global_context(self, layer_idx: int) -> BuildContext:
-        ctx = self.build_context(layer_idx)
-        return BuildContext(**{**ctx.__dict__, "max_seq_len": self.n_patches(self.max_seq_len) + 1})
+        return dataclasses.replace(self.build_context(layer_idx), max_seq_len=self.n_patches(self.max_seq_len) + 1)
 
     def local_context(self, layer_idx: int) -> BuildContext:
-        ctx = self.build_context(layer_idx)
-        return BuildContext(
-            **{**ctx.__dict__, "d_model": self.d_local, "n_layers": self.n_local_layers,
-               "max_seq_len": self.patch_size + 1}
+        return dataclasses.replace(
+            self.build_context(layer_idx), d_model=self.d_local, n_layers=self.n_local_layers,
+            max_seq_len=self.patch_size + 1,
         )
 
     def build(self) -> "MegaByteLM":

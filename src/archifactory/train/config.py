@@ -160,7 +160,7 @@ def expand_run_data(data: dict) -> dict:
     if isinstance(model, (str, Path)):
         model = load_yaml(resolve_model_source(model))
     if isinstance(model, dict):
-        data["model"] = with_default_kinds(model_config_class(model), model)
+        data["model"] = with_default_kinds(model_config_class(model, "model.kind"), model)
     data = with_default_kinds(RunConfig, data)  # `optimizer.lr=...` refines the default optimizer
     if isinstance(data.get("data"), dict) or "data" not in data:
         data["data"] = with_default_kinds(DataConfig, data.get("data", {}))
