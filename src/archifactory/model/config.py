@@ -134,6 +134,13 @@ class ModelConfig(Strict):
     pretrained: PretrainedModules | None = None
     """Initialise (and optionally freeze) the embedding / head / final norm from a Hugging Face model."""
 
+    @classmethod
+    def contract_examples(cls) -> list[dict]:
+        """Field values (over a small attention + SwiGLU base model) that the shared contract of every
+        registered model kind (tests/test_hierarchical.py) builds: causality, gradients, cached decoding
+        and generation, FLOPs against an independent count."""
+        return [{}]
+
     def build(self):
         """The model this config describes (a :class:`~archifactory.model.lm.CausalLM` for this kind)."""
         from archifactory.model.lm import CausalLM

@@ -73,6 +73,14 @@ class HourglassConfig(ModelConfig):
             ctx = dataclasses.replace(ctx, max_seq_len=self.short_seq_len())
         return ctx
 
+    @classmethod
+    def contract_examples(cls) -> list[dict]:
+        return [
+            {"n_layers": 4, "shorten_factor": 3, "resampling": {"kind": "attention", "n_heads": 2}},
+            {"n_layers": 3, "shorten_factor": 2, "downsample": "mean", "upsample": "repeat",
+             "position": {"kind": "learned"}},
+        ]
+
     def build(self) -> "HourglassLM":
         return HourglassLM(self)
 

@@ -77,6 +77,14 @@ class MegaByteConfig(ModelConfig):
             max_seq_len=self.patch_size + 1,
         )
 
+    @classmethod
+    def contract_examples(cls) -> list[dict]:
+        return [
+            {"n_layers": 2, "patch_size": 4, "d_local": 16, "local_mixer": {"kind": "attention", "n_heads": 2}},
+            {"n_layers": 2, "patch_size": 3, "d_local": 16, "n_local_layers": 1, "mixer": {"kind": "gla", "n_heads": 2},
+             "ffn": {"kind": "moe", "n_experts": 4, "top_k": 2}},
+        ]
+
     def build(self) -> "MegaByteLM":
         return MegaByteLM(self)
 
