@@ -259,6 +259,15 @@ def test_flops_hand_count():
     assert abs(config.build().flops_per_token(T) - total / T) <= 4
 
 
+def test_megabyte_cache_bytes_hand_count():
+    config = load_model_config({**BASE, "kind": "megabyte", "n_layers": 2, "patch_size": 4, "d_local": 16,
+                                "local_mixer": {"kind": "attention", "n_heads": 2}})
+    # bf16 K and V: global 2 layers x 4 heads x 8 over 12 patches + start; local 2 layers x 2 heads x 8
+    # over a patch + start; the (4, 16) slots in bf16; the patch's 4 int64 ids
+    expected = 2 * (2 * 4 * 8 * 2) * 13 + 2 * (2 * 2 * 8 * 2) * 5 + 4 * 16 * 2 + 4 * 8
+    assert config.build().state_bytes(48, torch.bfloat16) == expected
+
+
 # -------------------------------------------------------------------------------- registry and config
 
 

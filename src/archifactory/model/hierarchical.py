@@ -5,11 +5,11 @@ A subclass builds ``embed``, ``blocks`` (every block of every stack, so FSDP wra
 and MoE statistics see them all), ``final_norm`` and ``lm_head``, and implements ``trunk(input_ids)``,
 ``flops_breakdown(seq_len)`` and ``param_groups()``.
 
-Generation recomputes: a hierarchical model's prefix summary (a patch or a shortened token) changes
-as a patch fills, so its cache here is the tokens seen so far (:class:`RecomputeCache`) and each step
-runs the whole forward on them. That is exact (the same function as the full forward) at O(T^2) cost
-per sequence; the reference implementations (megabyte-pytorch, hourglass-transformer-pytorch) generate
-the same way.
+Generation, by default, recomputes: a shortened token's inputs change as its group fills, so the
+cache is the tokens seen so far (:class:`RecomputeCache`) and each step runs the whole forward on them.
+That is exact (the same function as the full forward) at O(T^2) cost per sequence, as the reference
+implementations (megabyte-pytorch, hourglass-transformer-pytorch) generate. MegaByte overrides it with
+a cached decoder (global caches per patch, local caches within the patch).
 """
 
 from __future__ import annotations
@@ -66,13 +66,16 @@ class HierarchicalLM(CausalLM):
     def trunk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover
         raise NotImplementedError
 
+    def check_length(self, n_tokens: int) -> None:
+        if self.config.position.limits_length and n_tokens > self.config.max_seq_len:
+            raise InputError(
+                f"{n_tokens} tokens exceed the {self.config.position.kind} position table's "
+                f"max_seq_len={self.config.max_seq_len}; use shorter inputs or a larger model.max_seq_len"
+            )
+
     def hidden_states(self, input_ids, cache: RecomputeCache | None = None, document_ids=None):
         T = input_ids.shape[1]
-        if self.config.position.limits_length and (cache.pos if cache is not None else 0) + T > self.config.max_seq_len:
-            raise InputError(
-                f"{(cache.pos if cache is not None else 0) + T} tokens exceed the {self.config.position.kind} position "
-                f"table's max_seq_len={self.config.max_seq_len}; use shorter inputs or a larger model.max_seq_len"
-            )
+        self.check_length((cache.pos if cache is not None else 0) + T)
         if cache is None:
             return self.trunk(input_ids)
         tokens = input_ids if cache.tokens is None else torch.cat([cache.tokens, input_ids], dim=1)

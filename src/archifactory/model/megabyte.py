@@ -18,7 +18,8 @@ Deliberate differences from the reference: its RWKV-style token shift inside eve
 channels of each block input come from the previous position; not in the paper) is not applied, and
 the reference test switches it off there; the stacks use any registered mixer, FFN, norm and position
 encoding (the reference: RMSNorm, bias-free attention, a biased GELU MLP, rotary or learned positions).
-The paper's own arrangement feeds local position p the byte before it (x_{kP+p-1}) and the global
+Decoding is cached (:class:`MegaByteCache`): a token costs one local position, a completed patch one
+global position. The paper's own arrangement feeds local position p the byte before it (x_{kP+p-1}) and the global
 output of patch k; this one (the reference's) feeds x_{kP+p} and predicts the next byte, with a start
 vector at local position 0 -- the same information, one position earlier.
 """
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -82,7 +83,7 @@ class MegaByteConfig(ModelConfig):
         return [
             {"n_layers": 2, "patch_size": 4, "d_local": 16, "local_mixer": {"kind": "attention", "n_heads": 2}},
             {"n_layers": 2, "patch_size": 3, "d_local": 16, "n_local_layers": 1, "mixer": {"kind": "gla", "n_heads": 2},
-             "ffn": {"kind": "moe", "n_experts": 4, "top_k": 2}},
+             "ffn": {"kind": "moe", "n_experts": 4, "top_k": 2}, "position": {"kind": "learned"}},
         ]
 
     def build(self) -> "MegaByteLM":
@@ -103,6 +104,25 @@ class MegaByteConfig(ModelConfig):
         if errors:
             raise ValueError("\n".join(errors))
         return self
+
+
+@dataclasses.dataclass
+class MegaByteCache:
+    """Decoding state: the global blocks' caches (the start vector and every completed patch fed), the
+    current patch's slots from the global model, the local blocks' caches over that patch (its start
+    vector and tokens fed), and the patch's token ids so far."""
+
+    global_layers: list[Any]
+    global_ffn: list[Any]
+    local_layers: list[Any] = dataclasses.field(default_factory=list)
+    local_ffn: list[Any] = dataclasses.field(default_factory=list)
+    slots: torch.Tensor | None = None
+    """(B, P, d_local) the global model's contribution to each position of the current patch."""
+    patch: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    """(B,) token ids of the current patch so far."""
+    patches: int = 0
+    """Completed patches fed to the global model."""
+    pos: int = 0
 
 
 class MegaByteLM(HierarchicalLM):
@@ -191,6 +211,81 @@ class MegaByteLM(HierarchicalLM):
             x, _, block_aux = block(x)
             merge_aux(aux, block_aux)
         return x[:, 1:].reshape(B, K * P, L)[:, :T], aux
+
+    # ------------------------------------------------------------------------------- cached decoding
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> MegaByteCache:
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        global_blocks, _ = self.stacks()
+        return MegaByteCache(
+            [b.mixer.init_cache(batch_size, device, dtype) for b in global_blocks],
+            [b.ffn.init_cache(batch_size, device, dtype) for b in global_blocks],
+        )
+
+    def hidden_states(self, input_ids, cache=None, document_ids=None):
+        """Without a :class:`MegaByteCache`: the whole forward; with one, token by token: each token runs
+        the local model one position, and a completed patch runs the global model one position."""
+        if not isinstance(cache, MegaByteCache):
+            return super().hidden_states(input_ids, cache, document_ids)
+        T = input_ids.shape[1]
+        self.check_length(cache.pos + T)
+        return torch.stack([self._decode(input_ids[:, t], cache) for t in range(T)], dim=1), {}
+
+    def _run(self, blocks, x, layers: list, ffn_caches: list) -> torch.Tensor:
+        for i, block in enumerate(blocks):
+            x, layers[i], _ = block(x, layers[i], ffn_caches[i])
+        return x
+
+    def _next_patch(self, cache: MegaByteCache, g: torch.Tensor) -> None:
+        """Feed one global input ``g`` (B, 1, D): its output becomes the next patch's slots, and the
+        local model starts afresh on that patch with its start vector."""
+        global_blocks, local_blocks = self.stacks()
+        B = g.shape[0]
+        out = self._run(global_blocks, g, cache.global_layers, cache.global_ffn)
+        cache.slots = self.global_to_local(self.global_norm(out)).view(B, self.patch_size, self.config.d_local)
+        device, dtype = g.device, self.embed.weight.dtype
+        cache.local_layers = [b.mixer.init_cache(B, device, dtype) for b in local_blocks]
+        cache.local_ffn = [b.ffn.init_cache(B, device, dtype) for b in local_blocks]
+        start = self.local_start.to(dtype).expand(B, 1, -1)
+        self._run(local_blocks, start, cache.local_layers, cache.local_ffn)
+        cache.patch = []
+
+    def _decode(self, token: torch.Tensor, cache: MegaByteCache) -> torch.Tensor:
+        """(B,) token -> (B, d_local): the local model's output at its position (it predicts the next)."""
+        B, P, L = token.shape[0], self.patch_size, self.config.d_local
+        if cache.slots is None:  # the first token: the global model's start position gives patch 0's slots
+            self._next_patch(cache, self.global_start.to(self.embed.weight.dtype).expand(B, 1, -1))
+        elif len(cache.patch) == P:  # the previous patch is complete: feed it to the global model
+            ids = torch.stack(cache.patch, dim=1)  # (B, P)
+            g = self.patch_out_norm(self.patch_proj(self.patch_in_norm(self.patch_embed(ids).view(B, 1, P * L))))
+            if self.global_pos is not None:
+                g = g + self.global_pos(torch.tensor([cache.patches], device=ids.device)).to(g.dtype)
+            cache.patches += 1
+            self._next_patch(cache, g)
+        j = len(cache.patch)
+        x = self.embed(token)[:, None]
+        if self.embedding_scale != 1.0:
+            x = x * torch.tensor(self.embedding_scale, dtype=x.dtype)
+        if self.local_pos is not None:
+            x = x + self.local_pos(torch.tensor([j], device=token.device)).to(x.dtype)
+        _, local_blocks = self.stacks()
+        x = self._run(local_blocks, x + cache.slots[:, j : j + 1], cache.local_layers, cache.local_ffn)
+        cache.patch.append(token)
+        cache.pos += 1
+        return x[:, 0]
+
+    def state_bytes(self, seq_len: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes :class:`MegaByteCache` holds after ``seq_len`` tokens: the global caches over
+        ``ceil(T / P) + 1`` positions, the local caches over at most ``P + 1``, the slots and the
+        current patch's int64 ids."""
+        T = seq_len or self.config.max_seq_len
+        P, L = self.patch_size, self.config.d_local
+        global_blocks, local_blocks = self.stacks()
+        K = math.ceil(T / P)
+        return (sum(b.mixer.state_bytes(K + 1, dtype) for b in global_blocks)
+                + sum(b.mixer.state_bytes(P + 1, dtype) for b in local_blocks)
+                + P * L * torch.finfo(dtype).bits // 8 + 8 * P)
 
     def param_groups(self):
         return {
