@@ -259,7 +259,11 @@ def test_flops_hand_count():
     assert abs(config.build().flops_per_token(T) - total / T) <= 4
 
 
-def test_megabyte_cache_bytes_hand_count():
+def test_cache_bytes_hand_count():
+    config = load_model_config({**BASE, "kind": "hourglass", "n_layers": 4, "shorten_factor": 3})
+    # bf16 K and V of 4 heads x 8: pre + post over 48 positions, the 2 middle layers over 16; the window,
+    # the upsampled group and the pooled vector (7 x 32 in bf16)
+    assert config.build().state_bytes(48, torch.bfloat16) == 2 * 48 * 128 + 2 * 16 * 128 + 7 * 32 * 2
     config = load_model_config({**BASE, "kind": "megabyte", "n_layers": 2, "patch_size": 4, "d_local": 16,
                                 "local_mixer": {"kind": "attention", "n_heads": 2}})
     # bf16 K and V: global 2 layers x 4 heads x 8 over 12 patches + start; local 2 layers x 2 heads x 8

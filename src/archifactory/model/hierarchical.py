@@ -8,8 +8,8 @@ and MoE statistics see them all), ``final_norm`` and ``lm_head``, and implements
 Generation, by default, recomputes: a shortened token's inputs change as its group fills, so the
 cache is the tokens seen so far (:class:`RecomputeCache`) and each step runs the whole forward on them.
 That is exact (the same function as the full forward) at O(T^2) cost per sequence, as the reference
-implementations (megabyte-pytorch, hourglass-transformer-pytorch) generate. MegaByte overrides it with
-a cached decoder (global caches per patch, local caches within the patch).
+implementations (megabyte-pytorch, hourglass-transformer-pytorch) generate. MegaByte and Hourglass
+override it with cached decoders (each token costs one position of each stack it passes through).
 """
 
 from __future__ import annotations

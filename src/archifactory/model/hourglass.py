@@ -12,6 +12,9 @@ The shift by ``s - 1`` makes the group that feeds positions ``k*s .. k*s + s - 1
 ``k*s``, so no position reads a later token (the paper's §3.2 causal shift). Sequences are padded to a
 multiple of ``s`` and cut back after upsampling.
 
+Decoding is cached (:class:`HourglassCache`): every token runs the pre and post stacks one position, and
+every ``s``-th token, which completes a shifted group, the pooling and the middle stack one position.
+
 Checked against ``hourglass-transformer-pytorch`` (lucidrains) with copied weights in
 ``tests/test_hierarchical.py``; deliberate differences from it: one level of shortening (the package also
 nests hourglasses; nest by training a middle stack of your own kind later), and any registered mixer,
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -154,6 +157,23 @@ class AttentionResampler(nn.Module):
         return projections + scores + n_queries * self.ffn.flops_per_token()
 
 
+@dataclasses.dataclass
+class HourglassCache:
+    """Decoding state: caches of every block (the middle ones advance once per ``s`` tokens), the last
+    ``s`` outputs of the pre stack (the group being filled, zeros before the sequence), and the
+    upsampled vectors (and the pooled one) for the positions of the current group."""
+
+    layers: list[Any]
+    ffn_layers: list[Any]
+    window: torch.Tensor
+    """(B, s, D) the last s outputs of the pre stack."""
+    up: torch.Tensor | None = None
+    """(B, s, D) the upsampled middle output for positions k*s .. k*s + s - 1."""
+    short: torch.Tensor | None = None
+    """(B, 1, D) the middle stack's output for the current group."""
+    pos: int = 0
+
+
 class HourglassLM(HierarchicalLM):
     blocker = "hourglass shortening (pooling mixes tokens across document ends)"
 
@@ -241,6 +261,67 @@ class HourglassLM(HierarchicalLM):
             x, _, block_aux = block(x)
             merge_aux(aux, block_aux)
         return x, aux
+
+    # ------------------------------------------------------------------------------- cached decoding
+
+    def init_cache(self, batch_size: int, device=None, dtype=None) -> HourglassCache:
+        device = device or self.embed.weight.device
+        dtype = dtype or self.embed.weight.dtype
+        return HourglassCache(
+            [b.mixer.init_cache(batch_size, device, dtype) for b in self.blocks],
+            [b.ffn.init_cache(batch_size, device, dtype) for b in self.blocks],
+            torch.zeros(batch_size, self.shorten_factor, self.config.d_model, device=device, dtype=dtype),
+        )
+
+    def hidden_states(self, input_ids, cache=None, document_ids=None):
+        """Without a :class:`HourglassCache`: the whole forward; with one, token by token: each token runs
+        the pre and post stacks one position, and every ``s``-th token (position k*s, which completes the
+        shifted group k) runs the pooling and the middle stack one position."""
+        if not isinstance(cache, HourglassCache):
+            return super().hidden_states(input_ids, cache, document_ids)
+        T = input_ids.shape[1]
+        self.check_length(cache.pos + T)
+        return torch.stack([self._decode(input_ids[:, t], cache) for t in range(T)], dim=1), {}
+
+    def _decode(self, token: torch.Tensor, cache: HourglassCache) -> torch.Tensor:
+        B, s, D, t = token.shape[0], self.shorten_factor, self.config.d_model, cache.pos
+        x = self.embed(token)[:, None]
+        if self.embedding_scale != 1.0:
+            x = x * torch.tensor(self.embedding_scale, dtype=x.dtype)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(torch.tensor([t], device=token.device)).to(x.dtype)
+        blocks = list(enumerate(self.blocks))
+        end = self.n_pre + self.n_middle
+        for i, block in blocks[: self.n_pre]:
+            x, cache.layers[i], _ = block(x, cache.layers[i], cache.ffn_layers[i])
+        cache.window = torch.cat([cache.window[:, 1:], x], dim=1)  # positions t-s+1 .. t
+        if t % s == 0:  # the shifted group k = t / s is complete
+            group = cache.window
+            short = self.downsample(group.reshape(B, 1, s * D)) if self.downsample is not None else group.mean(1, keepdim=True)
+            if self.down_resampler is not None:
+                short, _ = self.down_resampler(short, group)
+            for i, block in blocks[self.n_pre : end]:
+                short, cache.layers[i], _ = block(short, cache.layers[i], cache.ffn_layers[i])
+            cache.short = short
+            cache.up = self.upsample(short).view(B, s, D) if self.upsample is not None else short.expand(B, s, D)
+        j = t % s
+        x = cache.up[:, j : j + 1] + x
+        if self.up_resampler is not None:
+            x, _ = self.up_resampler(x, cache.short)
+        for i, block in blocks[end:]:
+            x, cache.layers[i], _ = block(x, cache.layers[i], cache.ffn_layers[i])
+        cache.pos += 1
+        return x[:, 0]
+
+    def state_bytes(self, seq_len: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
+        """Bytes :class:`HourglassCache` holds after ``seq_len`` tokens: the pre and post caches over T
+        positions, the middle ones over ``ceil(T / s)``, the window and upsampled vectors (2s + 1 of D)."""
+        T = seq_len or self.config.max_seq_len
+        pre, middle, post = self.stacks()
+        K = math.ceil(T / self.shorten_factor)
+        return (sum(b.mixer.state_bytes(T, dtype) for b in pre + post)
+                + sum(b.mixer.state_bytes(K, dtype) for b in middle)
+                + (2 * self.shorten_factor + 1) * self.config.d_model * torch.finfo(dtype).bits // 8)
 
     def param_groups(self):
         resampling = [m for m in (self.downsample, self.upsample, self.down_resampler, self.up_resampler) if m]
