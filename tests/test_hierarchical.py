@@ -217,6 +217,14 @@ def test_cached_decoding_and_greedy_generation_equal_the_full_forward(name):
     for _ in range(9):
         loop = torch.cat([loop, model(loop).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, loop)
+    # one prefix's cache copied for three continuations (shared-prefix scoring) == each row's full forward
+    prefix = model.init_cache(1)
+    model(ids[:1, :6], cache=prefix)
+    rows = model.reorder_cache(prefix, torch.zeros(3, dtype=torch.long))
+    continuations = torch.randint(0, 61, (3, 7))
+    continued = model(continuations, cache=rows).logits
+    whole = model(torch.cat([ids[:1, :6].expand(3, -1), continuations], 1)).logits[:, 6:]
+    torch.testing.assert_close(continued, whole, atol=1e-5, rtol=1e-5)
     if model.document_blockers():  # a kind that cannot mask packed documents refuses them
         with pytest.raises(ValueError, match="cannot be kept apart"):
             model(ids, document_ids=torch.zeros_like(ids))

@@ -5,16 +5,13 @@ A subclass builds ``embed``, ``blocks`` (every block of every stack, so FSDP wra
 and MoE statistics see them all), ``final_norm`` and ``lm_head``, and implements ``trunk(input_ids)``,
 ``flops_breakdown(seq_len)`` and ``param_groups()``.
 
-Generation, by default, recomputes: a shortened token's inputs change as its group fills, so the
-cache is the tokens seen so far (:class:`RecomputeCache`) and each step runs the whole forward on them.
-That is exact (the same function as the full forward) at O(T^2) cost per sequence, as the reference
-implementations (megabyte-pytorch, hourglass-transformer-pytorch) generate. MegaByte and Hourglass
-override it with cached decoders (each token costs one position of each stack it passes through).
+Each kind decodes with its own cache (``init_cache``, ``reorder_cache``, and ``hidden_states`` with a
+cache), in which every token runs one position of each stack it passes through; the shared contract
+(tests/test_hierarchical.py) checks it against the full forward.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import ClassVar
 
 import torch
@@ -22,14 +19,6 @@ from torch import nn
 
 from archifactory.errors import InputError
 from archifactory.model.lm import CausalLM
-
-
-@dataclasses.dataclass
-class RecomputeCache:
-    """Decoding state of a hierarchical model: the (B, t) token ids seen so far."""
-
-    tokens: torch.Tensor | None = None
-    pos: int = 0
 
 
 def merge_aux(total: dict[str, torch.Tensor], new: dict[str, torch.Tensor]) -> None:
@@ -57,11 +46,14 @@ class HierarchicalLM(CausalLM):
     blocker: ClassVar[str] = "a hierarchical model"
     """What :meth:`document_blockers` names: pooling mixes neighbouring tokens across document ends."""
 
-    def init_cache(self, batch_size: int, device=None, dtype=None) -> RecomputeCache:
-        return RecomputeCache()
-
     def document_blockers(self) -> list[str]:
         return [self.blocker]
+
+    @staticmethod
+    def reorder_block_caches(blocks, layers: list, ffn_layers: list, index: torch.Tensor) -> tuple[list, list]:
+        """Each block's mixer and FFN cache, rows ``index``, each asked of its own component."""
+        return ([b.mixer.reorder_cache(c, index) for b, c in zip(blocks, layers)],
+                [b.ffn.reorder_cache(c, index) for b, c in zip(blocks, ffn_layers)])
 
     def trunk(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # pragma: no cover
         raise NotImplementedError
@@ -73,15 +65,12 @@ class HierarchicalLM(CausalLM):
                 f"max_seq_len={self.config.max_seq_len}; use shorter inputs or a larger model.max_seq_len"
             )
 
-    def hidden_states(self, input_ids, cache: RecomputeCache | None = None, document_ids=None):
-        T = input_ids.shape[1]
-        self.check_length((cache.pos if cache is not None else 0) + T)
-        if cache is None:
-            return self.trunk(input_ids)
-        tokens = input_ids if cache.tokens is None else torch.cat([cache.tokens, input_ids], dim=1)
-        hidden, aux = self.trunk(tokens)
-        cache.tokens, cache.pos = tokens, cache.pos + T
-        return hidden[:, -T:], aux
+    def hidden_states(self, input_ids, cache=None, document_ids=None):
+        """The whole forward (``cache`` None); subclasses decode with their caches."""
+        if cache is not None:  # pragma: no cover - every kind overrides the cached path
+            raise NotImplementedError(f"{type(self).__name__} has no cached decoding")
+        self.check_length(input_ids.shape[1])
+        return self.trunk(input_ids)
 
     def param_groups(self) -> dict[str, list[nn.Module | nn.Parameter]]:  # pragma: no cover
         raise NotImplementedError
@@ -94,10 +83,6 @@ class HierarchicalLM(CausalLM):
         :meth:`flops_breakdown` (each stack counted at the length it runs at); 3x with ``training``."""
         forward = sum(self.flops_breakdown(seq_len).values())
         return 3 * forward if training else forward
-
-    def state_bytes(self, seq_len: int | None = None, dtype: torch.dtype = torch.bfloat16) -> int:
-        """Bytes :class:`RecomputeCache` holds after ``seq_len`` tokens: the int64 token ids."""
-        return 8 * (seq_len or self.config.max_seq_len)
 
 
 def stack_flops(blocks, positions: int, seq_len: int) -> tuple[int, int]:

@@ -283,6 +283,12 @@ class HourglassLM(HierarchicalLM):
         self.check_length(cache.pos + T)
         return torch.stack([self._decode(input_ids[:, t], cache) for t in range(T)], dim=1), {}
 
+    def reorder_cache(self, cache: HourglassCache, index: torch.Tensor) -> HourglassCache:
+        """A new cache holding batch rows ``index`` ((B',) int64; rows may repeat) of ``cache``."""
+        rows = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
+        layers, ffn_layers = self.reorder_block_caches(self.blocks, cache.layers, cache.ffn_layers, index)
+        return HourglassCache(layers, ffn_layers, rows(cache.window), rows(cache.up), rows(cache.short), cache.pos)
+
     def _decode(self, token: torch.Tensor, cache: HourglassCache) -> torch.Tensor:
         B, s, D, t = token.shape[0], self.shorten_factor, self.config.d_model, cache.pos
         x = self.embed(token)[:, None]

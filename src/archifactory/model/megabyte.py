@@ -232,6 +232,16 @@ class MegaByteLM(HierarchicalLM):
         self.check_length(cache.pos + T)
         return torch.stack([self._decode(input_ids[:, t], cache) for t in range(T)], dim=1), {}
 
+    def reorder_cache(self, cache: MegaByteCache, index: torch.Tensor) -> MegaByteCache:
+        """A new cache holding batch rows ``index`` ((B',) int64; rows may repeat) of ``cache``."""
+        global_blocks, local_blocks = self.stacks()
+        rows = lambda t: None if t is None else t.index_select(0, index.to(t.device))  # noqa: E731
+        out = MegaByteCache(*self.reorder_block_caches(global_blocks, cache.global_layers, cache.global_ffn, index))
+        out.local_layers, out.local_ffn = self.reorder_block_caches(local_blocks, cache.local_layers, cache.local_ffn, index)
+        out.slots, out.patch = rows(cache.slots), [rows(t) for t in cache.patch]
+        out.patches, out.pos = cache.patches, cache.pos
+        return out
+
     def _run(self, blocks, x, layers: list, ffn_caches: list) -> torch.Tensor:
         for i, block in enumerate(blocks):
             x, layers[i], _ = block(x, layers[i], ffn_caches[i])
