@@ -305,9 +305,14 @@ def test_model_kinds_registry_and_config_round_trip(tmp_path):
         load_model_config("tiny", ["kind=megabyte", "d_local=24", "mixer.n_heads=16"])
     with pytest.raises(ConfigError, match="mtp_heads"):
         load_model_config("tiny", ["kind=megabyte", "mtp_heads=1"])
+    with pytest.raises(ConfigError, match="layer 1 .rwkv7. has value_residual=true, but it is in the shortened middle"):
+        load_model_config("tiny", ["kind=hourglass", "mixer={kind: rwkv7, head_dim: 32}"])
+    for kind in ("megabyte", "hourglass"):
+        with pytest.raises(ConfigError, match=f"pretrained: .* not available for model kind {kind}"):
+            load_model_config("tiny", [f"kind={kind}", "pretrained.path=/nonexistent"])
     from archifactory.model.hf import to_hf_config
 
-    with pytest.raises(ValueError, match="no transformers class represents a hourglass model"):
+    with pytest.raises(ValueError, match="no transformers class represents this model: kind='hourglass'"):
         to_hf_config(hourglass)
 
 

@@ -982,6 +982,8 @@ def _candidate(config: ModelConfig, model_type: str) -> tuple[Any, list[str]]:
 
 
 def _unexportable_component(config: ModelConfig) -> str | None:
+    if config.kind != "transformer":
+        return f"kind={config.kind!r}: no transformers causal LM is a {config.kind} model"
     for i, layer in enumerate(config.layer_configs()):
         if layer.mixer.kind not in _EXPORTABLE_MIXERS:
             return (

@@ -65,7 +65,7 @@ class HierarchicalLM(CausalLM):
                 f"max_seq_len={self.config.max_seq_len}; use shorter inputs or a larger model.max_seq_len"
             )
 
-    def hidden_states(self, input_ids, cache=None, document_ids=None):
+    def hidden_states(self, input_ids, cache=None, document_ids=None, cross_layer=None):
         """The whole forward (``cache`` None); subclasses decode with their caches."""
         if cache is not None:  # pragma: no cover - every kind overrides the cached path
             raise NotImplementedError(f"{type(self).__name__} has no cached decoding")

@@ -82,6 +82,9 @@ class HourglassConfig(ModelConfig):
             {"n_layers": 4, "shorten_factor": 3, "resampling": {"kind": "attention", "n_heads": 2}},
             {"n_layers": 3, "shorten_factor": 2, "downsample": "mean", "upsample": "repeat",
              "position": {"kind": "learned"}},
+            # RWKV-7 with its value residual from layer 0 to the post stack; plain RWKV-7 in the middle
+            {"n_layers": 4, "shorten_factor": 2, "mixer": {"kind": "rwkv7", "head_dim": 8},
+             "layer_overrides": [{"layers": [1, 2], "mixer": {"kind": "rwkv7", "head_dim": 8, "value_residual": False}}]},
         ]
 
     def build(self) -> "HourglassLM":
@@ -97,6 +100,18 @@ class HourglassConfig(ModelConfig):
             )
         if self.mtp_heads:
             errors.append("mtp_heads: multi-token heads are not available for model kind hourglass; set mtp_heads=0")
+        if self.pretrained is not None:
+            errors.append("pretrained: copying parts from a Hugging Face model is not available for model kind "
+                          "hourglass; remove model.pretrained")
+        middle = self.middle_layers()
+        for i, layer in enumerate(self.layer_configs()):
+            if getattr(layer.mixer, "value_residual", False) and (i in middle or self.n_pre_layers == 0):
+                errors.append(
+                    f"layers: layer {i} ({layer.mixer.kind}) has value_residual=true, but "
+                    + ("it is in the shortened middle stack, whose positions are not layer 0's" if i in middle
+                       else "n_pre_layers=0 leaves layer 0 in the shortened middle stack")
+                    + "; set value_residual=false there, or keep such layers in the pre/post stacks"
+                )
         if self.resampling is not None:
             try:
                 self.resampling.check(self.build_context(0))
@@ -228,8 +243,11 @@ class HourglassLM(HierarchicalLM):
             x = x + self.pos_embed(torch.arange(T, device=input_ids.device)).to(x.dtype)
         pre, middle, post = self.stacks()
         aux: dict[str, torch.Tensor] = {}
+        # cross-layer values (RWKV-7's v_first) go from layer 0 to the full-length post stack too; the
+        # shortened middle stack has other positions (the config refuses value residuals there)
+        full_length: dict = {}
         for block in pre:
-            x, _, block_aux = block(x)
+            x, _, block_aux = block(x, cross_layer=full_length)
             merge_aux(aux, block_aux)
         D = x.shape[-1]
         K = math.ceil(T / s)
@@ -244,8 +262,9 @@ class HourglassLM(HierarchicalLM):
             short, block_aux = self.down_resampler(short.reshape(B * K, 1, D), groups.reshape(B * K, s, D))
             short = short.view(B, K, D)
             merge_aux(aux, block_aux)
+        shared = {}
         for block in middle:
-            short, _, block_aux = block(short)
+            short, _, block_aux = block(short, cross_layer=shared)
             merge_aux(aux, block_aux)
         if self.upsample is not None:
             up = self.upsample(short).view(B, K * s, D)
@@ -258,7 +277,7 @@ class HourglassLM(HierarchicalLM):
             merge_aux(aux, block_aux)
         x = x[:, :T]
         for block in post:
-            x, _, block_aux = block(x)
+            x, _, block_aux = block(x, cross_layer=full_length)
             merge_aux(aux, block_aux)
         return x, aux
 
@@ -273,12 +292,12 @@ class HourglassLM(HierarchicalLM):
             torch.zeros(batch_size, self.shorten_factor, self.config.d_model, device=device, dtype=dtype),
         )
 
-    def hidden_states(self, input_ids, cache=None, document_ids=None):
+    def hidden_states(self, input_ids, cache=None, document_ids=None, cross_layer=None):
         """Without a :class:`HourglassCache`: the whole forward; with one, token by token: each token runs
         the pre and post stacks one position, and every ``s``-th token (position k*s, which completes the
         shifted group k) runs the pooling and the middle stack one position."""
         if not isinstance(cache, HourglassCache):
-            return super().hidden_states(input_ids, cache, document_ids)
+            return super().hidden_states(input_ids, cache, document_ids, cross_layer)
         T = input_ids.shape[1]
         self.check_length(cache.pos + T)
         return torch.stack([self._decode(input_ids[:, t], cache) for t in range(T)], dim=1), {}
@@ -298,16 +317,18 @@ class HourglassLM(HierarchicalLM):
             x = x + self.pos_embed(torch.tensor([t], device=token.device)).to(x.dtype)
         blocks = list(enumerate(self.blocks))
         end = self.n_pre + self.n_middle
+        full_length: dict = {}
         for i, block in blocks[: self.n_pre]:
-            x, cache.layers[i], _ = block(x, cache.layers[i], cache.ffn_layers[i])
+            x, cache.layers[i], _ = block(x, cache.layers[i], cache.ffn_layers[i], cross_layer=full_length)
         cache.window = torch.cat([cache.window[:, 1:], x], dim=1)  # positions t-s+1 .. t
         if t % s == 0:  # the shifted group k = t / s is complete
             group = cache.window
             short = self.downsample(group.reshape(B, 1, s * D)) if self.downsample is not None else group.mean(1, keepdim=True)
             if self.down_resampler is not None:
                 short, _ = self.down_resampler(short, group)
+            shared = {}
             for i, block in blocks[self.n_pre : end]:
-                short, cache.layers[i], _ = block(short, cache.layers[i], cache.ffn_layers[i])
+                short, cache.layers[i], _ = block(short, cache.layers[i], cache.ffn_layers[i], cross_layer=shared)
             cache.short = short
             cache.up = self.upsample(short).view(B, s, D) if self.upsample is not None else short.expand(B, s, D)
         j = t % s
@@ -315,7 +336,7 @@ class HourglassLM(HierarchicalLM):
         if self.up_resampler is not None:
             x, _ = self.up_resampler(x, cache.short)
         for i, block in blocks[end:]:
-            x, cache.layers[i], _ = block(x, cache.layers[i], cache.ffn_layers[i])
+            x, cache.layers[i], _ = block(x, cache.layers[i], cache.ffn_layers[i], cross_layer=full_length)
         cache.pos += 1
         return x[:, 0]
 

@@ -84,6 +84,7 @@ class MegaByteConfig(ModelConfig):
             {"n_layers": 2, "patch_size": 4, "d_local": 16, "local_mixer": {"kind": "attention", "n_heads": 2}},
             {"n_layers": 2, "patch_size": 3, "d_local": 16, "n_local_layers": 1, "mixer": {"kind": "gla", "n_heads": 2},
              "ffn": {"kind": "moe", "n_experts": 4, "top_k": 2}, "position": {"kind": "learned"}},
+            {"n_layers": 2, "patch_size": 2, "d_local": 16, "n_local_layers": 2, "mixer": {"kind": "rwkv7", "head_dim": 8}},
         ]
 
     def build(self) -> "MegaByteLM":
@@ -94,6 +95,9 @@ class MegaByteConfig(ModelConfig):
         errors = []
         if self.mtp_heads:
             errors.append("mtp_heads: multi-token heads are not available for model kind megabyte; set mtp_heads=0")
+        if self.pretrained is not None:
+            errors.append("pretrained: copying parts from a Hugging Face model is not available for model kind "
+                          "megabyte; remove model.pretrained")
         ctx = self.local_context(0)
         for path, component in (("local_mixer", self.local_mixer or self.mixer), ("local_ffn", self.local_ffn or self.ffn)):
             try:
@@ -197,8 +201,9 @@ class MegaByteLM(HierarchicalLM):
         g = torch.cat([self.global_start.to(g.dtype).expand(B, 1, -1), g], dim=1)  # (B, K+1, D)
         global_blocks, local_blocks = self.stacks()
         aux: dict[str, torch.Tensor] = {}
+        shared = {}  # each stack shares its own cross-layer values (RWKV-7's v_first): widths differ
         for block in global_blocks:
-            g, _, block_aux = block(g)
+            g, _, block_aux = block(g, cross_layer=shared)
             merge_aux(aux, block_aux)
         slots = self.global_to_local(self.global_norm(g[:, :-1])).view(B * K, P, L)  # patch k: patches < k
         x = self.embed(ids).view(B * K, P, L)
@@ -207,8 +212,9 @@ class MegaByteLM(HierarchicalLM):
         if self.local_pos is not None:
             x = x + self.local_pos(torch.arange(P, device=ids.device)).to(x.dtype)
         x = torch.cat([self.local_start.to(x.dtype).expand(B * K, 1, -1), x + slots], dim=1)  # (B*K, P+1, L)
+        shared = {}
         for block in local_blocks:
-            x, _, block_aux = block(x)
+            x, _, block_aux = block(x, cross_layer=shared)
             merge_aux(aux, block_aux)
         return x[:, 1:].reshape(B, K * P, L)[:, :T], aux
 
@@ -223,11 +229,11 @@ class MegaByteLM(HierarchicalLM):
             [b.ffn.init_cache(batch_size, device, dtype) for b in global_blocks],
         )
 
-    def hidden_states(self, input_ids, cache=None, document_ids=None):
+    def hidden_states(self, input_ids, cache=None, document_ids=None, cross_layer=None):
         """Without a :class:`MegaByteCache`: the whole forward; with one, token by token: each token runs
         the local model one position, and a completed patch runs the global model one position."""
         if not isinstance(cache, MegaByteCache):
-            return super().hidden_states(input_ids, cache, document_ids)
+            return super().hidden_states(input_ids, cache, document_ids, cross_layer)
         T = input_ids.shape[1]
         self.check_length(cache.pos + T)
         return torch.stack([self._decode(input_ids[:, t], cache) for t in range(T)], dim=1), {}
@@ -243,8 +249,9 @@ class MegaByteLM(HierarchicalLM):
         return out
 
     def _run(self, blocks, x, layers: list, ffn_caches: list) -> torch.Tensor:
+        shared = {}
         for i, block in enumerate(blocks):
-            x, layers[i], _ = block(x, layers[i], ffn_caches[i])
+            x, layers[i], _ = block(x, layers[i], ffn_caches[i], cross_layer=shared)
         return x
 
     def _next_patch(self, cache: MegaByteCache, g: torch.Tensor) -> None:
