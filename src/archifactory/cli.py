@@ -238,10 +238,14 @@ def sweep(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the planned runs and exit."),
     report_after: bool = typer.Option(True, "--report/--no-report", help="Write the report when done."),
 ) -> None:
-    """Run a baseline and its one-change variants over seeds at equal budget; re-running resumes."""
+    """Run a baseline and its one-change variants over seeds at equal budget; re-running resumes. A spec
+    with ``kind: probe`` runs synthetic probes (MQAR, MAD's tasks) instead."""
+    from archifactory.eval.probes.spec import is_probe_spec
     from archifactory.sweep.runner import describe_plan, run_sweep
     from archifactory.sweep.spec import load_sweep
 
+    if is_probe_spec(spec_path):
+        return _probe_sweep(spec_path, set_ or [], out, dry_run)
     spec, root = load_sweep(spec_path, set_ or [])
     sweep_dir = out or Path("sweeps") / spec.name
     if dry_run:
@@ -250,6 +254,18 @@ def sweep(
     run_sweep(spec, root, sweep_dir, console=console)
     if report_after:
         _write_report(sweep_dir)
+
+
+def _probe_sweep(spec_path: Path, overrides: List[str], out: Optional[Path], dry_run: bool) -> None:
+    from archifactory.eval.probes.runner import describe_probe_plan, run_probe_sweep
+    from archifactory.eval.probes.spec import load_probe_spec
+
+    spec = load_probe_spec(spec_path, overrides)
+    if dry_run:
+        console.print(describe_probe_plan(spec), highlight=False)
+        return
+    sweep_dir = run_probe_sweep(spec, out or Path("sweeps") / spec.name, console=console)
+    console.print(f"probe results: {(sweep_dir / 'probes.md').resolve()}", highlight=False)
 
 
 def _write_report(sweep_dir: Path) -> None:

@@ -4,6 +4,8 @@ globals."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,9 @@ AuxLosses = dict[str, torch.Tensor]
 
 
 class FFNConfig(Component):
+    has_branch: ClassVar[bool] = True
+    """False for ``ffn: {kind: none}``: the block then builds no FFN norm (a mixer-only layer)."""
+
     @classmethod
     def contract_examples(cls, d_model: int) -> list["FFNConfig"]:
         """Small configs the shared FFN contract test (tests/test_ffn_contract.py) builds at ``d_model``;

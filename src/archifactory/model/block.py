@@ -25,6 +25,9 @@ class Block(nn.Module):
         sandwich = residual == "sandwich"
         self.mixer_post_norm = norm.build_for(ctx.d_model) if sandwich else None
         self.ffn_post_norm = norm.build_for(ctx.d_model) if sandwich else None
+        if not cfg.ffn.has_branch:  # a mixer-only layer (ffn kind none): no norm around an absent branch
+            self.ffn_norm = None if residual == "parallel" else nn.Identity()
+            self.ffn_post_norm = nn.Identity() if sandwich else None
         self._forward = {"pre": self._pre, "post": self._post, "sandwich": self._sandwich, "parallel": self._parallel}[
             residual
         ]

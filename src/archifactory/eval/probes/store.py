@@ -1,0 +1,124 @@
+"""Probe results in the sweep's ``results.sqlite``: table ``probe_runs``, one row per run (variant, width,
+task setting, grid point, seed) with its status, validation and test accuracy, steps, examples seen,
+whether it stopped early, wall time, parameters and the validation history. The ``sweep`` row (name,
+spec, environment) is the sweep store's (:class:`archifactory.sweep.store.Store`)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from archifactory.sweep.store import Store
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS probe_runs (
+    run_id TEXT PRIMARY KEY,
+    variant TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    task TEXT NOT NULL,
+    setting TEXT NOT NULL,
+    task_json TEXT NOT NULL,
+    lr REAL NOT NULL,
+    weight_decay REAL NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL DEFAULT 'pending',
+    error TEXT,
+    valid_acc REAL,
+    test_acc REAL,
+    test_loss REAL,
+    steps INTEGER,
+    examples INTEGER,
+    stopped_early INTEGER,
+    elapsed_s REAL,
+    params INTEGER,
+    test_examples INTEGER,
+    history_json TEXT,
+    model_json TEXT,
+    finished_at REAL
+);
+"""
+
+
+class ProbeRun(BaseModel):
+    """One row of ``probe_runs`` as the report reads it."""
+
+    run_id: str
+    variant: str
+    width: int
+    task: str
+    setting: str
+    lr: float
+    weight_decay: float
+    seed: int
+    status: str
+    error: str | None = None
+    valid_acc: float | None = None
+    test_acc: float | None = None
+    test_loss: float | None = None
+    steps: int | None = None
+    examples: int | None = None
+    stopped_early: bool | None = None
+    elapsed_s: float | None = None
+    params: int | None = None
+    test_examples: int | None = None
+
+
+class ProbeStore(Store):
+    """The sweep store plus the ``probe_runs`` table."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        super().__init__(path, read_only)
+        if not read_only:
+            with self.transaction() as db:
+                db.executescript(SCHEMA)
+
+    def has_probes(self) -> bool:
+        with self.connect() as db:
+            return db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='probe_runs'").fetchone() is not None
+
+    def add_probe(self, run_id: str, variant: str, width: int, task: str, setting: str, task_json: str, lr: float,
+                  weight_decay: float, seed: int, model_json: str) -> None:
+        """Register a run; an existing one keeps its status and results."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO probe_runs (run_id, variant, width, task, setting, task_json, lr, weight_decay, seed, "
+                "model_json) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(run_id) DO NOTHING",
+                (run_id, variant, width, task, setting, task_json, lr, weight_decay, seed, model_json),
+            )
+
+    def probe_failed(self, run_id: str, error: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE probe_runs SET status='failed', error=?, finished_at=? WHERE run_id=?",
+                       (error, time.time(), run_id))
+
+    def probe_done(self, run_id: str, result: dict[str, Any]) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE probe_runs SET status='done', error=NULL, valid_acc=?, test_acc=?, test_loss=?, steps=?, "
+                "examples=?, stopped_early=?, elapsed_s=?, params=?, test_examples=?, history_json=?, finished_at=? "
+                "WHERE run_id=?",
+                (result["valid_acc"], result["test_acc"], result["test_loss"], result["steps"], result["examples"],
+                 int(result["stopped_early"]), result["elapsed_s"], result["params"], result["test_examples"],
+                 json.dumps(result["history"]), time.time(), run_id),
+            )
+
+    def probe_runs(self, status: str | None = None) -> list[ProbeRun]:
+        if not self.has_probes():
+            return []
+        query = ("SELECT run_id, variant, width, task, setting, lr, weight_decay, seed, status, error, valid_acc, "
+                 "test_acc, test_loss, steps, examples, stopped_early, elapsed_s, params, test_examples FROM probe_runs")
+        args: tuple = ()
+        if status is not None:
+            query, args = query + " WHERE status=?", (status,)
+        with self.connect() as db:
+            return [ProbeRun(**dict(r)) for r in db.execute(query + " ORDER BY task, setting, variant, width, lr, "
+                                                                     "weight_decay, seed", args)]
+
+    def history(self, run_id: str) -> list[dict]:
+        with self.connect() as db:
+            row = db.execute("SELECT history_json FROM probe_runs WHERE run_id=?", (run_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else []
