@@ -302,7 +302,8 @@ class FuzzyRecallTask(ProbeTask):
             targets: list[int] = []
             while len(inputs) < bound:
                 k_size, v_size = key_size(), int(rng.integers(1, Vm + 1))
-                if len(inputs) >= probe_at and not probe_added:
+                # at the drawn point, or on the last pass at the latest (MAD may never place it)
+                if not probe_added and (len(inputs) >= probe_at or len(inputs) + K + Vm >= bound):
                     inputs += [*k_probe, *v_probe]
                     targets += [IGNORE_INDEX] * (kp_size + vp_size)
                     kv[k_probe] = v_probe
