@@ -32,7 +32,9 @@ D, B, T = 32, 2, 11
 
 
 def contract_cases() -> list:
-    return [pytest.param(cfg, id=f"{kind}-{i}") for kind, cls in FFNS.items() for i, cfg in enumerate(cls.contract_examples(D))]
+    """Every registered FFN with a branch (``none``, the absent FFN, has its own test below)."""
+    return [pytest.param(cfg, id=f"{kind}-{i}") for kind, cls in FFNS.items() if cls.has_branch
+            for i, cfg in enumerate(cls.contract_examples(D))]
 
 
 CASES = contract_cases()
@@ -196,3 +198,20 @@ def test_the_contract_catches_an_ffn_that_reads_the_next_token(monkeypatch):
     with pytest.raises(AssertionError):
         check_full_equals_cached(leaky[0])
     check_batch_rows_independent(leaky[0])  # (it does keep rows apart: the other checks are not blanket failures)
+
+
+def test_no_ffn_makes_a_mixer_only_block():
+    """``ffn: {kind: none}``: the block is x + mixer(norm(x)) exactly (Zoology's identity state mixer),
+    with no FFN norm or parameter left unused."""
+    from archifactory.model.block import Block
+    from archifactory.model.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=16, d_model=D, n_layers=1, mixer={"kind": "attention", "n_heads": 2},
+                      ffn={"kind": "none"})
+    torch.manual_seed(0)
+    block = Block(cfg.layer_configs()[0], cfg.build_context(0), "pre").double()
+    x = torch.randn(B, T, D, dtype=torch.float64)
+    y, _, aux = block(x)
+    mixed, _ = block.mixer(block.mixer_norm(x))
+    torch.testing.assert_close(y, x + mixed, rtol=0, atol=0)
+    assert not aux and not any(n.startswith(("ffn", "ffn_norm")) for n, _ in block.named_parameters())

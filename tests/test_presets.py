@@ -30,6 +30,13 @@ def test_every_yaml_loads_and_builds(path: Path):
         cfg = load_run_config(path)
         with torch.device("meta"):
             assert cfg.model.build().num_params() > 0
+    elif path.parent.name == "sweeps" and data.get("kind") == "probe":
+        from archifactory.eval.probes.spec import load_probe_spec, plan
+
+        models = {job.model.model_dump_json(): job.model for job in plan(load_probe_spec(path))}
+        for model in models.values():
+            with torch.device("meta"):
+                assert af.CausalLM(model).num_params() > 0
     elif path.parent.name == "sweeps":
         from archifactory.sweep.spec import load_sweep, plan
 
