@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from archifactory.config import ConfigError, validate
-from archifactory.eval.probes.results import choose, mad_scores
+from archifactory.sweep.probe_results import choose, mad_scores
 from archifactory.eval.probes.spec import ProbeSweepSpec, load_probe_spec, plan, task_settings
 from archifactory.eval.probes.store import ProbeRun, ProbeStore
 from archifactory.eval.probes.tasks import (
@@ -370,7 +370,7 @@ def test_probe_sweep_records_resumes_and_locks(tmp_path):
     spec = validate(ProbeSweepSpec, {
         "kind": "probe", "name": "p", "model": {"n_layers": 1, "ffn": {"kind": "none"},
                                                 "mixer": {"kind": "attention", "n_heads": 1}},
-        "widths": [8], "variants": {"attention": [], "deltanet": ["mixer={kind: deltanet, n_heads: 1}"]},
+        "widths": [8, 16], "variants": {"attention": [], "deltanet": ["mixer={kind: deltanet, n_heads: 1}"]},
         "tasks": {"mqar": {"task": {"kind": "mqar", "vocab_size": 64, "seq_len": 16, "num_kv_pairs": 2,
                                     "train_examples": 32, "test_examples": 16}}},
         "grid": {"lr": [1e-3, 1e-2]}, "train": {"batch_size": 8, "max_steps": 2, "eval_every": 1}, "parallel": 1})
@@ -378,13 +378,25 @@ def test_probe_sweep_records_resumes_and_locks(tmp_path):
     with hold_directory(sweep, ".sweep.lock", "sweep directory", "wait"):
         with pytest.raises(DirectoryBusyError):
             ProbeRunner(spec, sweep).run()
-    assert ProbeRunner(spec, sweep).run() == {"done": 4, "failed": 0}
+    assert ProbeRunner(spec, sweep).run() == {"done": 8, "failed": 0}
     store = ProbeStore(sweep / "results.sqlite")
     rows = store.probe_runs()
-    assert len(rows) == 4 and all(r.status == "done" and r.steps == 2 and r.test_examples == 16 for r in rows)
+    assert len(rows) == 8 and all(r.status == "done" and r.steps == 2 and r.test_examples == 16 for r in rows)
     assert store.sweep()["name"] == "p" and len(store.history(rows[0].run_id)) == 2
     before = {r.run_id: r.test_acc for r in rows}
-    assert ProbeRunner(spec, sweep).run() == {"done": 4, "failed": 0}  # nothing to do: resumed, not rerun
+    assert ProbeRunner(spec, sweep).run() == {"done": 8, "failed": 0}  # nothing to do: resumed, not rerun
     assert {r.run_id: r.test_acc for r in store.probe_runs()} == before
     choices = choose(store.probe_runs())
-    assert {(c.variant, c.width) for c in choices} == {("attention", 8), ("deltanet", 8)}
+    assert {(c.variant, c.width) for c in choices} == {(v, w) for v in ("attention", "deltanet") for w in (8, 16)}
+
+    from archifactory.sweep.report import write_report
+
+    _, md = write_report(sweep)
+    text = md.read_text()
+    assert "## Synthetic probes" in text and "## Results" not in text and "## Fairness" not in text
+    table = text[text.index("### mqar"):].split("\n\n")[1].splitlines()
+    assert table[0].startswith("| variant | d=8 test acc (95% CI) | d=16 test acc (95% CI) |")
+    by_variant = {c.variant: c for c in choices if c.width == 16}
+    row = next(line for line in table if line.startswith("| deltanet |"))
+    assert row.split(" | ")[2] == f"{by_variant['deltanet'].test.mean:.3f}"
+    assert (sweep / "report_files" / "probe_accuracy_vs_width.png").stat().st_size > 1000

@@ -245,7 +245,7 @@ def sweep(
     from archifactory.sweep.spec import load_sweep
 
     if is_probe_spec(spec_path):
-        return _probe_sweep(spec_path, set_ or [], out, dry_run)
+        return _probe_sweep(spec_path, set_ or [], out, dry_run, report_after)
     spec, root = load_sweep(spec_path, set_ or [])
     sweep_dir = out or Path("sweeps") / spec.name
     if dry_run:
@@ -256,7 +256,7 @@ def sweep(
         _write_report(sweep_dir)
 
 
-def _probe_sweep(spec_path: Path, overrides: List[str], out: Optional[Path], dry_run: bool) -> None:
+def _probe_sweep(spec_path: Path, overrides: List[str], out: Optional[Path], dry_run: bool, report_after: bool) -> None:
     from archifactory.eval.probes.runner import describe_probe_plan, run_probe_sweep
     from archifactory.eval.probes.spec import load_probe_spec
 
@@ -265,7 +265,8 @@ def _probe_sweep(spec_path: Path, overrides: List[str], out: Optional[Path], dry
         console.print(describe_probe_plan(spec), highlight=False)
         return
     sweep_dir = run_probe_sweep(spec, out or Path("sweeps") / spec.name, console=console)
-    console.print(f"probe results: {(sweep_dir / 'probes.md').resolve()}", highlight=False)
+    if report_after:
+        _write_report(sweep_dir)
 
 
 def _write_report(sweep_dir: Path) -> None:

@@ -17,7 +17,6 @@ import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-from archifactory.eval.probes.results import choose, mad_scores, summary_markdown
 from archifactory.eval.probes.spec import ProbeJob, ProbeSweepSpec, plan, spec_yaml
 from archifactory.eval.probes.store import ProbeStore
 from archifactory.locking import hold_directory
@@ -151,12 +150,6 @@ class ProbeRunner:
                     progress.update(bar, advance=1, rate=examples / max(1e-9, time.perf_counter() - start),
                                     last=last)
 
-    def summary(self) -> str:
-        choices = choose(self.store.probe_runs(), len(self.spec.grid.lr) * len(self.spec.grid.weight_decay),
-                         self.spec.seeds)
-        mad = any(len(e.changes) or e.task.kind != "mqar" for e in self.spec.tasks.values())
-        return summary_markdown(choices, mad_scores(choices) if mad else None)
-
     def _print(self, message: str) -> None:
         if self.console is not None:
             self.console.print(message, highlight=False)
@@ -166,9 +159,7 @@ class ProbeRunner:
 
 def run_probe_sweep(spec: ProbeSweepSpec, sweep_dir: Path | None = None, console=None) -> Path:
     sweep_dir = Path(sweep_dir or Path("sweeps") / spec.name)
-    runner = ProbeRunner(spec, sweep_dir, console)
-    runner.run()
-    (sweep_dir / "probes.md").write_text(f"# Probe sweep {spec.name}\n\n{runner.summary()}\n")
+    ProbeRunner(spec, sweep_dir, console).run()
     return sweep_dir
 
 

@@ -20,7 +20,7 @@ train: {batch_size: 64, max_steps: 800, eval_every: 100, early_stop: 0.99}
 
 ``vocab_size`` and ``max_seq_len`` of the model come from each task. For every (variant, width, task
 setting) the grid point with the highest mean validation accuracy over the seeds is chosen; the test
-accuracy of that grid point is what is reported (:mod:`archifactory.eval.probes.results`).
+accuracy of that grid point is what is reported (:mod:`archifactory.sweep.probe_results`).
 """
 
 from __future__ import annotations

@@ -12,7 +12,6 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from archifactory.sweep.store import Store
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS probe_runs (
@@ -67,14 +66,24 @@ class ProbeRun(BaseModel):
     test_examples: int | None = None
 
 
-class ProbeStore(Store):
-    """The sweep store plus the ``probe_runs`` table."""
+class ProbeStore:
+    """The ``probe_runs`` table beside the sweep store's tables in the same file (the sweep store
+    checks the file's integrity and keeps the ``sweep`` row)."""
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
-        super().__init__(path, read_only)
+        from archifactory.sweep.store import Store  # the sweep package imports this module (its report)
+
+        self.sweep_store = Store(path, read_only)
+        self.connect, self.transaction = self.sweep_store.connect, self.sweep_store.transaction
         if not read_only:
             with self.transaction() as db:
                 db.executescript(SCHEMA)
+
+    def set_sweep(self, name: str, spec_yaml: str, env: dict) -> None:
+        self.sweep_store.set_sweep(name, spec_yaml, env)
+
+    def sweep(self) -> dict | None:
+        return self.sweep_store.sweep()
 
     def has_probes(self) -> bool:
         with self.connect() as db:

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from archifactory.eval.store import MetricResult, metric_from_row
 from archifactory.results import FinalRecord, MetricRecord, RunRecord, SweepRecord
 from archifactory.sweep import stats as st
 from archifactory.sweep.stages import PosttrainData, read_posttrain
 from archifactory.sweep.store import Store
+
+if TYPE_CHECKING:  # eval.probes imports the sweep store: read at call time
+    from archifactory.eval.probes.spec import ProbeSweepSpec
+    from archifactory.eval.probes.store import ProbeRun
 
 RESULTS_FILE = "results.sqlite"
 
@@ -50,6 +55,15 @@ class SweepData:
     evals: list[MetricResult] = field(default_factory=list)
     """Evaluation results of the sweep's runs (one per run, task, item limit and metric: the newest
     evaluation where a run's weights were evaluated more than once)."""
+    probe_runs: list[ProbeRun] = field(default_factory=list)
+    """A probe sweep's runs (``kind: probe``: table ``probe_runs``), empty otherwise."""
+    probe_spec: ProbeSweepSpec | None = None
+    """A probe sweep's spec (its grid and seeds decide which grid points are complete)."""
+
+    @property
+    def is_probe_sweep(self) -> bool:
+        """A sweep of synthetic probes only (no language-model runs to compare on loss)."""
+        return bool(self.probe_runs) and not self.runs
 
     @property
     def name(self) -> str:
@@ -162,4 +176,27 @@ def read_sweep_results(sweep_dir: str | Path) -> SweepData:
         stage_runs=stage_runs,
         evals=read_evaluations(store, {r.run_id for r in stage_runs}),
         posttrain=read_posttrain(store, sweep.spec_yaml),
+        probe_runs=_probe_runs(path),
+        probe_spec=_probe_spec(sweep.spec_yaml),
     )
+
+
+def _probe_runs(path: Path) -> list[ProbeRun]:
+    from archifactory.eval.probes.store import ProbeStore
+
+    return ProbeStore(path, read_only=True).probe_runs()
+
+
+def _probe_spec(spec_yaml: str | None) -> ProbeSweepSpec | None:
+    """The sweep's spec when it is a probe sweep (else, or when it no longer validates, ``None``)."""
+    import yaml
+
+    from archifactory.eval.probes.spec import ProbeSweepSpec
+
+    try:
+        data = yaml.safe_load(spec_yaml or "")
+        if isinstance(data, dict) and data.get("kind") == "probe":
+            return ProbeSweepSpec.model_validate(data)
+    except (yaml.YAMLError, ValueError):
+        pass
+    return None

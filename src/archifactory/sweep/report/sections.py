@@ -14,6 +14,7 @@ from archifactory.results import RunRecord, VariantChanges
 from archifactory.sweep import stats as st
 from archifactory.sweep.report import figures
 from archifactory.sweep.report.data import SweepData
+from archifactory.sweep.report.probes import probes_section
 from archifactory.sweep.report.document import (
     Block,
     BulletList,
@@ -423,16 +424,22 @@ def environment_section(data: SweepData) -> list[Block]:
     return [Section("Environment", blocks)]
 
 
+def _language_model_runs(builder: SectionBuilder) -> SectionBuilder:
+    """``builder``, left out of a probe sweep's report (its sections compare language-model runs on loss)."""
+    return lambda data: None if data.is_probe_sweep else builder(data)
+
+
 SECTION_BUILDERS: list[tuple[str, SectionBuilder]] = [
-    ("summary", summary_blocks),
-    ("results", results_section),
-    ("plots", plots_section),
-    ("lr_choice", lr_section),
-    ("posttrain", posttrain_section),
+    ("summary", _language_model_runs(summary_blocks)),
+    ("results", _language_model_runs(results_section)),
+    ("probes", probes_section),
+    ("plots", _language_model_runs(plots_section)),
+    ("lr_choice", _language_model_runs(lr_section)),
+    ("posttrain", _language_model_runs(posttrain_section)),
     ("evaluation", evaluation_sections),
-    ("changes", changes_section),
-    ("failures", failures_section),
-    ("fairness", fairness_section),
+    ("changes", _language_model_runs(changes_section)),
+    ("failures", _language_model_runs(failures_section)),
+    ("fairness", _language_model_runs(fairness_section)),
     ("environment", environment_section),
 ]
 """The report's sections, in page order: ``(name, builder)``. A builder returns the blocks it adds (usually
