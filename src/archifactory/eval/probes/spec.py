@@ -49,7 +49,6 @@ from archifactory.config import (
 from archifactory.eval.probes.tasks import ProbeTask, TaskConfig
 from archifactory.model.config import ModelConfig
 from archifactory.train.optim import optimizer_config
-from archifactory.train.schedule import CosineSchedule
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
@@ -225,7 +224,3 @@ def plan(spec: ProbeSweepSpec) -> list[ProbeJob]:
 
 def spec_yaml(spec: ProbeSweepSpec) -> str:
     return yaml.safe_dump(json.loads(spec.model_dump_json()), sort_keys=False)
-
-
-def default_schedule() -> dict:
-    return CosineSchedule().model_dump()
