@@ -58,7 +58,7 @@ def accuracy_width_figure(data: SweepData, choices: list[ProbeChoice]) -> bytes 
     widths = sorted({c.width for c in choices})
     if len(widths) < 2 or not settings:
         return None
-    fig, axes = figures._new_figure(4.2 * len(settings), 3.4, ncols=len(settings))
+    fig, axes = figures.new_figure(4.2 * len(settings), 3.4, ncols=len(settings))
     variants = _variants(data)
     palette = VARIANT_COLORS
     for ax, (task, setting) in zip(axes, settings):
@@ -80,7 +80,7 @@ def accuracy_width_figure(data: SweepData, choices: list[ProbeChoice]) -> bytes 
         ax.set_ylabel("test accuracy")
         ax.set_title(task if setting == "baseline" else f"{task} ({setting})", fontsize=9)
     axes[-1].legend(fontsize=7, frameon=False, loc="best")
-    return figures._png(fig)
+    return figures.to_png(fig)
 
 
 def probes_section(data: SweepData) -> list[Block] | None:
