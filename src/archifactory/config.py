@@ -150,6 +150,9 @@ class BuildContext:
     norm: Any  # NormConfig: used for norms inside components (QK-norm, gated norms)
     position: Any  # PositionConfig: attention asks it for RoPE / ALiBi
     init: "InitConfig"
+    shared: dict | None = dataclasses.field(default=None, compare=False)
+    """Modules that several layers of one model share, by name (one dict per model build; ``None`` when a
+    component is built alone). The model registers them once (``CausalLM.shared_blocks``)."""
 
 
 def component_field(registry: Registry) -> Any:

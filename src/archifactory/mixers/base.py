@@ -47,6 +47,13 @@ class Mixer(nn.Module):
         first step and that they do get one after a single optimizer step."""
         return set()
 
+    reads_embeddings: bool = False
+    """Whether the mixer reads the model's token embeddings (B, T, D) at the same positions from
+    ``cross_layer["embeddings"]`` (Zamba's shared block does); the model stores them there only then."""
+    owns_input_norm: bool = False
+    """Whether the mixer normalises its own input, so that a pre-norm block feeds it the residual stream
+    unnormalised (a Zamba2 hybrid layer's norms sit inside it)."""
+
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()
         self.d_model = ctx.d_model

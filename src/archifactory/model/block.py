@@ -19,7 +19,12 @@ class Block(nn.Module):
         self.mixer = cfg.mixer.build(ctx)
         self.ffn = cfg.ffn.build(ctx)
         norm = ctx.norm
-        self.mixer_norm = norm.build_for(ctx.d_model)
+        if self.mixer.owns_input_norm and residual != "pre":
+            raise ValueError(
+                f"layer {ctx.layer_idx}: mixer {type(self.mixer).__name__} normalises its own input and needs "
+                f"residual: pre, not {residual!r}"
+            )
+        self.mixer_norm = nn.Identity() if self.mixer.owns_input_norm else norm.build_for(ctx.d_model)
         # parallel blocks share one input norm (GPT-J, PaLM)
         self.ffn_norm = None if residual == "parallel" else norm.build_for(ctx.d_model)
         sandwich = residual == "sandwich"

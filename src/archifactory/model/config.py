@@ -156,7 +156,8 @@ class ModelConfig(Strict):
                 )
         return layers
 
-    def build_context(self, layer_idx: int) -> BuildContext:
+    def build_context(self, layer_idx: int, shared: dict | None = None) -> BuildContext:
+        """``shared``: the dict of cross-layer shared modules of the model being built (see BuildContext)."""
         return BuildContext(
             d_model=self.d_model,
             n_layers=self.n_layers,
@@ -165,6 +166,7 @@ class ModelConfig(Strict):
             norm=self.norm,
             position=self.position,
             init=self.init,
+            shared=shared,
         )
 
     def resolved_embedding_scale(self) -> float:

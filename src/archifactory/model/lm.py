@@ -55,14 +55,25 @@ class CausalLM(nn.Module):
         self.embed = nn.Embedding(V, D)
         self.embedding_scale = config.resolved_embedding_scale()
         self.pos_embed = config.position.build_absolute(D, config.max_seq_len, config.init.std)
+        shared: dict[str, nn.Module] = {}  # modules several layers reuse (Zamba2's shared block), by name
         self.blocks = nn.ModuleList(
-            Block(layer, config.build_context(i), config.residual) for i, layer in enumerate(config.layer_configs())
+            Block(layer, config.build_context(i, shared), config.residual)
+            for i, layer in enumerate(config.layer_configs())
         )
         last = config.layer_configs()[-1]
         self.mtp_blocks = nn.ModuleList(
             # initialised as the last trunk layer: depth-dependent inits (RWKV's) only cover 0..n_layers-1
-            Block(last, config.build_context(config.n_layers - 1), config.residual) for _ in range(config.mtp_heads)
+            Block(last, config.build_context(config.n_layers - 1, shared), config.residual)
+            for _ in range(config.mtp_heads)
         )
+        # registered once here (one set of parameters, one optimizer state), used by every layer naming it
+        self.shared_blocks = nn.ModuleDict(shared) if shared else None
+        self._embeddings_read = any(b.mixer.reads_embeddings for b in self.blocks)
+        if self._embeddings_read and config.mtp_heads:
+            raise ValueError(
+                "mtp_heads > 0 with a mixer that reads the token embeddings (zamba2 with concat_embeddings) is "
+                "not supported; set mtp_heads: 0 or concat_embeddings: false"
+            )
         self.final_norm = config.norm.build_for(D) if config.final_norm else nn.Identity()
         self.lm_head = nn.Linear(D, V, bias=config.head_bias)
         if config.tie_embeddings:
@@ -94,6 +105,8 @@ class CausalLM(nn.Module):
             self.pos_embed.reset_parameters()
         for block in [*self.blocks, *self.mtp_blocks]:
             block.reset_parameters()
+        for module in (self.shared_blocks.values() if self.shared_blocks is not None else []):
+            module.reset_parameters()
         if hasattr(self.final_norm, "reset_parameters"):
             self.final_norm.reset_parameters()
 
@@ -171,6 +184,8 @@ class CausalLM(nn.Module):
                     )
             x = x + self.pos_embed(positions).to(x.dtype)
         aux: dict[str, torch.Tensor] = {}
+        if self._embeddings_read:  # Zamba's shared block reads the token embeddings beside the stream
+            cross_layer["embeddings"] = x
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
             ffn_cache = cache.ffn_layers[i] if cache is not None else None
@@ -299,7 +314,7 @@ class CausalLM(nn.Module):
         groups: dict[str, list[nn.Module]] = {
             "embedding": [self.embed],
             "position": [self.pos_embed] if self.pos_embed is not None else [],
-            "mixer": [b.mixer for b in self.blocks],
+            "mixer": [b.mixer for b in self.blocks] + list(self.shared_blocks.values() if self.shared_blocks else []),
             "ffn": [b.ffn for b in self.blocks],
             "norm": [n for b in self.blocks for n in b.norms()] + [self.final_norm],
             "mtp": list(self.mtp_blocks),
