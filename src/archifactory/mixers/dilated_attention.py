@@ -153,25 +153,26 @@ class DilatedAttention(Mixer):
 
     def _segments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Each pattern on its own (gather the selected tokens of every segment, causal attention within
-        the segment), mixed by softmax denominators (LongNet eq. 8-10). q, k, v: (B, H, T, hd)."""
+        the segment), mixed by softmax denominators (LongNet eq. 8-10). q, k, v: (B, H, T, hd).
+
+        Two passes: each pattern's attention and log-denominator ``lse_k`` on its gathered tokens; then
+        ``y_i = sum_k exp(lse_k(i) - logsumexp_k lse_k(i)) o_k(i)``, added back into sequence order."""
         B, H, T, hd = q.shape
-        heads = torch.arange(H, device=q.device)
-        outs, lses = [], []
+        qkv = torch.cat([q, k, v], dim=-1)  # (B, H, T, 3 hd): one gather per pattern
+        compute = torch.promote_types(q.dtype, torch.float32)
+        found = []  # per pattern: (gather index (H, n_seg * L), o (B, H, n_seg * L, hd), lse (B, H, n_seg * L))
+        lse_seq = []  # per pattern: lse in sequence order (B, H, T), -inf where the head does not select
         for w_full, r in self.patterns:
             w = self.effective_segment(w_full, r, T)
             L, n_seg = w // r, -(-T // w)
-            pad = n_seg * w - T
-            qp, kp, vp = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, H, n_seg * w, hd)
             # positions head h selects: segment s, slot m -> s * w + (h mod r) + m * r
-            offsets = heads % r  # (H,)
-            slots = torch.arange(L, device=q.device) * r  # (L,)
-            seg_starts = torch.arange(n_seg, device=q.device) * w  # (n_seg,)
-            idx = (seg_starts[None, :, None] + offsets[:, None, None] + slots[None, None, :]).reshape(H, n_seg * L)
-            gather = idx[None, :, :, None].expand(B, H, n_seg * L, hd)
-            qs, ks, vs = (t.gather(2, gather).view(B, H, n_seg, L, hd) for t in (qp, kp, vp))
-            logits = (qs @ ks.transpose(-2, -1)) * self.scale  # (B, H, n_seg, L, L)
-            compute = torch.promote_types(logits.dtype, torch.float32)
-            logits = logits.to(compute)
+            slots = torch.arange(L, device=q.device) * r
+            starts = torch.arange(n_seg, device=q.device) * w
+            offsets = torch.arange(H, device=q.device) % r
+            idx = (starts[None, :, None] + offsets[:, None, None] + slots[None, None, :]).reshape(H, n_seg * L)
+            sel = F.pad(qkv, (0, 0, 0, n_seg * w - T)).gather(2, idx[None, :, :, None].expand(B, H, n_seg * L, 3 * hd))
+            qs, ks, vs = sel.view(B, H, n_seg, L, 3 * hd).split(hd, dim=-1)
+            logits = ((qs @ ks.transpose(-2, -1)) * self.scale).to(compute)  # (B, H, n_seg, L, L)
             if self.alibi is not None:
                 # selected tokens m and m' of a segment are (m - m') * r apart
                 dist = (slots[:, None] - slots[None, :]).to(compute)
@@ -179,21 +180,18 @@ class DilatedAttention(Mixer):
             causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
             logits = logits.masked_fill(~causal, float("-inf"))
             lse = torch.logsumexp(logits, dim=-1)  # (B, H, n_seg, L)
-            probs = torch.exp(logits - lse[..., None]).to(vs.dtype)
-            o = probs @ vs  # (B, H, n_seg, L, hd)
-            # back to sequence order; positions this head does not select keep lse = -inf (weight 0)
-            out = q.new_zeros(B, H, n_seg * w, hd).scatter(2, gather, o.reshape(B, H, n_seg * L, hd))
-            lse_full = torch.full((B, H, n_seg * w), float("-inf"), dtype=compute, device=q.device)
-            lse_full = lse_full.scatter(2, idx[None].expand(B, H, n_seg * L), lse.reshape(B, H, n_seg * L))
-            outs.append(out[:, :, :T])
-            lses.append(lse_full[:, :, :T])
-        lse_all = torch.stack(lses)  # (P, B, H, T)
-        top = lse_all.max(dim=0).values
-        covered = torch.isfinite(top)
-        weights = torch.exp(lse_all - torch.where(covered, top, 0.0)[None])  # exp(-inf) = 0 where not selected
-        weights = weights / weights.sum(0).clamp_min(torch.finfo(weights.dtype).tiny)
-        y = sum(wt[..., None].to(o.dtype) * o for wt, o in zip(weights, outs))
-        return y
+            o = torch.exp(logits - lse[..., None]).to(vs.dtype) @ vs  # (B, H, n_seg, L, hd)
+            lse = lse.reshape(B, H, n_seg * L)
+            seq = torch.full((B, H, n_seg * w), float("-inf"), dtype=compute, device=q.device)
+            lse_seq.append(seq.scatter(2, idx[None].expand(B, H, n_seg * L), lse)[:, :, :T])
+            found.append((idx, o.reshape(B, H, n_seg * L, hd), lse))
+        total = torch.logsumexp(torch.stack(lse_seq), dim=0)  # (B, H, T); -inf where no pattern selects
+        total = F.pad(total.masked_fill(torch.isinf(total), 0.0), (0, self.largest_segment))
+        y = q.new_zeros(B, H, T + self.largest_segment, hd)
+        for idx, o, lse in found:
+            weight = torch.exp(lse - total.gather(2, idx[None].expand(B, H, idx.shape[1])))  # (B, H, n_seg * L)
+            y = y.scatter_add(2, idx[None, :, :, None].expand(B, H, idx.shape[1], hd), weight[..., None].to(o.dtype) * o)
+        return y[:, :, :T]
 
     # --------------------------------------------------------------- dense closed form (decoding)
 
