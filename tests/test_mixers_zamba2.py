@@ -28,7 +28,7 @@ def hf_model(rope: bool):
         rms_norm_eps=1e-5, time_step_min=1e-12, time_step_floor=1e-4, max_position_embeddings=64,
     )
     torch.manual_seed(0)
-    model = transformers.Zamba2ForCausalLM(cfg).double().eval()
+    model = transformers.Zamba2ForCausalLM(cfg).eval()  # fp32: fp64 depthwise conv is slow on CPU
     with torch.no_grad():  # random gains, so that copying them is checked
         for name, p in model.named_parameters():
             if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
@@ -50,9 +50,8 @@ def our_layers(rope: bool):
             d_model=D, n_layers=4, layer_idx=i, max_seq_len=64, norm=RMSNormConfig(eps=1e-5),
             position=RoPEConfig(theta=100.0) if rope else NoPositionConfig(), init=InitConfig(), shared=shared,
         )
-        layers.append(cfg.build(ctx).double())
+        layers.append(cfg.build(ctx))
     assert layers[0].shared is layers[1].shared is shared["shared"]
-    shared["shared"].double()  # registered by the model, not by the layers that use it
     return layers
 
 
@@ -104,14 +103,13 @@ def test_hybrid_layers_match_transformers_zamba2(rope):
     for use, (i, mine) in enumerate(zip((1, 3), layers)):
         h, e, out = captured[i]
         y, _ = mine(h, embeddings=e)
-        # (transformers' Zamba2 norms compute in fp32 even in an fp64 model: ~1e-9 differences)
-        torch.testing.assert_close(y, out - h, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(y, out - h, rtol=1e-4, atol=1e-5)
         # the shared block and the other layer's adapters are not this layer's: a different adapter breaks it
         if use == 1:
             with torch.no_grad():
                 saved = mine.adapters["q"].up.weight.clone()
                 mine.adapters["q"].up.weight.copy_(layers[0].adapters["q"].up.weight)
-            assert (mine(h, embeddings=e)[0] - (out - h)).abs().max() > 1e-4
+            assert (mine(h, embeddings=e)[0] - (out - h)).abs().max() > 1e-2
             with torch.no_grad():
                 mine.adapters["q"].up.weight.copy_(saved)
 
@@ -157,7 +155,7 @@ def test_shared_gradient_sums_both_uses():
     """The shared weight's gradient is the sum of what each use contributes: with one use's adapters and
     input cut off (its layer bypassed via a zero output linear), the gradient changes."""
     torch.manual_seed(0)
-    model = tiny_zamba2().double()
+    model = tiny_zamba2()
     ids = torch.randint(0, 64, (2, 9))
     model(ids[:, :-1], ids[:, 1:]).loss.backward()
     both = model.shared_blocks["shared"].q_proj.weight.grad.clone()
@@ -172,14 +170,15 @@ def test_shared_gradient_sums_both_uses():
 @pytest.mark.parametrize("chunks", [[1] * 10, [4, 1, 5]])
 def test_model_cached_decoding_equals_full_forward(chunks):
     torch.manual_seed(0)
-    model = tiny_zamba2().double().eval()
+    # fp32: PyTorch's fp64 depthwise conv1d (Mamba-2's) takes a slow per-channel path on CPU
+    model = tiny_zamba2().eval()
     ids = torch.randint(0, 64, (2, 10))
     full = model(ids).logits
     cache, outs, start = model.init_cache(2), [], 0
     for n in chunks:
         outs.append(model(ids[:, start : start + n], cache=cache).logits)
         start += n
-    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-4, atol=1e-5)
 
 
 def test_save_load_keeps_one_shared_block(tmp_path):
@@ -197,7 +196,7 @@ def test_embeddings_reach_the_shared_block():
     residual stream's first layer input) changes a hybrid layer's output."""
     torch.manual_seed(0)
     layer = our_layers(rope=False)[0]
-    h, e = torch.randn(1, 5, D, dtype=torch.float64), torch.randn(1, 5, D, dtype=torch.float64)
+    h, e = torch.randn(1, 5, D), torch.randn(1, 5, D)
     assert (layer(h, embeddings=e)[0] - layer(h, embeddings=e + 1)[0]).abs().max() > 1e-6
     with pytest.raises(ValueError, match="needs the token embeddings"):
         layer(h)
@@ -216,3 +215,23 @@ def test_config_errors():
         tiny_zamba2(mtp_heads=1)
     with pytest.raises(ValueError, match="shared_name"):
         Zamba2Config(shared_name="a.b")
+
+
+@pytest.mark.parametrize("preset", ["zamba2-tiny", "rene-tiny"])
+def test_hybrid_presets_decode_equals_full_forward(preset):
+    """The shipped hybrids decode token by token as their full forward computes; rene-tiny's attention
+    window is cut to 4 tokens so that a short sequence runs past it (the windowed KV cache beside
+    Mamba-2 states)."""
+    from archifactory.config import load_yaml
+    from archifactory.model.presets import resolve_model_source
+
+    data = load_yaml(resolve_model_source(preset))
+    if preset == "rene-tiny":
+        data["layer_overrides"][0]["mixer"]["window"] = 4
+    torch.manual_seed(0)
+    model = af.CausalLM(af.load_model_config(data)).eval()  # fp32: fp64 depthwise conv is slow on CPU
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    full = model(ids).logits
+    cache = model.init_cache(1)
+    steps = [model(ids[:, :5], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
