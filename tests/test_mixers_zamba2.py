@@ -235,3 +235,36 @@ def test_hybrid_presets_decode_equals_full_forward(preset):
     cache = model.init_cache(1)
     steps = [model(ids[:, :5], cache=cache).logits] + [model(ids[:, t : t + 1], cache=cache).logits for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_whole_model_matches_transformers_zamba2():
+    """Logits of a whole Zamba2 model: transformers' ``Zamba2ForCausalLM`` and a CausalLM of mamba2 and
+    zamba2 layers with copied weights, every block's FFN silenced (its down projection zeroed; Zamba2's
+    layers have no FFN). Covers the embeddings reaching the shared block through the model."""
+    hf = hf_model(rope=True)
+    model = tiny_zamba2(
+        vocab_size=64,
+        mixer={"kind": "mamba2", "expand": 2, "head_dim": 16, "d_state": 8, "n_groups": 1, "d_conv": 4, "chunk_size": 4},
+        layer_overrides=[{"layers": [1, 3], "mixer": {
+            "kind": "zamba2", "n_heads": HEADS, "ffn_hidden": FFN, "adapter_rank": RANK,
+            "mamba": {"expand": 2, "head_dim": 16, "d_state": 8, "n_groups": 1, "d_conv": 4, "chunk_size": 4}}}],
+        norm={"kind": "rmsnorm", "eps": 1e-5},
+    ).eval()
+    with torch.no_grad():
+        model.embed.weight.copy_(hf.model.embed_tokens.weight)
+        model.final_norm.weight.copy_(hf.model.final_layernorm.weight)
+        for i, block in enumerate(model.blocks):
+            block.ffn.down_proj.weight.zero_()
+            if i in (1, 3):
+                copy_weights(hf.model.layers[i], block.mixer, use=(i - 1) // 2)
+            else:
+                src, mine = hf.model.layers[i], block
+                mine.mixer_norm.weight.copy_(src.input_layernorm.weight)
+                m, heads = src.mamba, mine.mixer.heads
+                for a, b in ((m.in_proj.weight, heads.in_proj.weight), (m.conv1d.weight, heads.conv1d.weight),
+                             (m.conv1d.bias, heads.conv1d.bias), (m.dt_bias, heads.dt_bias), (m.A_log, heads.A_log),
+                             (m.D, heads.D), (m.norm.weight, heads.norm.weight),
+                             (m.out_proj.weight, mine.mixer.out_proj.weight)):
+                    b.copy_(a)
+    ids = torch.randint(0, 64, (2, 11))
+    torch.testing.assert_close(model(ids).logits, hf(ids).logits, rtol=1e-4, atol=1e-4)

@@ -17,10 +17,11 @@ Zamba2 initialises them), output linear ``W_i``, Mamba-2 and norm. The layer nor
 
 Attention logits are scaled by ``(d_model / n_heads) ** -0.5``, Zamba2's ``(head_dim / 2) ** -0.5`` for
 heads that are twice as wide because of the concatenation. Layers whose configs name the same
-``shared_name`` share one block; different names give Zamba2's ``num_mem_blocks`` > 1. The tests compare a
-hybrid layer with transformers' ``Zamba2HybridLayer`` on copied weights. Differences from Zamba2 as a
-whole model: every archifactory block also has an FFN (Zamba2's Mamba layers have none), and Zamba2
-clamps the step size ``dt`` at ``time_step_min`` (here unclamped, as the ``mamba2`` mixer).
+``shared_name`` share one block; different names give Zamba2's ``num_mem_blocks`` > 1. The tests compare
+hybrid layers with transformers' ``Zamba2HybridLayer``, and a whole model's logits with
+``Zamba2ForCausalLM``, on copied weights. Differences from Zamba2 as a whole model: every archifactory
+block also has an FFN (Zamba2's layers have none; the whole-model test zeroes its output projection),
+and Zamba2 clamps the step size ``dt`` at ``time_step_min`` (here unclamped, as the ``mamba2`` mixer).
 """
 
 from __future__ import annotations
