@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import archifactory as af
-from archifactory.config import BuildContext
+from archifactory.config import BuildContext, ConfigError
 from archifactory.mixers.mamba2 import Mamba2Config
 from archifactory.mixers.zamba2 import Zamba2Config
 from archifactory.nn.init import InitConfig
@@ -204,14 +204,14 @@ def test_embeddings_reach_the_shared_block():
 
 def test_config_errors():
     base = {"kind": "zamba2", "n_heads": 4, "mamba": {"head_dim": 16, "d_state": 8}}
-    with pytest.raises(ValueError, match="shared block 'shared' is .* in an earlier layer"):
+    with pytest.raises(ConfigError, match="layer_overrides: layers 1 and 3 share block 'shared'"):
         tiny_zamba2(layer_overrides=[{"layers": [1], "mixer": base}, {"layers": [3], "mixer": {**base, "n_heads": 2}}])
     two = tiny_zamba2(layer_overrides=[{"layers": [1], "mixer": base},
                                        {"layers": [3], "mixer": {**base, "n_heads": 2, "shared_name": "second"}}])
     assert set(two.shared_blocks) == {"shared", "second"}
-    with pytest.raises(ValueError, match="needs residual: pre"):
+    with pytest.raises(ConfigError, match="residual: mixer kind 'zamba2' normalises its own input"):
         tiny_zamba2(residual="post")
-    with pytest.raises(ValueError, match="mtp_heads > 0"):
+    with pytest.raises(ConfigError, match="mtp_heads: mtp_heads=1 with mixer kind 'zamba2'"):
         tiny_zamba2(mtp_heads=1)
     with pytest.raises(ValueError, match="shared_name"):
         Zamba2Config(shared_name="a.b")

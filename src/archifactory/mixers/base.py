@@ -21,6 +21,17 @@ class MixerConfig(Component):
     uses_positions: ClassVar[bool] = False
     """Whether the mixer reads the model's relative position encoding (RoPE/ALiBi); the contract test
     runs position-using mixers under every encoding."""
+    owns_input_norm: ClassVar[bool] = False
+    """Whether the built mixer normalises its own input (``Mixer.owns_input_norm``): it needs pre-norm blocks."""
+
+    def reads_token_embeddings(self) -> bool:
+        """Whether the built mixer takes the token embeddings (``Mixer.reads_embeddings``)."""
+        return False
+
+    def shared_block(self, d_model: int) -> tuple[str, dict] | None:
+        """``(name, settings)`` of a module this mixer shares with other layers naming it; layers sharing
+        a name must agree on the settings. ``None`` for a mixer that shares nothing."""
+        return None
 
     @classmethod
     def contract_examples(cls, d_model: int) -> list["MixerConfig"]:

@@ -81,6 +81,14 @@ class Zamba2Config(MixerConfig):
         return {"n_heads": self.n_heads, "n_kv_heads": self.kv_heads, "concat_embeddings": self.concat_embeddings,
                 "ffn_hidden": self.ffn_hidden or 4 * d_model}
 
+    owns_input_norm: ClassVar[bool] = True
+
+    def reads_token_embeddings(self) -> bool:
+        return self.concat_embeddings
+
+    def shared_block(self, d_model: int) -> tuple[str, dict]:
+        return self.shared_name, self.shared_spec(d_model)
+
     def check(self, ctx: BuildContext) -> None:
         width = self.shared_width(ctx.d_model)
         if width % self.n_heads:

@@ -208,9 +208,35 @@ class ModelConfig(Strict):
                 component.check(ctx)
             except FieldError as err:
                 errors.append(f"{path}.{err.field}: {err.message}")
+        if not errors:
+            errors += self._check_across_layers()
         if errors:
             raise ValueError("\n".join(errors))
         return self
+
+    def _check_across_layers(self) -> list[str]:
+        """Rules between a layer's mixer and the model or other layers: a mixer that normalises its own
+        input needs pre-norm blocks; one that reads the token embeddings excludes the multi-token heads
+        (their blocks get the trunk's output only); layers sharing a block agree on its settings."""
+        errors: dict[str, None] = {}  # ordered, without repeats
+        shared: dict[str, tuple[int, dict]] = {}
+        for i, layer in enumerate(self.layer_configs()):
+            mixer = layer.mixer
+            if mixer.owns_input_norm and self.residual != "pre":
+                errors[f"residual: mixer kind {mixer.kind!r} normalises its own input and needs residual: pre, "
+                       f"not {self.residual!r}"] = None
+            if mixer.reads_token_embeddings() and self.mtp_heads:
+                errors[f"mtp_heads: mtp_heads={self.mtp_heads} with mixer kind {mixer.kind!r} reading the token "
+                       "embeddings is not supported; set mtp_heads: 0"] = None
+            block = mixer.shared_block(self.d_model)
+            if block is not None:
+                name, spec = block
+                first, first_spec = shared.setdefault(name, (i, spec))
+                if first_spec != spec:
+                    errors[f"layer_overrides: layers {first} and {i} share block {name!r} (shared_name) but set it "
+                           f"up differently ({first_spec} vs {spec}); give them the same settings or another "
+                           "shared_name"] = None
+        return list(errors)
 
 
 def _default_model_kind(value: Any) -> Any:
