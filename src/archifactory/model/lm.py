@@ -105,10 +105,16 @@ class CausalLM(nn.Module):
             self.pos_embed.reset_parameters()
         for block in [*self.blocks, *self.mtp_blocks]:
             block.reset_parameters()
-        for module in (self.shared_blocks.values() if self.shared_blocks is not None else []):
+        for module in self.shared_modules():
             module.reset_parameters()
         if hasattr(self.final_norm, "reset_parameters"):
             self.final_norm.reset_parameters()
+
+    def shared_modules(self) -> list[nn.Module]:
+        """Modules several layers reuse (``shared_blocks``; none in most models and in the hierarchical
+        kinds, which build their stacks themselves)."""
+        shared = getattr(self, "shared_blocks", None)
+        return list(shared.values()) if shared is not None else []
 
     def param_roles(self) -> dict[str, ParamRole]:
         """The token table is an embedding and the vocabulary projection a head: both AdamW, never Muon
@@ -184,7 +190,7 @@ class CausalLM(nn.Module):
                     )
             x = x + self.pos_embed(positions).to(x.dtype)
         aux: dict[str, torch.Tensor] = {}
-        if self._embeddings_read:  # Zamba's shared block reads the token embeddings beside the stream
+        if getattr(self, "_embeddings_read", False):  # Zamba's shared block reads the token embeddings
             cross_layer["embeddings"] = x
         for i, block in enumerate(self.blocks):
             layer_cache = cache.layers[i] if cache is not None else None
@@ -314,7 +320,7 @@ class CausalLM(nn.Module):
         groups: dict[str, list[nn.Module]] = {
             "embedding": [self.embed],
             "position": [self.pos_embed] if self.pos_embed is not None else [],
-            "mixer": [b.mixer for b in self.blocks] + list(self.shared_blocks.values() if self.shared_blocks else []),
+            "mixer": [b.mixer for b in self.blocks] + self.shared_modules(),
             "ffn": [b.ffn for b in self.blocks],
             "norm": [n for b in self.blocks for n in b.norms()] + [self.final_norm],
             "mtp": list(self.mtp_blocks),
