@@ -16,10 +16,39 @@ def test_configs_found():
     assert {p.stem for p in YAMLS} >= {"tiny", "small", "llama-26m", "gpt2-124m"}
 
 
+def stage_base(tmp_path: Path) -> Path:
+    """A finished run directory a post-training config can start from: a tiny model, its tokenizer and the
+    chat template (an SFT run's files; an SFT config reads only the first three)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+
+    from archifactory.posttrain.chat import ChatTemplate
+
+    backend = HFTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(["a tiny corpus"], trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    backend.save(str(tmp_path / "tokenizer.json"))
+    af.CausalLM.from_config({"vocab_size": 300, "d_model": 32, "n_layers": 1, "max_seq_len": 256,
+                             "mixer": {"kind": "attention", "n_heads": 2}}).save_pretrained(tmp_path / "model")
+    ChatTemplate().save(tmp_path)
+    return tmp_path
+
+
 @pytest.mark.parametrize("path", YAMLS, ids=lambda p: str(p.relative_to(configs_dir())))
-def test_every_yaml_loads_and_builds(path: Path):
+def test_every_yaml_loads_and_builds(path: Path, tmp_path: Path):
     data = load_yaml(path)
-    if path.parent.name == "models":
+    if path.parent.name == "runs" and data.get("stage") in ("sft", "grpo"):
+        from archifactory.posttrain.grpo import load_grpo_config
+        from archifactory.posttrain.sft import load_sft_config
+
+        load = load_sft_config if data["stage"] == "sft" else load_grpo_config
+        cfg = load(path, [f"base={stage_base(tmp_path)}"])  # its base run replaced by a tiny one
+        assert cfg.stage == data["stage"] and cfg.train.precision == "auto"
+        with torch.device("meta"):
+            assert cfg.model.build().num_params() > 0
+    elif path.parent.name == "models":
         cfg = af.load_model_config(path)
         with torch.device("meta"):
             model = cfg.build()
