@@ -52,6 +52,16 @@ class TokenShiftCache:
     last: torch.Tensor
 
 
+def token_shift_delta(x: torch.Tensor, cache: TokenShiftCache | None) -> torch.Tensor:
+    """``x_{t-1} - x_t`` for x: (B, T, D), the token before x[:, 0] being the cache's last input (zeros
+    without a cache); the cache then holds x[:, -1]."""
+    previous = cache.last[:, None].to(x.dtype) if cache is not None else torch.zeros_like(x[:, :1])
+    delta = torch.cat([previous, x[:, :-1]], dim=1) - x  # (B, T, D)
+    if cache is not None:
+        cache.last = x[:, -1].to(cache.last.dtype)
+    return delta
+
+
 class RWKV6ChannelMix(FFN):
     def __init__(self, ctx: BuildContext, hidden: int) -> None:
         super().__init__()
@@ -87,10 +97,7 @@ class RWKV6ChannelMix(FFN):
 
     def forward(self, x: torch.Tensor, cache: TokenShiftCache | None = None) -> tuple[torch.Tensor, AuxLosses]:
         """x: (B, T, D). Without ``cache`` the token before x[:, 0] is taken to be zeros."""
-        previous = cache.last[:, None].to(x.dtype) if cache is not None else torch.zeros_like(x[:, :1])
-        delta = torch.cat([previous, x[:, :-1]], dim=1) - x  # (B, T, D): x_{t-1} - x_t
-        if cache is not None:
-            cache.last = x[:, -1].to(cache.last.dtype)
+        delta = token_shift_delta(x, cache)
         k = F.relu(self.key(x + delta * self.mu_k)).square()  # (B, T, hidden): squared ReLU (Primer)
         r = torch.sigmoid(self.receptance(x + delta * self.mu_r))  # (B, T, D)
         return r * self.value(k), {}
@@ -154,10 +161,7 @@ class RWKV7ChannelMix(FFN):
 
     def forward(self, x: torch.Tensor, cache: TokenShiftCache | None = None) -> tuple[torch.Tensor, AuxLosses]:
         """x: (B, T, D). Without ``cache`` the token before x[:, 0] is taken to be zeros."""
-        previous = cache.last[:, None].to(x.dtype) if cache is not None else torch.zeros_like(x[:, :1])
-        delta = torch.cat([previous, x[:, :-1]], dim=1) - x  # (B, T, D): x_{t-1} - x_t
-        if cache is not None:
-            cache.last = x[:, -1].to(cache.last.dtype)
+        delta = token_shift_delta(x, cache)
         k = F.relu(self.key(torch.addcmul(x, delta, self.mu_k.to(x.dtype)))).square()  # (B, T, hidden)
         return self.value(k), {}
 
