@@ -193,6 +193,10 @@ def test_random_model_configs_fail_clearly_or_train(data):
         (["logit_softcap=.inf"], "logit_softcap"),
         (["embedding_scale=.inf"], "embedding_scale"),
         (["z_loss_weight=.inf"], "z_loss_weight"),
+        (["z_loss_weight=1e308"], "z_loss_weight"),  # finite but huge: the first loss was inf
+        (["init.std=1e300"], "init.std"),
+        (["init.embedding_std=1e300"], "init.embedding_std"),
+        (["embedding_scale=1e308"], "embedding_scale"),
         (["position.scaling={type: yarn, factor: 2, original_max_seq_len: 0}"], "position.scaling.original_max_seq_len"),
         (["mixer.n_heads=64", "position.scaling={type: ntk, factor: 2}"], "mixer.head_dim"),
         (["mtp_heads=8", "max_seq_len=8"], "mtp_heads"),

@@ -118,14 +118,14 @@ class ModelConfig(Strict):
     final_norm: bool = True
     position: PositionField = Field(default_factory=RoPEConfig)
     tie_embeddings: bool = True
-    embedding_scale: Annotated[float, Field(gt=0)] | Literal["sqrt_d_model"] = 1.0
+    embedding_scale: Annotated[float, Field(gt=0, le=1e4)] | Literal["sqrt_d_model"] = 1.0
     """Multiply token embeddings by this (Gemma uses ``sqrt_d_model``)."""
     head_bias: bool = False
     """A learned per-token bias on the output logits."""
     logit_softcap: float | None = Field(None, gt=0)
     """Final logits become ``cap * tanh(logits / cap)`` (Gemma 2)."""
-    z_loss_weight: float = Field(0.0, ge=0)
-    """Weight of ``logsumexp(logits)^2`` (PaLM's z-loss), averaged over target tokens."""
+    z_loss_weight: float = Field(0.0, ge=0, le=1)
+    """Weight of ``logsumexp(logits)^2`` (PaLM's z-loss, 1e-4 there), averaged over target tokens; at most 1."""
     mtp_heads: int = Field(0, ge=0, le=64)
     """Extra heads predicting tokens t+2 .. t+1+mtp_heads (Gloeckle et al. 2024), each one block on top
     of the trunk sharing the final norm and unembedding; unused in generation."""

@@ -13,10 +13,11 @@ from archifactory.config import Strict
 
 
 class InitConfig(Strict):
-    std: float = Field(0.02, ge=0)
-    """Standard deviation of normal init for every input projection and, by default, the embedding."""
-    embedding_std: float | None = Field(None, ge=0)
-    """Embedding std; ``None`` uses ``std``."""
+    std: float = Field(0.02, ge=0, le=1)
+    """Standard deviation of normal init for every input projection and, by default, the embedding
+    (at most 1: larger values make the first loss non-finite)."""
+    embedding_std: float | None = Field(None, ge=0, le=1)
+    """Embedding std (at most 1, the largest any reference uses); ``None`` uses ``std``."""
     depth_scaled: bool = True
     """Output projections (those that write into the residual stream) get ``std / sqrt(2 * n_layers)``
     (GPT-2, Radford et al. 2019)."""
