@@ -84,6 +84,25 @@ def test_auto_is_the_default_and_every_shipped_config_uses_it():
         assert not any("precision" in str(o) for o in [*spec.get("base_overrides", []), *overrides]), path
 
 
+def test_probe_specs_pin_fp32_on_the_cpu_tier_and_auto_on_the_gpu_tier():
+    # a probe spec's train section is its own (no base run config): a CPU-tier spec (no device stated) pins
+    # fp32 so its accuracies do not depend on the CPU kind; a GPU-tier spec states its device and uses auto
+    from archifactory.eval.probes.spec import ProbeTrain, load_probe_spec
+
+    assert ProbeTrain(max_steps=1).precision == "fp32"
+    probes = [p for p in sorted((CONFIGS / "sweeps").glob("*.yaml")) if load_yaml(p).get("kind") == "probe"]
+    assert {p.name for p in probes} >= {"mqar.yaml", "mad.yaml", "mqar-zoology.yaml", "mad-full.yaml"}
+    tiers = {}
+    for path in probes:
+        train = load_yaml(path)["train"]
+        assert "precision" in train, f"{path}: state train.precision"
+        gpu_tier = train.get("device", "cpu") != "cpu"
+        assert train["precision"] == ("auto" if gpu_tier else "fp32"), path
+        assert load_probe_spec(path).train.precision == train["precision"], path
+        tiers[path.name] = gpu_tier
+    assert tiers["mqar.yaml"] is tiers["mad.yaml"] is False and tiers["mqar-zoology.yaml"] is tiers["mad-full.yaml"] is True
+
+
 # ------------------------------------------------------------------------- decoding precision in bf16
 
 

@@ -84,6 +84,10 @@ class ProbeTrain(Strict):
     """Stop once validation accuracy reaches this (Zoology: 0.99); ``null`` trains every step."""
     grad_clip: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    """``fp32`` by default, unlike a run config's ``auto``: a probe's accuracy must not depend on the CPU kind
+    (``auto`` is bf16 on a CPU with AVX512-BF16/AMX and fp32 on one without). Shipped probe specs follow one
+    rule (tests/test_precision.py): a spec that leaves ``device`` unstated or ``cpu`` (the CPU tier) pins ``fp32``; a
+    GPU-tier spec states ``device`` (``auto`` or ``cuda``) and uses ``auto``."""
     device: str = "auto"
     """``auto``: CUDA when available, else CPU."""
 
