@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from archifactory.config import ConfigError, validate
 from archifactory.sweep.probe_results import choose, mad_scores
 from archifactory.eval.probes.spec import ProbeSweepSpec, load_probe_spec, plan, task_settings
-from archifactory.eval.probes.store import ProbeRun, ProbeStore
+from archifactory.eval.probes.store import SCHEMA, ProbeRun, ProbeStore
 from archifactory.eval.probes.tasks import (
     IGNORE_INDEX,
     CompressionTask,
@@ -400,3 +400,46 @@ def test_probe_sweep_records_resumes_and_locks(tmp_path):
     row = next(line for line in table if line.startswith("| deltanet |"))
     assert row.split(" | ")[2] == f"{by_variant['deltanet'].test.mean:.3f}"
     assert (sweep / "report_files" / "probe_accuracy_vs_width.png").stat().st_size > 1000
+    # every run records the kernel path each layer's mixer ran, as the model it trained reports it, and the
+    # report's kernel-path table shows them per variant
+    from archifactory.model.lm import CausalLM
+    from archifactory.sweep.report.document import md_cell
+    from archifactory.sweep.report.format import summarize_kernel_paths
+
+    expected = {j.run_id: {str(k): v for k, v in CausalLM(j.model).kernel_paths().items()} for j in plan(spec)}
+    assert {r.run_id: r.env.kernel_paths for r in store.probe_runs()} == expected
+    devices = {r.env.device for r in store.probe_runs()}
+    device = devices.pop()
+    assert not devices and device.startswith("cpu (") and {r.env.precision for r in store.probe_runs()} == {"fp32"}
+    env_table = text[text.index("### Devices, precision and kernel paths per variant"):].split("\n\n")[1]
+    for variant in ("attention", "deltanet"):
+        paths = {summarize_kernel_paths(p) for rid, p in expected.items() if rid.startswith(variant)}
+        assert len(paths) == 1 and paths != {"—"}
+        line = next(x for x in env_table.splitlines() if x.startswith(f"| {variant} |"))
+        assert line == f"| {variant} | {md_cell(device)} ×1 | fp32 | {md_cell(paths.pop())} |", line
+
+
+def test_probe_store_written_before_env_json_opens_and_migrates(tmp_path):
+    import sqlite3
+
+    from archifactory.results import RunEnv
+
+    path = tmp_path / "results.sqlite"
+    old_schema = SCHEMA.replace(",\n    env_json TEXT\n", "\n")
+    assert "env_json" not in old_schema
+    with sqlite3.connect(path) as db:
+        db.executescript(old_schema)
+        db.execute("INSERT INTO probe_runs (run_id, variant, width, task, setting, task_json, lr, weight_decay, seed, "
+                   "status, valid_acc, test_acc) VALUES ('r', 'a', 8, 'mqar', 'baseline', '{}', 0.001, 0, 0, 'done', "
+                   "0.5, 0.25)")
+    (old,) = ProbeStore(path, read_only=True).probe_runs()  # read-only: read as it is, env empty
+    assert (old.test_acc, old.env) == (0.25, None)
+    store = ProbeStore(path)  # for writing: the column is added
+    with sqlite3.connect(path) as db:
+        assert "env_json" in {r[1] for r in db.execute("PRAGMA table_info(probe_runs)")}
+    env = RunEnv(device="cpu", precision="fp32", kernel_paths={"0": "torch.sdpa"}, world_size=1)
+    store.probe_done("r", {"valid_acc": 0.75, "test_acc": 0.5, "test_loss": 1.0, "steps": 2, "examples": 16,
+                           "stopped_early": False, "elapsed_s": 1.0, "params": 10, "test_examples": 8,
+                           "history": [], "env": env})
+    (new,) = store.probe_runs()
+    assert new.test_acc == 0.5 and new.env == env

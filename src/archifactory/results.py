@@ -99,7 +99,8 @@ class RunEnv(BaseModel):
     world_size: int | None = None
 
 
-def _run_env(value: Any) -> RunEnv | None:
+def parse_run_env(value: Any) -> RunEnv | None:
+    """An ``env_json`` column's text (or a parsed mapping) -> :class:`RunEnv`; empty or not JSON -> ``None``."""
     data = _parse_json(value)
     if isinstance(data, RunEnv) or data is None:
         return data
@@ -130,7 +131,7 @@ class RunRecord(Record):
     changes: Annotated[VariantChanges, BeforeValidator(VariantChanges.parse),
                        Field(default_factory=VariantChanges, validation_alias="changes_json")]
     run_dir: str = ""
-    env: Annotated[RunEnv | None, BeforeValidator(_run_env), Field(default=None, validation_alias="env_json")]
+    env: Annotated[RunEnv | None, BeforeValidator(parse_run_env), Field(default=None, validation_alias="env_json")]
     started_at: float | None = None
     finished_at: float | None = None
     purpose: str = "compare"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import multiprocessing
 import os
+import platform
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -20,6 +21,7 @@ from pathlib import Path
 from archifactory.eval.probes.spec import ProbeJob, ProbeSweepSpec, plan, spec_yaml
 from archifactory.eval.probes.store import ProbeStore
 from archifactory.locking import hold_directory
+from archifactory.results import RunEnv
 
 
 def _init_worker(threads: int) -> None:
@@ -71,6 +73,8 @@ def run_job(job: ProbeJob, spec: ProbeSweepSpec) -> dict:
     out = {k: getattr(result, k) for k in ("valid_acc", "test_acc", "test_loss", "steps", "examples",
                                            "stopped_early", "elapsed_s", "params", "history")}
     out["test_examples"] = len(data["test"])
+    out["env"] = RunEnv(device=result.device, precision=result.precision, torch=torch.__version__,
+                        python=platform.python_version(), kernel_paths=result.kernel_paths, world_size=1)
     return out
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from archifactory.eval.probes.tasks import IGNORE_INDEX, ProbeData, ProbeTask
 from archifactory.model.config import ModelConfig
 from archifactory.model.lm import CausalLM
+from archifactory.train.metrics import device_name
 from archifactory.train.optim import OptimizerConfig, build_optimizer, set_lr
 from archifactory.train.precision import resolve_precision
 from archifactory.train.schedule import ScheduleConfig
@@ -102,6 +103,12 @@ class ProbeResult:
     params: int
     history: list[dict]
     """``{"step", "loss", "valid_acc"}`` at each evaluation."""
+    kernel_paths: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Layer index -> the kernel path its mixer ran (``torch.sdpa``, ``fla`` ...), as pretraining runs record."""
+    device: str = ""
+    """The device that trained it (``cpu``, the GPU's name)."""
+    precision: str = ""
+    """The precision ``settings.precision`` resolved to (``auto`` -> bf16 or fp32)."""
 
 
 @torch.no_grad()
@@ -187,4 +194,6 @@ def train_probe(model_config: ModelConfig, task: ProbeTask, data: dict[str, Prob
     test_acc, test_loss = accuracy(model, data["test"], settings.batch_size, device, autocast)
     return ProbeResult(valid_acc=valid_acc, test_acc=test_acc, test_loss=test_loss, steps=step,
                        examples=step * settings.batch_size, stopped_early=stopped,
-                       elapsed_s=time.perf_counter() - start, params=model.lm.num_params(), history=history)
+                       elapsed_s=time.perf_counter() - start, params=model.lm.num_params(), history=history,
+                       kernel_paths={str(k): v for k, v in model.lm.kernel_paths().items()},
+                       device=device_name(device), precision=precision)

@@ -263,10 +263,15 @@ KERNEL_COLUMNS = ["variant", "device × processes", "precision", "kernel path pe
 
 def kernel_rows(data: SweepData) -> list[tuple[str, str, str, str]]:
     """Per variant: device(s), the precision the runs resolved to (``auto`` -> bf16 or fp32) and the
-    kernel paths its runs recorded (distinct values joined)."""
+    kernel paths its runs recorded (distinct values joined); in a probe sweep, its probe runs'."""
     out = []
-    for variant in data.order:
-        envs = [r.env for r in data.runs_of(variant) if r.env is not None]
+    if data.is_probe_sweep:
+        variants = list(dict.fromkeys(r.variant for r in data.probe_runs))
+        runs_of = {v: [r for r in data.probe_runs if r.variant == v] for v in variants}
+    else:
+        variants, runs_of = data.order, {v: data.runs_of(v) for v in data.order}
+    for variant in variants:
+        envs = [r.env for r in runs_of[variant] if r.env is not None]
         if not envs:
             out.append((variant, "—", "—", "—"))
             continue
