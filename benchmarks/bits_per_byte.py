@@ -14,13 +14,14 @@ validation bits per byte both ways (same nats, the two byte counts).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import platform
 import sys
 import tempfile
 from pathlib import Path
+
+from _common import record_header, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -57,8 +58,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     corpus = ShakespeareCorpus()
-    results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               "command": "python " + " ".join(sys.argv), "device": f"cpu ({platform.machine()}, 1 thread)",
+    results = {**record_header(), "device": f"cpu ({platform.machine()}, 1 thread)",
                "corpus": "shakespeare (val split)", "vocab": args.vocab, "tokenizers": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -94,9 +94,7 @@ def main() -> None:
                     tok, val[1:])
             results["tokenizers"][name] = row
             print(name, json.dumps(row, indent=1), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_record(args.out, results)
 
 
 if __name__ == "__main__":

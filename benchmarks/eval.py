@@ -26,28 +26,17 @@ labelled as such.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_model, record_header, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 ZERO_SHOT_SUITE = ("lambada", "piqa", "arc_easy", "arc_challenge", "sciq", "hellaswag", "winogrande", "mmlu",
                    "mmlu_5shot")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -134,9 +123,8 @@ def main() -> None:
         print(f"= whole suite at --limit {args.limit}: {total:.0f} s (projected)")
 
     record = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
-        "device": f"cpu ({cpu_name()}), {torch.get_num_threads()} threads",
+        **record_header(),
+        "device": f"cpu ({cpu_model()}), {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "model": {"preset": "small", "params": model.num_params(), "weights": "random (seed 0)"},
         "tokenizer": f"byte-level BPE, {tokenizer.vocab_size} ids, trained on shakespeare",
@@ -146,9 +134,7 @@ def main() -> None:
         "per_task": rows,
         "per_type": by_type,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, record)
 
 
 if __name__ == "__main__":

@@ -25,12 +25,13 @@ short keeps what it measured. Needs CUDA; the ``fla`` rows need flash-linear-att
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import platform
 import sys
 import time
 from pathlib import Path
+
+from _common import record_header, write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -78,8 +79,7 @@ class Recorder:
 
         self.out = out
         self.record = {
-            "benchmark": "gpu", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", *sys.argv]), "device": torch.cuda.get_device_name(0),
+            **record_header("gpu"), "device": torch.cuda.get_device_name(0),
             "torch": torch.__version__, "python": platform.python_version(), "fla": fla_version(),
             "triton": module_version("triton"), "mfu": [], "mixers": [],
         }
@@ -87,9 +87,7 @@ class Recorder:
     def add(self, part: str, row: dict) -> None:
         self.record[part].append(row)
         print(json.dumps(row), flush=True)
-        if self.out:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.out.write_text(json.dumps(self.record, indent=2) + "\n")
+        write_record(self.out, self.record)
 
 
 def module_version(name: str) -> str | None:

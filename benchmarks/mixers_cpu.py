@@ -18,15 +18,13 @@ recorded beside the wall-clock tokens/s.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import multiprocessing as mp
-import os
-import platform
 import resource
 import sys
 import time
 from pathlib import Path
+
+from _common import cpu_model, isa, load_average_1m, record_header, write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -95,7 +93,7 @@ def main() -> None:
     from archifactory.registry import MIXERS
 
     kinds = args.kinds or [k for k in MIXERS.kinds() if k != "attention"]
-    load_before = os.getloadavg()
+    load_before = load_average_1m()
     best: dict[str, dict] = {}
     for _ in range(args.rounds):  # whole rounds, so that a noisy minute hits every mixer alike
         for name, mixer in [("attention (GQA 8/2)", BASELINE)] + [(k, {"kind": k}) for k in kinds]:
@@ -118,44 +116,17 @@ def main() -> None:
               f"{r['peak_rss_growth_mb']:>10.0f}  {','.join(r['kernel_paths'])}")
     if args.out:
         record = {
-            "benchmark": "mixers_cpu",
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(["python", *sys.argv]),
+            **record_header("mixers_cpu"),
             "label": args.label,
             "device": f"{cpu_model()}, {args.threads} threads",
             "isa": isa(),
-            "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+            "load_average_1m": {"before": load_before, "after": load_average_1m()},
             "torch": torch.__version__,
             "shape": {"d_model": D, "n_layers": LAYERS, "seq_len": T, "batch": B, "vocab": VOCAB, "dtype": "fp32"},
             "results": rows,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        if args.out.suffix == ".jsonl":
-            with args.out.open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        else:
-            args.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.out, record)
         print(f"wrote {args.out}")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def isa() -> str:
-    """The instruction set ATen dispatches to, and whether it was capped (an emulated older CPU)."""
-    import torch
-
-    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-            if k in os.environ}
-    note = f" (emulated: {' '.join(f'{k}={v}' for k, v in caps.items())})" if caps else " (native)"
-    return torch.backends.cpu.get_cpu_capability() + note
 
 
 if __name__ == "__main__":

@@ -10,14 +10,12 @@ fp32 and bf16 autocast; AdamW step included. Prints a table and the ratio ours /
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _common import cpu_model, record_header, write_record
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -89,10 +87,8 @@ def main() -> None:
     for r in rows:
         print(f"{r['precision']:<15}{r['archifactory_tokens_per_s']:>20,}{r['transformers_tokens_per_s']:>20,}{r['ratio']:>8.3f}")
     record = {
-        "benchmark": "train_cpu",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python", *sys.argv]),
-        "device": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        **record_header("train_cpu"),
+        "device": f"{cpu_model()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "config": {**CONFIG, "batch": B, "seq_len": T},
@@ -100,8 +96,7 @@ def main() -> None:
         "results": rows,
     }
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.out, record)
         print(f"wrote {args.out}")
 
 
