@@ -348,6 +348,20 @@ def test_shipped_probe_specs_plan():
                                  "selective_copying": 13, "compression": 11, "memorization": 6}
 
 
+def test_task_data_streams_keep_their_names():
+    # a setting's data stream is named by a hash of its task's JSON (TaskSetting.data_key): moving a field
+    # of a task config (a shared base class, a reordering) would silently give every sweep other examples.
+    # These are the keys of each task's defaults as the probe results so far were generated with.
+    from archifactory.eval.probes.spec import TaskSetting
+
+    before = {"mqar": 2466010234, "in_context_recall": 2110533155, "noisy_recall": 1377559153,
+              "fuzzy_recall": 672084657, "selective_copying": 2999153245, "compression": 2962167062,
+              "memorization": 114778726}
+    tasks = {cls().kind: cls() for cls in (MQARTask, InContextRecallTask, NoisyRecallTask, FuzzyRecallTask,
+                                           SelectiveCopyingTask, CompressionTask, MemorizationTask)}
+    assert {kind: TaskSetting(kind, "baseline", task).data_key for kind, task in tasks.items()} == before
+
+
 def test_spec_errors_name_the_field():
     base = {"kind": "probe", "name": "p", "model": {"n_layers": 2}, "variants": {"a": []},
             "tasks": {"m": {"task": {"kind": "mqar", "vocab_size": 128}}}, "grid": {"lr": [1e-3]},

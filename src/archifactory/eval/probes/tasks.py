@@ -45,14 +45,19 @@ class ProbeData:
         return len(self.inputs)
 
 
+VocabSize = Annotated[int, Field(ge=4, le=2**20)]
+SeqLen = Annotated[int, Field(ge=4, le=2**16)]
+Examples = Annotated[int, Field(ge=1)]
+
+
 class ProbeTask(Strict):
     """Base of every probe task: vocabulary, length and how many examples each split draws."""
 
     kind: str
-    vocab_size: int = Field(ge=4, le=2**20)
-    seq_len: int = Field(ge=4, le=2**16)
-    train_examples: int = Field(ge=1)
-    test_examples: int = Field(ge=1)
+    vocab_size: VocabSize
+    seq_len: SeqLen
+    train_examples: Examples
+    test_examples: Examples
     """Examples the reported accuracy is measured on; the held-out validation split (early stopping and
     the grid's choice) draws as many again, from its own stream."""
     autoencoder: ClassVar[bool] = False
@@ -82,13 +87,13 @@ class MQARTask(ProbeTask):
     vocabulary (``random_non_queries``, Zoology's default; else 0), so a filler token may equal a key."""
 
     kind: Literal["mqar"] = "mqar"
-    vocab_size: int = Field(8192, ge=4, le=2**20)
-    seq_len: int = Field(64, ge=4, le=2**16)
+    vocab_size: VocabSize = 8192
+    seq_len: SeqLen = 64
     num_kv_pairs: int = Field(4, ge=1)
     power_a: float = Field(0.01, gt=0, le=1)
     random_non_queries: bool = True
-    train_examples: int = Field(100_000, ge=1)
-    test_examples: int = Field(3_000, ge=1)
+    train_examples: Examples = 100_000
+    test_examples: Examples = 3_000
 
     @model_validator(mode="after")
     def _check(self):
@@ -155,7 +160,34 @@ def _stack(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]], length: int) -
     return tuple(np.stack(part) for part in zip(*rows))
 
 
-class InContextRecallTask(ProbeTask):
+class MADTask(ProbeTask):
+    """Base of MAD-lab's tasks: MAD's baseline split sizes (12,800 training and 1,280 test examples)."""
+
+    train_examples: Examples = 12_800
+    test_examples: Examples = 1_280
+
+
+class MADRecallTask(MADTask):
+    """Base of MAD's in-context and noisy recall: several queries per row, noise tokens, where training
+    takes its loss. (Fuzzy recall has the same fields after its motif sizes: see there.)"""
+
+    multi_query: bool = True
+    noise_vocab_size: int = Field(0, ge=0)
+    """Noise tokens: the last ``noise_vocab_size`` ids below the special tokens."""
+    frac_noise: float = Field(0.0, ge=0, lt=1)
+    """Probability that a slot holds noise tokens instead of a key and its value."""
+    train_loss: Literal["all_tokens", "answers"] = "all_tokens"
+    """``all_tokens``: training takes the loss on every next token (MAD's ``is_training``); ``answers``:
+    on the answers only."""
+
+    @model_validator(mode="after")
+    def _check_noise(self):
+        if self.frac_noise > 0 and self.noise_vocab_size == 0:
+            raise ValueError(f"frac_noise={self.frac_noise} needs noise_vocab_size > 0")
+        return self
+
+
+class InContextRecallTask(MADRecallTask):
     """MAD in-context recall: ``seq_len / 2`` slots of key-value pairs (keys uniform with replacement from
     the lower half of the non-special vocabulary, each key's value fixed within the row and drawn from
     the upper half), a slot turning into two noise tokens with probability ``frac_noise``; the row ends
@@ -165,21 +197,13 @@ class InContextRecallTask(ProbeTask):
     without multi_query: the copy token)."""
 
     kind: Literal["in_context_recall"] = "in_context_recall"
-    vocab_size: int = Field(16, ge=4, le=2**20)
-    seq_len: int = Field(128, ge=4, le=2**16)
-    multi_query: bool = True
-    noise_vocab_size: int = Field(0, ge=0)
-    frac_noise: float = Field(0.0, ge=0, lt=1)
-    train_examples: int = Field(12_800, ge=1)
-    test_examples: int = Field(1_280, ge=1)
-    train_loss: Literal["all_tokens", "answers"] = "all_tokens"
+    vocab_size: VocabSize = 16
+    seq_len: SeqLen = 128
 
     @model_validator(mode="after")
     def _check(self):
         if self.seq_len % 2:
             raise ValueError(f"seq_len={self.seq_len} must be even (key-value slots of two tokens)")
-        if self.frac_noise > 0 and self.noise_vocab_size == 0:
-            raise ValueError(f"frac_noise={self.frac_noise} needs noise_vocab_size > 0")
         if self.non_special() < 2:
             raise ValueError(f"vocab_size={self.vocab_size} leaves no room for keys and values beside "
                              f"noise_vocab_size={self.noise_vocab_size} and the special token")
@@ -232,12 +256,12 @@ class NoisyRecallTask(InContextRecallTask):
     """MAD noisy in-context recall: in-context recall with 16 noise tokens at rate 0.2 (MAD's baseline)."""
 
     kind: Literal["noisy_recall"] = "noisy_recall"
-    vocab_size: int = Field(32, ge=4, le=2**20)
+    vocab_size: VocabSize = 32
     noise_vocab_size: int = Field(16, ge=0)
     frac_noise: float = Field(0.2, ge=0, lt=1)
 
 
-class FuzzyRecallTask(ProbeTask):
+class FuzzyRecallTask(MADTask):
     """MAD fuzzy in-context recall: keys and values are motifs of 1..``k_motif_size`` (1..``v_motif_size``)
     distinct adjacent tokens (keys from the lower half, values from the upper half of the non-special
     vocabulary); a probe pair is placed at a random point and queried at the end of the row; evaluation
@@ -246,15 +270,15 @@ class FuzzyRecallTask(ProbeTask):
     unanswerable); we draw it among the points the loop visits."""
 
     kind: Literal["fuzzy_recall"] = "fuzzy_recall"
-    vocab_size: int = Field(16, ge=4, le=2**20)
-    seq_len: int = Field(128, ge=4, le=2**16)
+    vocab_size: VocabSize = 16
+    seq_len: SeqLen = 128
     k_motif_size: int = Field(3, ge=1)
     v_motif_size: int = Field(3, ge=1)
+    # MADRecallTask's fields, declared here after the motif sizes: a task's field order is part of its
+    # data stream's name (ProbeSetting.data_key hashes the task's JSON), so it must not move
     multi_query: bool = True
     noise_vocab_size: int = Field(0, ge=0)
     frac_noise: float = Field(0.0, ge=0, lt=1)
-    train_examples: int = Field(12_800, ge=1)
-    test_examples: int = Field(1_280, ge=1)
     train_loss: Literal["all_tokens", "answers"] = "all_tokens"
 
     @model_validator(mode="after")
@@ -339,18 +363,16 @@ class FuzzyRecallTask(ProbeTask):
         return ProbeData(x, y, nxt if self.train_loss == "all_tokens" else y.copy())
 
 
-class SelectiveCopyingTask(ProbeTask):
+class SelectiveCopyingTask(MADTask):
     """MAD selective copying: ``num_tokens_to_copy`` tokens (uniform, with replacement, from the
     non-special vocabulary) with ``seq_len - 2n - 1`` blank tokens inserted at random points among them
     (never after the last), then the copy token and ``n`` blanks during which the tokens are due in
     order. Loss and accuracy on those ``n`` positions only."""
 
     kind: Literal["selective_copying"] = "selective_copying"
-    vocab_size: int = Field(16, ge=4, le=2**20)
-    seq_len: int = Field(256, ge=4, le=2**16)
+    vocab_size: VocabSize = 16
+    seq_len: SeqLen = 256
     num_tokens_to_copy: int = Field(16, ge=1)
-    train_examples: int = Field(12_800, ge=1)
-    test_examples: int = Field(1_280, ge=1)
 
     @model_validator(mode="after")
     def _check(self):
@@ -377,16 +399,14 @@ class SelectiveCopyingTask(ProbeTask):
         return ProbeData(inputs, targets, targets.copy())
 
 
-class CompressionTask(ProbeTask):
+class CompressionTask(MADTask):
     """MAD compression: ``seq_len - 1`` uniform tokens and a compression token; the model reads the row,
     keeps its last position's state (MAD's autoencoder with ``global_pool: last``) and an MLP decoder
     rebuilds every token of the row from it and a sinusoidal position code. Accuracy over all positions."""
 
     kind: Literal["compression"] = "compression"
-    vocab_size: int = Field(16, ge=4, le=2**20)
-    seq_len: int = Field(32, ge=4, le=2**16)
-    train_examples: int = Field(12_800, ge=1)
-    test_examples: int = Field(1_280, ge=1)
+    vocab_size: VocabSize = 16
+    seq_len: SeqLen = 32
     autoencoder: ClassVar[bool] = True
 
     def label(self) -> str:
@@ -398,18 +418,17 @@ class CompressionTask(ProbeTask):
         return ProbeData(inputs, inputs.copy(), inputs.copy())
 
 
-class MemorizationTask(ProbeTask):
+class MemorizationTask(MADTask):
     """MAD memorization: a fixed key -> value map (keys of the lower half of the non-special vocabulary
     paired with a permutation of the upper half, drawn once from ``map_seed``), shared by every split;
     a row is ``seq_len / 2`` pairs ``key, insert`` with the key's value due at the insert token. The
     facts cannot be read from the row: they must be stored in the weights."""
 
     kind: Literal["memorization"] = "memorization"
-    vocab_size: int = Field(256, ge=4, le=2**20)
+    vocab_size: VocabSize = 256
     seq_len: int = Field(32, ge=2, le=2**16)
     map_seed: int = Field(12345, ge=0)
-    train_examples: int = Field(256, ge=1)
-    test_examples: int = Field(1_280, ge=1)
+    train_examples: Examples = 256
 
     @model_validator(mode="after")
     def _check(self):
