@@ -21,6 +21,7 @@ import pytest
 from scipy import stats as scipy_stats
 from statsmodels.stats.multitest import multipletests
 
+from archifactory.results import FinalRecord, RunRecord
 from archifactory.sweep import stats as st
 from archifactory.sweep.report import write_report
 from archifactory.sweep.store import Store
@@ -204,10 +205,12 @@ def test_best_lr_runs_keeps_the_lowest_mean_loss_per_variant():
 
 
 def test_fairness_lists_runs_with_another_stream():
-    finals = (_rows("baseline", {0: 3.2, 1: 3.3}, baseline=True, stream_hash="aaa", tokens=100)
+    finals = [FinalRecord.model_validate(r) for r in
+              _rows("baseline", {0: 3.2, 1: 3.3}, baseline=True, stream_hash="aaa", tokens=100)
               + _rows("v", {0: 3.1}, stream_hash="aaa", tokens=100)
-              + _rows("w", {0: 3.1}, stream_hash="bbb", tokens=90))
-    runs = [{"run_id": r["run_id"], "config_json": json.dumps({"train": {"max_tokens": 100}})} for r in finals]
+              + _rows("w", {0: 3.1}, stream_hash="bbb", tokens=90)]
+    runs = [RunRecord(run_id=r.run_id, variant=r.variant, seed=r.seed, config={"train": {"max_tokens": 100}})
+            for r in finals]
     f = st.fairness(runs, finals, "budget: {tokens: 100}\n")
     assert not f.stream_hash_identical and f.reference_hash == "aaa"
     assert [d["variant"] for d in f.differing] == ["w"]

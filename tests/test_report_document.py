@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 from markdown_it import MarkdownIt
 
-from archifactory.results import FinalRecord, RunRecord
+from archifactory.results import FinalRecord, RunRecord, RunSummary
 from archifactory.sweep import stats as st
 from archifactory.sweep.report import read_sweep_results
 from archifactory.sweep.report.document import (
@@ -133,19 +133,24 @@ def test_records_carry_the_store_columns_with_json_parsed_once(tmp_path):
     data = read_sweep_results(tmp_path)
     run, final = data.runs[0], data.finals[0]
     assert isinstance(run, RunRecord) and isinstance(final, FinalRecord)
-    raw_run, raw_final = store.runs()[0], store.finals()[0]
+    with sqlite3.connect(store.path) as db:
+        db.row_factory = sqlite3.Row
+        raw_run = dict(db.execute("SELECT * FROM runs").fetchone())
+        raw_final = dict(db.execute("SELECT * FROM final JOIN runs USING (run_id)").fetchone())
     assert run.config == json.loads(raw_run["config_json"]) and run.config["train"]["seq_len"] == 64
     assert run.changes.overrides == ["model.d_model=64", "name=x"] and run.changes.description == "d"
     assert run.env.kernel_paths == {"0": "torch"} and run.env.precision == "fp32"
     assert run.stage == "pretrain"  # a store without the stage column
-    assert final.summary == json.loads(raw_final["summary_json"]) and final.summary["corpus_fingerprint"] == "cf"
-    # every scalar column keeps its name and value
-    for key in ("run_id", "variant", "seed", "val_loss", "val_bpb", "tokens", "flops_per_token", "stream_hash"):
+    assert final.summary.model_dump(exclude_unset=True) == json.loads(raw_final["summary_json"])
+    assert final.summary.corpus_fingerprint == "cf" == final.summary["corpus_fingerprint"]
+    # every scalar column keeps its name and value: the summary's keys
+    for key in ("run_id", "variant", "seed", "val_loss", "val_bpb", "tokens", "flops_per_token_train", "stream_hash"):
         assert final[key] == raw_final[key] == final.get(key)
     assert final.get("no_such_column", "default") == "default"
     with pytest.raises(KeyError):
         final["no_such_column"]
-    # statistics read records and plain rows alike
+    # the store's reads are the records the report holds
+    assert data.runs == store.runs() and data.finals == store.finals()
     assert st.fairness(data.runs, data.finals, "") == st.fairness(store.runs(), store.finals(), "")
     assert data.sweep.env == {"device": "cpu"} and data.seq_len() == 64
 
@@ -158,4 +163,4 @@ def test_records_read_damaged_json_columns_as_empty(tmp_path):
     data = read_sweep_results(tmp_path)
     run = data.runs[0]
     assert run.config == {} and run.changes.overrides == [] and run.env is None
-    assert data.finals[0].summary == {}
+    assert data.finals[0].summary == RunSummary()

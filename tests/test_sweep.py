@@ -1,5 +1,7 @@
 """Sweep specs, planning (budgets, iso-parameter matching, lr grids) and the runner end to end."""
 
+import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,8 @@ import torch
 
 import archifactory as af
 from archifactory.config import ConfigError, validate
+from archifactory.results import FINAL_FIGURES, MetricRecord
+from archifactory.sweep.report.data import read_sweep_results
 from archifactory.sweep.runner import SweepRunner
 from archifactory.sweep.spec import SweepSpec, load_sweep, plan
 from archifactory.sweep.store import Store
@@ -114,11 +118,29 @@ def test_runner_records_results_failures_and_skips_finished_runs(tmp_path):
     assert all(f["tokens"] == 8 * 32 * 6 for f in finals)
     evals = store.metrics("mqa-s1", "eval")
     assert [e["step"] for e in evals] == [0, 4, 6] and all(e["val_loss"] > 0 for e in evals)
-    assert store.sweep()["name"] == "t" and "git_sha" in store.sweep()["env_json"]
+    assert store.sweep().name == "t" and "git_sha" in store.sweep().env
     log = sweep_dir / "runs" / "baseline-s0" / "train.log"
     before = log.read_text()
     counts = SweepRunner(s, tmp_path, sweep_dir).run()  # finished runs are skipped, failed ones retried
     assert log.read_text() == before and counts["done"] == 4
+    # trainer -> store -> report under one set of names: summary.json's keys are the final columns and the
+    # records' fields, with the same values; the report reads the store's records as they are
+    assert {r[1] for r in sqlite3.connect(sweep_dir / "results.sqlite").execute("PRAGMA table_info(final)")} == {
+        "run_id", *FINAL_FIGURES, "summary_json"}
+    assert {r[1] for r in sqlite3.connect(sweep_dir / "results.sqlite").execute("PRAGMA table_info(metrics)")} == set(
+        MetricRecord.model_fields)
+    report = read_sweep_results(sweep_dir)
+    assert report.all_finals == finals and report.runs == store.runs()
+    for final in finals:
+        written = json.loads((sweep_dir / "runs" / final.run_id / "summary.json").read_text())
+        assert set(FINAL_FIGURES) - {"eval_accuracy"} <= set(written)  # a pretraining run has no exact match
+        assert {f: final[f] for f in written if f in FINAL_FIGURES} == {f: written[f] for f in FINAL_FIGURES if f in written}
+        assert final.summary.model_dump(exclude_unset=True) == written and runs[final.run_id].env == final.summary.env()
+        config = runs[final.run_id].config
+        with torch.device("meta"):  # the model's own count, not the trainer's
+            model = af.CausalLM(af.ModelConfig.model_validate(config["model"]))
+        assert final.flops_per_token_train == model.flops_per_token(32, training=True)
+        assert runs[final.run_id].env.kernel_paths == {str(k): v for k, v in model.kernel_paths().items()}
 
 
 def test_runner_chooses_the_lr_on_selection_seeds_then_runs_it_on_the_compared_seeds(tmp_path):

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from archifactory.config import ConfigError, validate
+from archifactory.results import FinalRecord, RunRecord, RunSummary
 from archifactory.sweep.spec import SweepSpec, load_sweep, plan
 from archifactory.sweep.store import Store
 
@@ -179,6 +180,27 @@ def test_a_store_from_before_stages_is_migrated_and_read(tmp_path):
         store.add_run("y", "baseline", 0, None, True, {}, {}, "runs/y", stage="dpo", parent_run_id="x")
 
 
+def test_a_store_with_the_old_final_column_names_is_read_and_renamed_in_place(tmp_path):
+    # stores written before final.flops_per_token / final.exact_match took the summary's names
+    # (flops_per_token_train, eval_accuracy): read under the new names read-only, renamed when opened for writing
+    path = tmp_path / "results.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+        db.execute("ALTER TABLE final ADD COLUMN exact_match REAL")
+        db.execute("UPDATE final SET flops_per_token=6e6, exact_match=0.25, summary_json=?",
+                   ('{"flops_per_token_train": 6e6, "steps": 7}',))
+    (old,) = Store(path, read_only=True).finals()
+    assert (old.flops_per_token_train, old.eval_accuracy, old.summary.steps) == (6e6, 0.25, 7)
+    store = Store(path)
+    with sqlite3.connect(path) as db:
+        columns = {row[1] for row in db.execute("PRAGMA table_info(final)")}
+    assert {"flops_per_token_train", "eval_accuracy"} <= columns and not {"flops_per_token", "exact_match"} & columns
+    (final,) = store.finals()
+    assert (final.flops_per_token_train, final.eval_accuracy, final.val_loss) == (6e6, 0.25, 2.5)
+    store.record_results("baseline-s0", [], {"flops_per_token_train": 5e6, "val_loss": 2.0})
+    assert store.finals()[0].flops_per_token_train == 5e6
+
+
 def test_grpo_results_give_the_sft_run_its_starting_exact_match(tmp_path):
     store = Store(tmp_path / "results.sqlite")
     store.add_run("b-s0", "baseline", 0, None, True, {}, {}, "r0")
@@ -191,7 +213,7 @@ def test_grpo_results_give_the_sft_run_its_starting_exact_match(tmp_path):
                {"kind": "eval", "step": 2, "eval_accuracy": 0.375}]
     store.record_results("b-s0-sft-grpo", metrics, {"eval_accuracy": 0.375})
     finals = {f["run_id"]: f for f in store.finals(stage=None)}
-    assert finals["b-s0-sft"]["exact_match"] == 0.125 and finals["b-s0-sft-grpo"]["exact_match"] == 0.375
+    assert finals["b-s0-sft"].eval_accuracy == 0.125 and finals["b-s0-sft-grpo"].eval_accuracy == 0.375
     curve = store.metrics("b-s0-sft-grpo", "grpo")
     assert [(m["step"], m["reward"], m["pass_rate"]) for m in curve] == [(1, 0.5, 0.25)]
     assert [m["eval_accuracy"] for m in store.metrics("b-s0-sft-grpo", "eval")] == [0.125, 0.375]
@@ -217,13 +239,13 @@ def test_runner_chains_the_stages_evaluates_each_and_restarts_where_it_stopped(t
     sft = {f["run_id"]: f for f in store.finals(stage="sft")}
     grpo = {f["run_id"]: f for f in store.finals(stage="grpo")}
     assert all(f["val_loss"] > 0 for f in sft.values())
-    assert all(0 <= f["exact_match"] <= 1 for f in [*sft.values(), *grpo.values()])
+    assert all(0 <= f.eval_accuracy <= 1 for f in [*sft.values(), *grpo.values()])
     # the same SFT data order and the same GRPO prompts for both variants
     assert len({f["stream_hash"] for f in sft.values()}) == 1 and len({f["stream_hash"] for f in grpo.values()}) == 1
     assert [m["step"] for m in store.metrics("mqa-s0-sft-grpo", "grpo")] == [1, 2]
     # the SFT model's exact match is the GRPO run's evaluation before its first update
     start = store.metrics("mqa-s0-sft-grpo", "eval")[0]
-    assert start["step"] == 0 and sft["mqa-s0-sft"]["exact_match"] == start["eval_accuracy"]
+    assert start["step"] == 0 and sft["mqa-s0-sft"].eval_accuracy == start.eval_accuracy
     from archifactory.sweep.stages import stage_fairness
 
     for stage in ("sft", "grpo"):
@@ -262,9 +284,9 @@ def test_stage_fairness_names_the_run_that_got_another_recipe():
     def run(rid, lr=1e-3, steps=10, data="d1", max_steps=10):
         config = {"name": rid, "base": f"runs/{rid[:-4]}", "optimizer": {"name": "adamw", "lr": lr},
                   "train": {"seed": int(rid[-5]), "max_steps": max_steps, "batch_size": 4}, "sft": {"packing": "auto"}}
-        summary = {"corpus_fingerprint": data, "tokenizer_hash": "t", "steps": steps}
-        return ({"run_id": rid, "config_json": json.dumps(config)},
-                {"run_id": rid, "purpose": "compare", "stream_hash": "s" + data, "summary_json": json.dumps(summary)})
+        summary = RunSummary(corpus_fingerprint=data, tokenizer_hash="t", steps=steps)
+        return (RunRecord(run_id=rid, variant=rid[0], seed=int(rid[-5]), config=config),
+                FinalRecord(run_id=rid, variant=rid[0], seed=int(rid[-5]), stream_hash="s" + data, summary=summary))
 
     fair = [run("a-s0-sft"), run("b-s1-sft"), run("c-s0-sft")]
     check = stage_fairness("sft", *zip(*fair))

@@ -1,5 +1,11 @@
-"""Typed records of a sweep's results, as the results store (:mod:`archifactory.sweep.store`) keeps them
-and the report reads them.
+"""Typed records of a sweep's results, passed from the trainer through the results store
+(:mod:`archifactory.sweep.store`) to the report under one set of names.
+
+The trainer builds a :class:`RunSummary` (its ``summary.json``); the sweep runner reads it back as one and
+hands it to the store, whose ``final`` columns are :data:`FINAL_FIGURES`, the summary's own field names
+(:class:`FinalFigures`), and whose ``runs.env_json`` is the summary's :meth:`RunSummary.env`. The store's
+reads return these records (:class:`SweepRecord`, :class:`RunRecord`, :class:`FinalRecord`,
+:class:`MetricRecord`) and the report reads them as they are: no key is renamed on the way.
 
 Each record's fields are the store's column names (``SELECT *`` rows validate as they are); a column
 that holds JSON text (``config_json``, ``changes_json``, ``env_json``, ``summary_json``) is parsed once,
@@ -18,7 +24,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 
 def _parse_json(value: Any) -> Any:
@@ -61,6 +67,10 @@ class Record(BaseModel):
             return self[key]
         except KeyError:
             return default
+
+    def __contains__(self, key: object) -> bool:
+        """Whether the record holds a value for ``key``: a field that is not ``None``, or a kept extra column."""
+        return isinstance(key, str) and self.get(key) is not None
 
 
 class VariantChanges(BaseModel):
@@ -143,7 +153,79 @@ class RunRecord(Record):
     """The run a post-training stage starts from (``None`` for pretraining)."""
 
 
-class FinalRecord(Record):
+class FinalFigures(Record):
+    """A finished run's final figures: fields of the trainer's :class:`RunSummary` and, under the same
+    names, the columns of the store's ``final`` table (:data:`FINAL_FIGURES`) and of :class:`FinalRecord`."""
+
+    val_loss: float | None = None
+    """Final validation loss (nats per token)."""
+    val_bpb: float | None = None
+    """Final validation bits per byte."""
+    val_ppl: float | None = None
+    params: int | None = None
+    active_params: int | None = None
+    flops_per_token_train: float | None = None
+    """Training FLOPs per token (forward + backward), :meth:`CausalLM.flops_per_token` with ``training``."""
+    tokens_per_s: float | None = None
+    """Training tokens per second of wall time over the whole run."""
+    peak_mem_bytes: int | None = None
+    state_bytes: int | None = None
+    """KV-cache or recurrent-state bytes per sequence at the run's ``train.seq_len``."""
+    tokens: int | None = None
+    """Training tokens read."""
+    elapsed_s: float | None = None
+    stream_hash: str | None = None
+    """Hash of every micro-batch the run read, in order (the fairness check compares it across variants)."""
+    eval_accuracy: float | None = None
+    """Held-out greedy exact match on a GRPO task: a GRPO run's final evaluation; in the store, an SFT
+    run's is its GRPO run's step-0 evaluation (the same problems decoded before any update); else ``None``."""
+
+
+FINAL_FIGURES: tuple[str, ...] = tuple(FinalFigures.model_fields)
+"""The ``final`` table's figure columns, in order: :class:`FinalFigures`' field names."""
+
+
+class RunSummary(FinalFigures):
+    """A finished run's ``summary.json``: what the trainer writes and returns, the sweep runner reads back
+    and the store keeps (its figures as ``final`` columns, the whole as ``final.summary_json``). A
+    post-training stage adds its own keys (``stage``, ``base``, ``packing`` ...), kept as extra fields."""
+
+    name: str | None = None
+    steps: int | None = None
+    skipped_steps: int | None = None
+    """Optimizer steps skipped for a non-finite loss or gradient."""
+    kernel_paths: dict[str, str] | None = None
+    """Layer index -> the kernel path its mixer ran (``torch.sdpa``, ``fla.chunk_gla`` ...)."""
+    corpus_fingerprint: str | None = None
+    tokenizer_hash: str | None = None
+    device: str | None = None
+    precision: str | None = None
+    """The precision ``train.precision`` resolved to (``auto`` -> bf16 or fp32)."""
+    world_size: int | None = None
+    torch: str | None = None
+    python: str | None = None
+    numpy: str | None = None
+
+    def env(self) -> RunEnv:
+        """Where and how the run ran (the store's ``runs.env_json``)."""
+        return RunEnv.model_validate(self.model_dump(include=set(RunEnv.model_fields)))
+
+    def to_json(self) -> str:
+        """The ``summary.json`` text: the keys the run set, under their own names."""
+        return self.model_dump_json(indent=2, exclude_unset=True)
+
+
+def _summary_or_empty(value: Any) -> Any:
+    """``summary_json`` text -> a :class:`RunSummary`; empty, not JSON or not a valid summary -> an empty one."""
+    if isinstance(value, RunSummary):
+        return value
+    try:
+        return RunSummary.model_validate(_dict_or_empty(value))
+    except ValidationError:
+        return RunSummary()
+
+
+class FinalRecord(FinalFigures):
     """A finished run's final figures (``final`` joined with its run's ``runs`` columns)."""
 
     run_id: str
@@ -152,26 +234,11 @@ class FinalRecord(Record):
     lr: float | None = None
     is_baseline: bool = False
     purpose: str = "compare"
-    val_loss: float | None = None
-    """Final validation loss (nats per token)."""
-    val_bpb: float | None = None
-    """Final validation bits per byte."""
-    val_ppl: float | None = None
-    params: int | None = None
-    active_params: int | None = None
-    flops_per_token: float | None = None
-    """Training FLOPs per token (forward + backward)."""
-    tokens_per_s: float | None = None
-    peak_mem_bytes: int | None = None
-    state_bytes: int | None = None
-    """KV-cache or recurrent-state bytes per sequence at the run's ``train.seq_len``."""
-    tokens: int | None = None
-    elapsed_s: float | None = None
-    stream_hash: str | None = None
-    exact_match: float | None = None
-    """Held-out greedy exact match on a GRPO task (post-training runs), else ``None``."""
-    summary: Annotated[JsonDict, Field(default_factory=dict, validation_alias="summary_json")]
-    """The run's whole ``summary.json`` (corpus fingerprint, tokenizer hash, ...)."""
+    stage: str = "pretrain"
+    parent_run_id: str | None = None
+    summary: Annotated[RunSummary, BeforeValidator(_summary_or_empty),
+                       Field(default_factory=RunSummary, validation_alias="summary_json")]
+    """The run's whole ``summary.json`` (corpus fingerprint, tokenizer hash, steps ...)."""
 
 
 class MetricRecord(Record):

@@ -46,6 +46,7 @@ from archifactory.posttrain.sft import stage_data
 from archifactory.posttrain.grpo_loss import LossType, RewardScale, group_advantages, grpo_loss, token_logprobs
 from archifactory.posttrain.tasks import Problem, Task, build_task
 from archifactory.registry import OPTIMIZERS, SCHEDULES
+from archifactory.results import RunSummary
 from archifactory.train.config import RunConfig, TrainConfig, expand_run_data
 from archifactory.train.optim import AdamWConfig
 from archifactory.train.schedule import ConstantSchedule, LinearSchedule
@@ -323,7 +324,8 @@ def exact_match(model: CausalLM, tokenizer: Tokenizer, template: ChatTemplate, t
     return right / n
 
 
-def grpo(cfg: GRPORunConfig | str | Path | dict, overrides: Iterable[str] = (), resume: bool = True, console=None) -> dict:
+def grpo(cfg: GRPORunConfig | str | Path | dict, overrides: Iterable[str] = (), resume: bool = True,
+         console=None) -> RunSummary:
     """Reinforce ``cfg.base`` (an SFT run) on ``cfg.task``; resumes from the latest checkpoint."""
     if not isinstance(cfg, GRPORunConfig):
         cfg = load_grpo_config(cfg, overrides)

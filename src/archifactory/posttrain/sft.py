@@ -45,6 +45,7 @@ from archifactory.posttrain.chat import IM_END, ChatTemplate, add_chat_tokens, r
 from archifactory.posttrain.formats import Format, conversations, load_records
 from archifactory.posttrain.sft_data import SFTLoader, eval_batches, tokenize_conversations
 from archifactory.registry import OPTIMIZERS, SCHEDULES
+from archifactory.results import RunSummary
 from archifactory.train.config import RunConfig, TrainConfig, expand_run_data
 from archifactory.train.optim import AdamWConfig
 from archifactory.train.schedule import ConstantSchedule, LinearSchedule
@@ -302,7 +303,8 @@ class SFTTrainer(Trainer):
         }
 
 
-def sft(cfg: SFTRunConfig | str | Path | dict, overrides: Iterable[str] = (), resume: bool = True, console=None) -> dict:
+def sft(cfg: SFTRunConfig | str | Path | dict, overrides: Iterable[str] = (), resume: bool = True,
+        console=None) -> RunSummary:
     """Fine-tune ``cfg.base`` on ``cfg.data``; resumes from the run directory's latest checkpoint."""
     if not isinstance(cfg, SFTRunConfig):
         cfg = load_sft_config(cfg, overrides)

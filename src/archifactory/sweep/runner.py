@@ -19,7 +19,6 @@ killed sweep restarts where it stopped.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -30,10 +29,12 @@ from pathlib import Path
 
 import torch
 import yaml
+from pydantic import ValidationError
 
 from archifactory.config import dump_config
 from archifactory.errors import MissingDependencyError
 from archifactory.locking import hold_directory
+from archifactory.results import RunSummary
 from archifactory.sweep.spec import BASELINE, PlannedRun, SweepSpec, plan, spec_yaml
 from archifactory.sweep.stats import COMPARE, LR_SELECTION, choose_lrs, is_selection_run
 from archifactory.sweep.store import Store, StoreDamagedError
@@ -287,8 +288,8 @@ class SweepRunner:
             self.store.mark(run.run_id, "failed", f"exit code {code}\n{tail}")
             return "failed"
         try:
-            summary = json.loads((run_dir / "summary.json").read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            summary = RunSummary.model_validate_json((run_dir / "summary.json").read_text())
+        except (OSError, ValidationError) as err:
             self.store.mark(run.run_id, "failed", f"run finished without a readable summary.json: {err}")
             return "failed"
         self.store.record_results(run.run_id, read_metrics(run_dir / "metrics.jsonl"), summary)

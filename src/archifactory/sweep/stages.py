@@ -18,12 +18,13 @@ post-training stage is fair when its runs agree on:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from collections import Counter
 from typing import Any, Mapping, Sequence
 
-from archifactory.sweep.stats import loads_or_none
+from archifactory.results import FinalRecord, MetricRecord, RunRecord
 
 POSTTRAIN_STAGES = ("sft", "grpo")
 BUDGET_FIELDS = ("max_steps", "max_tokens", "max_time_s", "batch_size", "seq_len")
@@ -53,7 +54,7 @@ class StageFairness:
 
 
 def _recipe(config: Mapping[str, Any], lr_follows_variant: bool) -> str:
-    data = json.loads(json.dumps(config))
+    data = copy.deepcopy(dict(config))
     for key in PER_RUN_KEYS:
         data.pop(key, None)
     train = data.get("train") or {}
@@ -65,19 +66,18 @@ def _recipe(config: Mapping[str, Any], lr_follows_variant: bool) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def stage_fairness(stage: str, runs: Sequence[Mapping[str, Any]], finals: Sequence[Mapping[str, Any]],
+def stage_fairness(stage: str, runs: Sequence[RunRecord], finals: Sequence[FinalRecord],
                    lr_follows_variant: bool = False) -> StageFairness:
     """The checks of the module docstring over ``stage``'s finished compared runs (``runs`` and ``finals``
     as :meth:`Store.runs` / :meth:`Store.finals` give them for that stage)."""
-    done = {f["run_id"]: f for f in finals if f.get("purpose", "compare") == "compare"}
-    configs = {r["run_id"]: loads_or_none(r.get("config_json")) or {} for r in runs if r["run_id"] in done}
-    summaries = {rid: loads_or_none(f.get("summary_json")) or {} for rid, f in done.items()}
+    done = {f.run_id: f for f in finals if f.purpose == "compare"}
+    configs = {r.run_id: r.config for r in runs if r.run_id in done}
     ids = sorted(done)
     values: dict[str, dict[str, Any]] = {
-        "data": {rid: summaries[rid].get("corpus_fingerprint") for rid in ids},
-        "stream": {rid: done[rid].get("stream_hash") for rid in ids},
-        "tokenizer": {rid: summaries[rid].get("tokenizer_hash") for rid in ids},
-        "steps": {rid: summaries[rid].get("steps") for rid in ids},
+        "data": {rid: done[rid].summary.corpus_fingerprint for rid in ids},
+        "stream": {rid: done[rid].stream_hash for rid in ids},
+        "tokenizer": {rid: done[rid].summary.tokenizer_hash for rid in ids},
+        "steps": {rid: done[rid].summary.steps for rid in ids},
         "budget": {rid: json.dumps({k: (configs.get(rid, {}).get("train") or {}).get(k) for k in BUDGET_FIELDS})
                    for rid in ids},
         "recipe": {rid: _recipe(configs.get(rid, {}), lr_follows_variant) for rid in ids},
@@ -101,11 +101,11 @@ def lr_follows_variant(spec_yaml: str | None, stage: str) -> bool:
 class PosttrainData:
     """A sweep's post-training stages as the report shows them (empty when the sweep had none)."""
 
-    runs: dict[str, list[dict[str, Any]]]
-    """stage -> registered runs of that stage (store rows)."""
-    finals: dict[str, list[dict[str, Any]]]
-    """stage -> finished runs' final rows (with ``variant``, ``seed``, ``exact_match``, ``val_loss``...)."""
-    curves: dict[str, dict[str, list[dict[str, Any]]]]
+    runs: dict[str, list[RunRecord]]
+    """stage -> registered runs of that stage."""
+    finals: dict[str, list[FinalRecord]]
+    """stage -> finished runs' final figures (``variant``, ``seed``, ``eval_accuracy``, ``val_loss``...)."""
+    curves: dict[str, dict[str, list[MetricRecord]]]
     """kind (``sft_eval``, ``grpo``, ``grpo_eval``) -> run id -> metric rows in step order."""
     fairness: dict[str, StageFairness]
     spec: dict[str, Any]
@@ -115,8 +115,8 @@ class PosttrainData:
     def stages(self) -> list[str]:
         return [s for s in POSTTRAIN_STAGES if self.runs.get(s)]
 
-    def final(self, stage: str, variant: str) -> list[dict[str, Any]]:
-        return [f for f in self.finals.get(stage, []) if f["variant"] == variant]
+    def final(self, stage: str, variant: str) -> list[FinalRecord]:
+        return [f for f in self.finals.get(stage, []) if f.variant == variant]
 
 
 def read_posttrain(store, spec_yaml: str | None) -> PosttrainData:
@@ -128,16 +128,16 @@ def read_posttrain(store, spec_yaml: str | None) -> PosttrainData:
     except yaml.YAMLError:
         spec = {}
     runs = {s: store.runs(stage=s) for s in POSTTRAIN_STAGES}
-    finals = {s: [f for f in store.finals(stage=s) if f.get("purpose", "compare") == "compare"] for s in POSTTRAIN_STAGES}
-    curves: dict[str, dict[str, list[dict[str, Any]]]] = {"sft_eval": {}, "grpo": {}, "grpo_eval": {}}
+    finals = {s: [f for f in store.finals(stage=s) if f.purpose == "compare"] for s in POSTTRAIN_STAGES}
+    curves: dict[str, dict[str, list[MetricRecord]]] = {"sft_eval": {}, "grpo": {}, "grpo_eval": {}}
     wanted = {("sft", "eval"): "sft_eval", ("grpo", "grpo"): "grpo", ("grpo", "eval"): "grpo_eval"}
     for (stage, kind), name in wanted.items():
-        ids = {r["run_id"] for r in runs[stage]}
+        ids = {r.run_id for r in runs[stage]}
         if not ids:
             continue
         for row in store.metrics(kind=kind):
-            if row["run_id"] in ids:
-                curves[name].setdefault(row["run_id"], []).append(row)
+            if row.run_id in ids:
+                curves[name].setdefault(row.run_id, []).append(row)
     fairness = {s: stage_fairness(s, runs[s], finals[s], lr_follows_variant(spec_yaml, s))
                 for s in POSTTRAIN_STAGES if finals[s]}
     return PosttrainData(runs, finals, curves, fairness,

@@ -39,18 +39,21 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import stats as sps
+
+if TYPE_CHECKING:
+    from archifactory.results import FinalRecord, RunRecord
 
 Row = Mapping[str, Any]
 
 CONFIDENCE = 0.95
 ALPHA = 0.05
 
-COST_FIELDS = ("params", "active_params", "flops_per_token", "tokens_per_s", "peak_mem_bytes", "state_bytes", "tokens",
-               "elapsed_s")
+COST_FIELDS = ("params", "active_params", "flops_per_token_train", "tokens_per_s", "peak_mem_bytes", "state_bytes",
+               "tokens", "elapsed_s")
 """``final`` columns averaged over seeds (they barely vary with the seed; tokens/s and memory do a little)."""
 
 BUDGET_KEYS = ("max_steps", "max_tokens", "max_time_s")
@@ -392,23 +395,6 @@ class FairnessCheck:
     """Other stream facts from the runs' summaries (corpus fingerprint, tokenizer hash): identical or not."""
 
 
-def loads_or_none(text: str | None) -> Any:
-    """A JSON column's value, or ``None`` when it is empty or not JSON."""
-    if not text:
-        return None
-    try:
-        return json.loads(text)
-    except (TypeError, ValueError):
-        return None
-
-
-def json_column(row: Row, name: str) -> Any:
-    """A JSON column of a row: the parsed field ``name`` of a record (``config``, ``summary``...), or the
-    text column ``name_json`` of a plain store row, parsed (``None`` when empty or not JSON)."""
-    value = row.get(name)
-    return value if value is not None else loads_or_none(row.get(f"{name}_json"))
-
-
 def _find_key(data: Any, key: str) -> Any:
     """The first value stored under ``key`` in a nested mapping (breadth first), else ``None``."""
     queue = [data]
@@ -436,8 +422,9 @@ def spec_budget(spec_yaml: str | None) -> Any:
     return _find_key(spec, "budget")
 
 
-def fairness(runs: Sequence[Row], finals: Sequence[Row], spec_yaml: str | None = None) -> FairnessCheck:
-    """Did every finished run read the identical token stream, and under which budget?"""
+def fairness(runs: Sequence[RunRecord], finals: Sequence[FinalRecord], spec_yaml: str | None = None) -> FairnessCheck:
+    """Did every finished run read the identical token stream, and under which budget? (``runs`` and
+    ``finals`` as the store's :meth:`~archifactory.sweep.store.Store.runs` / ``finals`` return them.)"""
     baseline = baseline_variant(finals) if finals else None
     reference_rows = [r for r in finals if r["variant"] == baseline] or list(finals)
     hashes = [r.get("stream_hash") for r in reference_rows]
@@ -453,14 +440,14 @@ def fairness(runs: Sequence[Row], finals: Sequence[Row], spec_yaml: str | None =
     budgets = {}
     for run in runs:
         if run["run_id"] in finished:
-            train = (json_column(run, "config") or {}).get("train") or {}
+            train = run.config.get("train") or {}
             budgets[run["run_id"]] = {k: train.get(k) for k in BUDGET_KEYS}
     identical_fields = {}
-    summaries = [json_column(r, "summary") or {} for r in finals]
     for key in ("corpus_fingerprint", "tokenizer_hash"):
-        values = [s.get(key) for s in summaries if key in s]
-        if values:
-            identical_fields[key] = len(set(map(str, values))) == 1 and len(values) == len(summaries)
+        values = [r.summary.get(key) for r in finals]
+        recorded = [v for v in values if v is not None]
+        if recorded:
+            identical_fields[key] = len(set(map(str, recorded))) == 1 and len(recorded) == len(values)
     return FairnessCheck(
         stream_hash_identical=bool(finals) and not differing,
         reference_hash=reference,

@@ -11,14 +11,20 @@ Tables:
 - ``metrics``: per-step training and evaluation records of every run (kinds ``train``, ``eval`` and, for
   GRPO, ``grpo``: mean reward, pass rate, completion length, KL, clip fraction; GRPO's ``eval`` records
   hold ``eval_accuracy``, the held-out greedy exact match).
-- ``final``: one row per finished run: final validation loss / bits per byte / perplexity, parameters,
-  FLOPs per token, tokens/s, peak memory, cache bytes, tokens, wall time, the token-stream hash, and
-  ``exact_match``: held-out greedy exact match on the GRPO task (a GRPO run's final evaluation; an SFT
-  run's is its GRPO run's step-0 evaluation, the same problems decoded the same way before any update).
+- ``final``: one row per finished run: the figures of its :class:`~archifactory.results.RunSummary` under
+  the summary's own names (:data:`~archifactory.results.FINAL_FIGURES`: final validation loss / bits per
+  byte / perplexity, parameters, ``flops_per_token_train``, tokens/s, peak memory, cache bytes, tokens, wall
+  time, the token-stream hash, and ``eval_accuracy``: held-out greedy exact match on the GRPO task, a GRPO
+  run's final evaluation; an SFT run's is its GRPO run's step-0 evaluation, the same problems decoded the
+  same way before any update) and the whole summary (``summary_json``).
 - ``evaluations`` / ``eval_metrics``: the sweep's ``eval:`` tasks per run (:class:`archifactory.eval.store.EvalStore`).
 
+Reads return the typed records of :mod:`archifactory.results`, which the report reads as they are.
+
 Stores written before a column existed are migrated when opened for writing (``ALTER TABLE ... ADD
-COLUMN`` with the column's default: ``stage`` = ``pretrain``, ``purpose`` = ``compare``).
+COLUMN`` with the column's default: ``stage`` = ``pretrain``, ``purpose`` = ``compare``); a column since
+renamed to its summary key (:data:`RENAMED`: ``final.flops_per_token``, ``final.exact_match``) is renamed
+in place, and read under its new name from a store opened read-only.
 
 Every write is a transaction; ``archifactory report`` reads this file alone.
 """
@@ -30,9 +36,11 @@ import json
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from archifactory.errors import UserError
+from archifactory.results import (FINAL_FIGURES, FinalRecord, MetricRecord, RunRecord, RunSummary,
+                                   SweepRecord)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sweep (
@@ -86,7 +94,7 @@ CREATE TABLE IF NOT EXISTS final (
     val_ppl REAL,
     params INTEGER,
     active_params INTEGER,
-    flops_per_token REAL,
+    flops_per_token_train REAL,
     tokens_per_s REAL,
     peak_mem_bytes INTEGER,
     state_bytes INTEGER,
@@ -94,7 +102,7 @@ CREATE TABLE IF NOT EXISTS final (
     elapsed_s REAL,
     stream_hash TEXT,
     summary_json TEXT,
-    exact_match REAL
+    eval_accuracy REAL
 );
 """
 
@@ -103,9 +111,12 @@ MIGRATIONS = {  # table -> columns added since the first release, with their def
              "parent_run_id": "TEXT"},
     "metrics": {k: "REAL" for k in ("reward", "pass_rate", "completion_length", "kl", "clip_fraction",
                                     "eval_accuracy")},
-    "final": {"exact_match": "REAL"},
+    "final": {"eval_accuracy": "REAL"},
 }
-METRIC_COLUMNS = ("tokens", "elapsed_s", "loss", "lr", "tokens_per_s", "val_loss", "val_bpb", *MIGRATIONS["metrics"])
+RENAMED = {"final": {"flops_per_token": "flops_per_token_train", "exact_match": "eval_accuracy"}}
+"""table -> old column name -> its name now (the key the trainer's summary and the records use)."""
+METRIC_COLUMNS = tuple(f for f in MetricRecord.model_fields if f not in ("run_id", "kind", "step"))
+"""The ``metrics`` columns after the key (``run_id``, ``kind``, ``step``): :class:`MetricRecord`'s fields."""
 STAGES = ("pretrain", "sft", "grpo")
 
 
@@ -132,6 +143,11 @@ class Store:
             return
         with self.transaction() as db:
             db.executescript(SCHEMA)
+            for table, renamed in RENAMED.items():  # before adding columns: an old store keeps its values
+                have = self._columns(db, table)
+                for old, new in renamed.items():
+                    if old in have and new not in have:
+                        db.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
             for table, columns in MIGRATIONS.items():  # a store written before these columns existed
                 have = self._columns(db, table)
                 for name, definition in columns.items():
@@ -208,8 +224,12 @@ class Store:
             else:
                 db.execute("UPDATE runs SET status=?, error=?, finished_at=? WHERE run_id=?", (status, error, now, run_id))
 
-    def record_results(self, run_id: str, metrics: list[dict], summary: dict) -> None:
-        """Store a finished run's per-step metrics and final figures, and mark it done, atomically."""
+    def record_results(self, run_id: str, metrics: list[dict], summary: RunSummary | Mapping[str, Any]) -> None:
+        """Store a finished run's per-step metrics (``metrics.jsonl`` records: :data:`METRIC_COLUMNS` are
+        kept) and its summary (a :class:`RunSummary`; a mapping is validated into one), and mark it done,
+        atomically. ``final`` gets the summary's figures under their own names."""
+        if not isinstance(summary, RunSummary):
+            summary = RunSummary.model_validate(summary)
         with self.transaction() as db:
             db.execute("DELETE FROM metrics WHERE run_id=?", (run_id,))
             rows = {}
@@ -221,31 +241,25 @@ class Store:
                 [(run_id, kind, step, *(r.get(c) for c in METRIC_COLUMNS)) for (kind, step), r in sorted(rows.items())],
             )
             db.execute(
-                "INSERT OR REPLACE INTO final (run_id, val_loss, val_bpb, val_ppl, params, active_params, flops_per_token, "
-                "tokens_per_s, peak_mem_bytes, state_bytes, tokens, elapsed_s, stream_hash, summary_json, exact_match) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, summary.get("val_loss"), summary.get("val_bpb"), summary.get("val_ppl"), summary.get("params"),
-                 summary.get("active_params"), summary.get("flops_per_token_train"), summary.get("tokens_per_s"),
-                 summary.get("peak_mem_bytes"), summary.get("state_bytes"), summary.get("tokens"),
-                 summary.get("elapsed_s"), summary.get("stream_hash"), json.dumps(summary),
-                 summary.get("eval_accuracy")),
+                f"INSERT OR REPLACE INTO final (run_id, {', '.join(FINAL_FIGURES)}, summary_json) "
+                f"VALUES (?{', ?' * len(FINAL_FIGURES)}, ?)",
+                (run_id, *(getattr(summary, f) for f in FINAL_FIGURES), summary.to_json()),
             )
             parent = db.execute("SELECT stage, parent_run_id FROM runs WHERE run_id=?", (run_id,)).fetchone()
             start = [r for (kind, step), r in rows.items() if kind == "eval" and step == 0 and "eval_accuracy" in r]
             if parent is not None and parent["stage"] == "grpo" and start:
                 # the SFT model's held-out exact match: this GRPO run's evaluation before its first update
-                db.execute("UPDATE final SET exact_match=? WHERE run_id=?",
+                db.execute("UPDATE final SET eval_accuracy=? WHERE run_id=?",
                            (start[0]["eval_accuracy"], parent["parent_run_id"]))
-            env = {k: summary.get(k) for k in ("device", "precision", "torch", "python", "kernel_paths", "world_size")}
             db.execute("UPDATE runs SET status='done', error=NULL, finished_at=?, env_json=? WHERE run_id=?",
-                       (time.time(), json.dumps(env), run_id))
+                       (time.time(), summary.env().model_dump_json(), run_id))
 
     # ------------------------------------------------------------------------------------------- reads
 
-    def sweep(self) -> dict[str, Any] | None:
+    def sweep(self) -> SweepRecord | None:
         with self.connect() as db:
             row = db.execute("SELECT * FROM sweep WHERE id=1").fetchone()
-        return dict(row) if row else None
+        return SweepRecord.model_validate(dict(row)) if row else None
 
     def _stage_filter(self, db: sqlite3.Connection, stage: str | None) -> tuple[str, list]:
         if stage is None:
@@ -256,19 +270,15 @@ class Store:
             return ("", []) if stage == "pretrain" else (" AND 0", [])
         return " AND runs.stage=?", [stage]
 
-    def runs(self, stage: str | None = "pretrain") -> list[dict[str, Any]]:
+    def runs(self, stage: str | None = "pretrain") -> list[RunRecord]:
         """Registered runs of ``stage`` (default: pretraining runs, the ones variants are compared on; ``None``:
-        every stage), with ``purpose``, ``stage`` and ``parent_run_id`` filled in for older stores."""
+        every stage); ``purpose``, ``stage`` and ``parent_run_id`` take their defaults in older stores."""
         with self.connect() as db:
             where, args = self._stage_filter(db, stage)
             rows = [dict(r) for r in db.execute(f"SELECT * FROM runs WHERE 1=1{where} ORDER BY variant, seed, lr", args)]
-        for row in rows:
-            row.setdefault("purpose", "compare")
-            row.setdefault("stage", "pretrain")
-            row.setdefault("parent_run_id", None)
-        return rows
+        return [RunRecord.model_validate(r) for r in rows]
 
-    def finals(self, stage: str | None = "pretrain") -> list[dict[str, Any]]:
+    def finals(self, stage: str | None = "pretrain") -> list[FinalRecord]:
         """Finished runs' final figures with ``variant``, ``seed``, ``lr``, ``is_baseline``, ``purpose``
         (``compare`` in a store written before lr-selection runs existed), ``stage`` and ``parent_run_id``;
         only ``stage``'s runs (default ``pretrain``; ``None``: every stage)."""
@@ -276,17 +286,22 @@ class Store:
             have = self._columns(db, "runs")
             purpose = "purpose" if "purpose" in have else "'compare' AS purpose"
             stage_cols = "stage, parent_run_id" if "stage" in have else "'pretrain' AS stage, NULL AS parent_run_id"
+            renamed = RENAMED["final"]  # a read-only store written before the renames: its columns, renamed
+            final = ", ".join(f"final.{c} AS {renamed[c]}" if c in renamed else f"final.{c}"
+                              for c in sorted(self._columns(db, "final") - {"run_id"}))
             where, args = self._stage_filter(db, stage)
-            return [dict(r) for r in db.execute(
-                f"SELECT runs.run_id, variant, seed, lr, is_baseline, {purpose}, {stage_cols}, final.* FROM final "
+            rows = [dict(r) for r in db.execute(
+                f"SELECT runs.run_id, variant, seed, lr, is_baseline, {purpose}, {stage_cols}, {final} FROM final "
                 f"JOIN runs USING (run_id) WHERE runs.status='done'{where} ORDER BY variant, seed", args
             )]
+        return [FinalRecord.model_validate(r) for r in rows]
 
-    def metrics(self, run_id: str | None = None, kind: str | None = None) -> list[dict[str, Any]]:
+    def metrics(self, run_id: str | None = None, kind: str | None = None) -> list[MetricRecord]:
         query, args = "SELECT * FROM metrics WHERE 1=1", []
         if run_id is not None:
             query, args = query + " AND run_id=?", [*args, run_id]
         if kind is not None:
             query, args = query + " AND kind=?", [*args, kind]
         with self.connect() as db:
-            return [dict(r) for r in db.execute(query + " ORDER BY run_id, kind, step", args)]
+            rows = [dict(r) for r in db.execute(query + " ORDER BY run_id, kind, step", args)]
+        return [MetricRecord.model_validate(r) for r in rows]

@@ -32,6 +32,7 @@ from archifactory.data.shards import build_shards
 from archifactory.errors import UserError
 from archifactory.locking import hold_directory
 from archifactory.model.lm import CausalLM
+from archifactory.results import RunSummary
 from archifactory.train import checkpoint as ckpt
 from archifactory.train.config import RunConfig
 from archifactory.train.distributed import all_reduce_mean, barrier, init_distributed, shutdown
@@ -518,8 +519,8 @@ class Trainer:
         ckpt.save_checkpoint(self.run_dir, self.step, model, state, self.cfg.train.keep_checkpoints)
         barrier(self.dist)
 
-    def run(self) -> dict:
-        """Train to the budget. The main process holds the run directory's lock throughout, so a second
+    def run(self) -> RunSummary:
+        """Train to the budget; returns the run's summary (also written to ``summary.json``). The main process holds the run directory's lock throughout, so a second
         trainer on the same directory refuses at once (:class:`DirectoryBusyError`)."""
         held = contextlib.ExitStack()
         if int(os.environ.get("RANK", "0")) == 0:
@@ -533,7 +534,7 @@ class Trainer:
                 self.metrics.close()
                 shutdown(self.dist)
 
-    def _loop(self) -> dict:
+    def _loop(self) -> RunSummary:
         tc = self.cfg.train
         n_params = self.model.num_params()
         self.log(
@@ -590,13 +591,13 @@ class Trainer:
                                 **last_eval})
         if self.step % tc.checkpoint_every != 0:
             self.save(elapsed)
-        summary = self._summary(elapsed, last_eval)
+        summary = RunSummary.model_validate(self._summary(elapsed, last_eval))
         with evaluation_weights(self.optimizer):  # the weights the final evaluation scored
             final = self.full_model()
             if self.dist.is_main:
                 final.save_pretrained(self.run_dir / "model")
         if self.dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            (self.run_dir / "summary.json").write_text(summary.to_json())
             self.log(
                 f"done: step {self.step}, {self.tokens_seen:,} tokens, val loss {last_eval.get('val_loss', float('nan')):.4f}, "
                 f"{last_eval.get('val_bpb', float('nan')):.4f} bits/byte, {elapsed:.0f}s -> {self.run_dir}"
@@ -604,6 +605,7 @@ class Trainer:
         return summary
 
     def _summary(self, elapsed: float, last_eval: dict) -> dict:
+        """The summary's keys (:class:`RunSummary`'s fields; a post-training trainer adds its own)."""
         tc = self.cfg.train
         return {
             "name": self.cfg.name,
@@ -656,7 +658,7 @@ def _changed_fields(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
 
 
-def train(cfg: RunConfig, resume: bool = True, console=None, allow_config_change: bool = False) -> dict:
+def train(cfg: RunConfig, resume: bool = True, console=None, allow_config_change: bool = False) -> RunSummary:
     """Train ``cfg`` to its budget; resumes from the run directory's latest checkpoint when present.
 
     Raises:

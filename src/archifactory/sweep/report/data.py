@@ -1,5 +1,5 @@
-"""What a report shows, read once from ``results.sqlite`` as typed records (:mod:`archifactory.results`)
-and with the sweep's statistics computed once (:mod:`archifactory.sweep.stats`).
+"""What a report shows, read once from ``results.sqlite`` as the typed records the store returns
+(:mod:`archifactory.results`) and with the sweep's statistics computed once (:mod:`archifactory.sweep.stats`).
 
 Evaluation results (:mod:`archifactory.eval.store`: tables ``evaluations`` and ``eval_metrics``) are read
 from the same file when the sweep stored them there; they join ``runs`` on ``run_id``.
@@ -105,16 +105,6 @@ def _registration_order(store: Store) -> list[str]:
         return [r[0] for r in db.execute("SELECT variant FROM runs GROUP BY variant ORDER BY MIN(rowid)")]
 
 
-def _every_stage(read, **kwargs):
-    """``store.runs`` / ``store.finals`` of every training stage (a store that knows stages reads the
-    pretraining runs by default and every stage with ``stage=None``)."""
-    import inspect
-
-    if "stage" in inspect.signature(read).parameters:
-        return read(stage=None, **kwargs)
-    return read(**kwargs)
-
-
 def read_evaluations(store: Store, run_ids: set[str]) -> list[MetricResult]:
     """The ``eval_metrics`` rows of ``run_ids`` in the store's file (none when the sweep stored no
     evaluation there); of several evaluations of one run, task and limit (a retrained run's new
@@ -140,13 +130,12 @@ def read_sweep_results(sweep_dir: str | Path) -> SweepData:
     if not path.is_file():
         raise FileNotFoundError(f"no results store at {path}: run the sweep first (archifactory sweep SPEC)")
     store = Store(path, read_only=True)
-    row = store.sweep()
-    sweep = SweepRecord.model_validate(row or {})
+    sweep = store.sweep() or SweepRecord()
     if not sweep.name:
         sweep = sweep.model_copy(update={"name": Path(sweep_dir).resolve().name})
-    runs = [RunRecord.model_validate(r) for r in store.runs()]
-    stage_runs = [RunRecord.model_validate(r) for r in _every_stage(store.runs)]
-    all_finals = [FinalRecord.model_validate(r) for r in store.finals()]
+    runs = store.runs()
+    stage_runs = store.runs(stage=None)
+    all_finals = store.finals()
     finals, lr_choices = st.best_lr_runs(all_finals)
     baseline = st.baseline_variant(runs)
     order = _registration_order(store)
@@ -157,8 +146,8 @@ def read_sweep_results(sweep_dir: str | Path) -> SweepData:
     train_curves: dict[str, list[MetricRecord]] = {}
     for kind, curves in (("eval", eval_curves), ("train", train_curves)):
         for metric in store.metrics(kind=kind):
-            if metric["run_id"] in kept:
-                curves.setdefault(metric["run_id"], []).append(MetricRecord.model_validate(metric))
+            if metric.run_id in kept:
+                curves.setdefault(metric.run_id, []).append(metric)
     return SweepData(
         sweep=sweep,
         runs=runs,

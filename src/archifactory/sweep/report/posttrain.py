@@ -37,9 +37,9 @@ def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
 
 def _paired_gain(post: PosttrainData, variant: str) -> st.MeanCI:
     """GRPO exact match minus SFT exact match, paired by seed."""
-    sft = {f["seed"]: f.get("exact_match") for f in post.final("sft", variant)}
-    gains = [f["exact_match"] - sft[f["seed"]] for f in post.final("grpo", variant)
-             if f.get("exact_match") is not None and sft.get(f["seed"]) is not None]
+    sft = {f.seed: f.eval_accuracy for f in post.final("sft", variant)}
+    gains = [f.eval_accuracy - sft[f.seed] for f in post.final("grpo", variant)
+             if f.eval_accuracy is not None and sft.get(f.seed) is not None]
     return st.mean_ci(gains)
 
 
@@ -66,7 +66,7 @@ def stage_table(data: SweepData, post: PosttrainData) -> Table:
         gain_text = "—" if gain.n == 0 else (f"{100 * gain.mean:+.1f} %" + (
             f"\n{fmt_interval(100 * gain.low, 100 * gain.high, 1)}" if gain.low is not None else ""))
         rows.append([variant + (" ★" if variant == data.baseline else ""), fmt_ci(st.mean_ci(_values(sft, "val_loss"))),
-                     _pct(st.mean_ci(_values(sft, "exact_match"))), _pct(st.mean_ci(_values(grpo, "exact_match"))),
+                     _pct(st.mean_ci(_values(sft, "eval_accuracy"))), _pct(st.mean_ci(_values(grpo, "eval_accuracy"))),
                      gain_text, fmt_signed(float(np.mean(rewards)), 3).lstrip("+") if rewards else "—",
                      f"{len(sft)} / {len(grpo)}"])
         better = gain.low is not None and gain.low > 0
@@ -77,7 +77,7 @@ def stage_table(data: SweepData, post: PosttrainData) -> Table:
 def _config(post: PosttrainData, stage: str) -> dict[str, Any]:
     """A stage's resolved run config (its first registered run's; the recipe is the same for all)."""
     for run in post.runs.get(stage, []):
-        config = st.loads_or_none(run.get("config_json"))
+        config = run.config
         if config:
             return config
     return {}

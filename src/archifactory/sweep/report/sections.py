@@ -96,7 +96,7 @@ def stats_table(data: SweepData) -> Table:
             c = s.costs
             row = [variant, f"{s.n_seeds} / {n_runs}", fmt_ci(s.val_loss),
                    fmt_ci(s.val_bpb), delta, p, p_holm, sig, fmt_count(c["params"]), fmt_count(c["active_params"]),
-                   fmt_count(c["flops_per_token"]), fmt_count(c["tokens_per_s"]), fmt_bytes(c["peak_mem_bytes"]),
+                   fmt_count(c["flops_per_token_train"]), fmt_count(c["tokens_per_s"]), fmt_bytes(c["peak_mem_bytes"]),
                    fmt_bytes(c["state_bytes"])]
         if with_lr:
             row.insert(2, fmt_lr(s.lr) if s else "—")
