@@ -126,14 +126,27 @@ class SweepRecord(Record):
     env: Annotated[JsonDict, Field(default_factory=dict, validation_alias="env_json")]
 
 
-class RunRecord(Record):
-    """One row of ``runs``: a registered (variant, seed[, lr]) run and its state."""
+class RunColumns(Record):
+    """The ``runs`` columns that name a run and its role: every :class:`RunRecord` and :class:`FinalRecord`
+    has them."""
 
     run_id: str
     variant: str
     seed: int
     lr: float | None = None
     is_baseline: bool = False
+    purpose: str = "compare"
+    """``compare`` (a result the report compares) or ``lr_selection`` (only chooses the variant's lr)."""
+    stage: str = "pretrain"
+    """The training stage the run belongs to (``pretrain``, ``sft``, ``grpo``); ``pretrain`` in a store
+    without the column."""
+    parent_run_id: str | None = None
+    """The run a post-training stage starts from (``None`` for pretraining)."""
+
+
+class RunRecord(RunColumns):
+    """One row of ``runs``: a registered (variant, seed[, lr]) run and its state."""
+
     status: str = "pending"
     error: str | None = None
     config: Annotated[JsonDict, Field(default_factory=dict, validation_alias="config_json")]
@@ -144,13 +157,6 @@ class RunRecord(Record):
     env: Annotated[RunEnv | None, BeforeValidator(parse_run_env), Field(default=None, validation_alias="env_json")]
     started_at: float | None = None
     finished_at: float | None = None
-    purpose: str = "compare"
-    """``compare`` (a result the report compares) or ``lr_selection`` (only chooses the variant's lr)."""
-    stage: str = "pretrain"
-    """The training stage the run belongs to (``pretrain``, ``sft``, ``grpo``); ``pretrain`` in a store
-    without the column."""
-    parent_run_id: str | None = None
-    """The run a post-training stage starts from (``None`` for pretraining)."""
 
 
 class FinalFigures(Record):
@@ -225,17 +231,9 @@ def _summary_or_empty(value: Any) -> Any:
         return RunSummary()
 
 
-class FinalRecord(FinalFigures):
-    """A finished run's final figures (``final`` joined with its run's ``runs`` columns)."""
+class FinalRecord(FinalFigures, RunColumns):
+    """A finished run's final figures (``final`` joined with its run's :class:`RunColumns`)."""
 
-    run_id: str
-    variant: str
-    seed: int
-    lr: float | None = None
-    is_baseline: bool = False
-    purpose: str = "compare"
-    stage: str = "pretrain"
-    parent_run_id: str | None = None
     summary: Annotated[RunSummary, BeforeValidator(_summary_or_empty),
                        Field(default_factory=RunSummary, validation_alias="summary_json")]
     """The run's whole ``summary.json`` (corpus fingerprint, tokenizer hash, steps ...)."""
