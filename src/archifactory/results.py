@@ -12,8 +12,9 @@ that holds JSON text (``config_json``, ``changes_json``, ``env_json``, ``summary
 here, into a typed field without the ``_json`` suffix (``config``, ``changes``, ``env``, ``summary``), so
 no reader parses it again. Text that is not JSON (a store damaged by hand) reads as empty, as before.
 
-Records are frozen and also answer ``record["key"]`` and ``record.get("key")``, so the statistics in
-:mod:`archifactory.sweep.stats`, which take any mapping-like row, work on records and on plain rows alike.
+Records are frozen and also answer ``record["key"]``, ``record.get("key")`` and ``"key" in record``, so the
+figure statistics in :mod:`archifactory.sweep.stats`, which take any mapping-like row, work on records and
+on plain rows alike.
 
 The evaluation records (one per run, task and metric) are :class:`archifactory.eval.store.MetricResult`,
 which the evaluator returns, :class:`~archifactory.eval.store.EvalStore` keeps and the report reads.

@@ -3,8 +3,9 @@
 The rows are the typed records of :mod:`archifactory.results` (:class:`~archifactory.results.FinalRecord`:
 one per finished run, ``run_id``, ``variant``, ``seed``, ``lr``, ``is_baseline`` and the ``final`` table's
 columns; :class:`~archifactory.results.RunRecord`: every run, with ``status``, ``error``, ``config``,
-``changes``, ``env``), or the plain dictionaries :meth:`Store.finals` and :meth:`Store.runs` return (with
-the JSON columns as text): any row that answers ``row["key"]`` and ``row.get("key")``.
+``changes``, ``env``), as :meth:`Store.finals` and :meth:`Store.runs` return them. The figure statistics
+take any row that answers ``row["key"]`` and ``row.get("key")``; :func:`fairness` reads the records' parsed
+``config`` and ``summary``.
 
 - Per variant, over seeds: the mean and the 95% Student-t confidence interval of the final validation
   loss and bits per byte, ``mean ± t_{0.975, n-1} · s / √n`` (``scipy.stats.t.interval`` with the
