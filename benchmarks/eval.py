@@ -50,6 +50,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/archifactory-bench-cache"))
+    parser.add_argument("--mixer", default=None, metavar="KIND",
+                        help="replace the preset's mixer by this registered kind (its defaults), e.g. mamba2")
+    parser.add_argument("--share-prefix", action="store_true",
+                        help="score the choices of an item from one cached pass over their shared context")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
@@ -67,6 +71,8 @@ def main() -> None:
     for name in [*suite, *(name for name, _ in extra)]:
         get_task(name)  # an unknown name fails now, not after an hour
     config = yaml.safe_load((ROOT / "configs" / "models" / "small.yaml").read_text())
+    if args.mixer:
+        config["mixer"] = {"kind": args.mixer}
     tokenizer = BPETokenizerConfig().load_or_train(ShakespeareCorpus(), args.cache_dir, config["vocab_size"])
     torch.manual_seed(0)
     model = af.CausalLM.from_config(config).eval()
@@ -76,7 +82,7 @@ def main() -> None:
     def run(tasks: list[str], limit: int, **kwargs) -> float:
         start = time.perf_counter()
         records = evaluate(model, tasks, limit, tokenizer=tokenizer, batch_size=args.batch_size, progress=False,
-                           **kwargs)
+                           share_prefix=args.share_prefix, **kwargs)
         wall = time.perf_counter() - start
         for record in records:
             task = get_task(record.task)
@@ -86,7 +92,8 @@ def main() -> None:
                   f"{record.items_per_s:>9.2f} items/s", flush=True)
         return wall
 
-    print(f"small preset ({model.num_params():,} parameters), {args.threads} threads, {cpu_name()}", flush=True)
+    print(f"small preset, mixer {config['mixer']['kind']} ({model.num_params():,} parameters), share_prefix "
+          f"{args.share_prefix}, {args.threads} threads, {cpu_model()}", flush=True)
     # one task at a time, so each is printed when it finishes; the suite's wall time is their sum
     suite_wall = sum(run([name], args.limit) for name in suite) if suite else None
     projected = {}
@@ -126,7 +133,9 @@ def main() -> None:
         **record_header(),
         "device": f"cpu ({cpu_model()}), {torch.get_num_threads()} threads",
         "torch": torch.__version__,
-        "model": {"preset": "small", "params": model.num_params(), "weights": "random (seed 0)"},
+        "model": {"preset": "small", "mixer": config["mixer"]["kind"], "params": model.num_params(),
+                  "weights": "random (seed 0)"},
+        "share_prefix": args.share_prefix,
         "tokenizer": f"byte-level BPE, {tokenizer.vocab_size} ids, trained on shakespeare",
         "batch_size": args.batch_size,
         "zero_shot_suite": {"tasks": suite, "limit": args.limit, "wall_s": suite_wall},
