@@ -150,7 +150,7 @@ def test_argument_and_file_errors_are_one_line(tmp_path):
         result = runner.invoke(app, ["info", "tiny", "--seq-len", seq_len])
         assert result.exit_code == 2 and "--seq-len" in result.output
     assert runner.invoke(app, ["info", "tiny", "--seq-len", "16"]).exit_code == 0
-    assert_one_line_error(runner.invoke(app, ["generate", str(tmp_path), "--top-p", "0"]), "--top-p 0.0 must be in (0, 1]")
+    assert_one_line_error(runner.invoke(app, ["generate", str(tmp_path), "--top-p", "0"]), "--top-p 0 is out of range; give a value in (0, 1]")
     assert_one_line_error(runner.invoke(app, ["generate", str(tmp_path)]), "neither a run directory", "train the run first")
     assert_one_line_error(runner.invoke(app, ["report", str(tmp_path)]), "results.sqlite")
 

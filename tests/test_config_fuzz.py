@@ -5,6 +5,7 @@ and every run checks the same configs."""
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import types
@@ -34,7 +35,12 @@ HUGE_INTS = st.sampled_from([10**12 + 1, 2**63, -(10**12)])
 BAD_INTS = st.one_of(st.integers(-2, 70), HUGE_INTS)
 GOOD_FLOATS = st.sampled_from([1e-5, 0.02, 0.1, 0.5, 1.0, 2.0, 4.0])
 EDGE_FLOATS = st.sampled_from([-1.0, 0.0, 1e-7, 16.0, 1e6, math.nan, math.inf, -math.inf])
-BAD_FLOATS = st.one_of(EDGE_FLOATS, st.floats(-4, 4, allow_nan=False))
+EXTREME_FLOATS = [1e308, 1e30, 1e-300, 5e-324, -1e308, -1e-300]
+"""Finite but extreme: 1e308 and 1e30 overflow once multiplied (1e308 is inf in fp32), 1e-300 and the
+smallest subnormal are 0 in fp32, and negatives of both."""
+HUGE_FLOATS = st.one_of(st.sampled_from(EXTREME_FLOATS), st.floats(1e30, 1e308), st.floats(-1e308, -1e30),
+                        st.floats(5e-324, 1e-300))
+BAD_FLOATS = st.one_of(EDGE_FLOATS, st.floats(-4, 4, allow_nan=False), HUGE_FLOATS)
 WRONG = st.sampled_from([[1], {"a": 1}, "x", None, True])
 
 
@@ -200,6 +206,24 @@ def test_random_model_configs_fail_clearly_or_train(data):
         (["position.scaling={type: yarn, factor: 2, original_max_seq_len: 0}"], "position.scaling.original_max_seq_len"),
         (["mixer.n_heads=64", "position.scaling={type: ntk, factor: 2}"], "mixer.head_dim"),
         (["mtp_heads=8", "max_seq_len=8"], "mtp_heads"),
+        # finite extremes that validated and then gave a non-finite first loss or gradient, or a hang
+        (["mixer.scale=1e30"], "mixer.scale"),
+        (["mixer.logit_softcap=1e-300"], "mixer.logit_softcap"),
+        (["logit_softcap=1e308"], "logit_softcap"),
+        (["mtp_heads=1", "mtp_loss_weight=1e308"], "mtp_loss_weight"),
+        (["mixer={kind: gla, expand_v: 1000000}"], "mixer.expand_v"),  # allocated for minutes
+        (["mixer={kind: gla, gate_logit_normalizer: 1e-300}"], "mixer.gate_logit_normalizer"),
+        (["mixer={kind: retnet, rope_theta: 1e-300}"], "mixer.rope_theta"),
+        (["mixer={kind: mamba2, dt_max: 1e308}"], "mixer.dt_max"),
+        (["mixer={kind: diff_attention, lambda_std: 10000}"], "mixer.lambda_std"),
+        (["mixer={kind: diff_attention, lambda_init: 1e30}"], "mixer.lambda_init"),
+        (["ffn={kind: moe, balance_loss_weight: 1e308}"], "ffn.balance_loss_weight"),
+        (["ffn={kind: moe, router_z_loss_weight: 1e308}"], "ffn.router_z_loss_weight"),
+        (["position.scaling={type: linear, factor: 1e308}"], "position.scaling.factor"),  # OverflowError at build
+        (["position.scaling={type: yarn, factor: 2, original_max_seq_len: 8, beta_fast: 1e308}"],
+         "position.scaling.beta_fast"),  # math domain error at build
+        (["position.scaling={type: yarn, factor: 2, original_max_seq_len: 8, attention_factor: 1e308}"],
+         "position.scaling.attention_factor"),
     ],
 )
 def test_values_that_cannot_work_are_config_errors_naming_the_field(overrides, field):
@@ -210,6 +234,55 @@ def test_values_that_cannot_work_are_config_errors_naming_the_field(overrides, f
         load_model_config("tiny", overrides)
     assert f"{field}: " in str(info.value), str(info.value)
     assert_names_a_field(info.value, ModelConfig)
+
+
+def float_fields(cls) -> list[str]:
+    """The fields of ``cls`` that take a float (alone, optional or in a union)."""
+    def takes_float(annotation) -> bool:
+        return annotation is float or any(takes_float(a) for a in typing.get_args(annotation))
+    return sorted(n for n, f in cls.model_fields.items() if takes_float(f.annotation))
+
+
+SMALL_MODEL = {"vocab_size": 64, "d_model": 32, "n_layers": 2, "max_seq_len": 16}
+
+
+def every_float_field() -> list[tuple[dict, tuple[str, ...]]]:
+    """(a small model config using the component, the path of one of its float fields) for every float
+    field of every registered mixer, FFN, norm and position, of RoPE scaling, init and the model itself."""
+    cases = []
+    for section, reg in (("mixer", registry.MIXERS), ("ffn", registry.FFNS), ("norm", registry.NORMS),
+                         ("position", registry.POSITIONS)):
+        for kind in reg.kinds():
+            cls = reg.get(kind)
+            part = {"kind": kind, **({"n_heads": 2} if "n_heads" in cls.model_fields else {})}
+            cases += [({**SMALL_MODEL, section: part}, (section, n)) for n in float_fields(cls)]
+    for kind in ("linear", "ntk", "yarn", "llama3", "dynamic"):
+        scaling = {"type": kind, "factor": 2.0, "original_max_seq_len": 8}
+        cases += [({**SMALL_MODEL, "position": {"kind": "rope", "scaling": scaling}}, ("position", "scaling", n))
+                  for n in float_fields(RopeScaling)]
+    cases += [({**SMALL_MODEL, "mtp_heads": 1}, (n,)) for n in float_fields(ModelConfig)]
+    cases += [(SMALL_MODEL, ("init", n)) for n in float_fields(InitConfig)]
+    return cases
+
+
+def with_value(data: dict, path: tuple[str, ...], value) -> dict:
+    data = copy.deepcopy(data)
+    node = data
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize(("data", "path"), every_float_field(),
+                         ids=lambda v: ".".join(v) if isinstance(v, tuple) else v.get("mixer", v.get("ffn", v.get(
+                             "norm", v.get("position", {})))).get("kind", "model") if isinstance(v, dict) else str(v))
+def test_every_float_field_at_its_extremes(data, path):
+    """Each float field of the model config, at huge, tiny and negative finite values: a config error
+    naming the field, or a model whose first loss and gradients are finite."""
+    assert len(every_float_field()) > 60  # every registry was imported and walked
+    for value in EXTREME_FLOATS + [-1.0, 0.0]:
+        check_model(with_value(data, path, value))
 
 
 @pytest.mark.parametrize("mixer", ["rwkv6", "rwkv7"])
@@ -331,17 +404,17 @@ def corpus_file(tmp_path_factory):
     return str(path)
 
 
-def check_run(data: dict) -> None:
+def check_run(data: dict, cls=RunConfig):
     """Validation fails naming a field, or the optimizer and schedule build and one step on a tiny model
-    gives a finite loss (and finite weights when every rate is at most 1)."""
+    gives a finite loss (and finite weights when every rate is at most 1). Returns the config, if valid."""
     from archifactory.train.optim import build_optimizer, set_lr
     from archifactory.train.schedule import lr_multiplier
 
     try:
-        cfg = validate(RunConfig, data)
+        cfg = validate(cls, data)
     except ConfigError as err:
-        assert_names_a_field(err, RunConfig)
-        return
+        assert_names_a_field(err, cls)
+        return None
     tc = cfg.train
     assert 1 <= tc.max_steps <= 10**9 and 1 <= tc.seq_len <= 2**24
     assert tc.seq_len <= cfg.model.max_seq_len or not cfg.model.position.limits_length
@@ -355,7 +428,7 @@ def check_run(data: dict) -> None:
         optimizer = build_optimizer(model, cfg.optimizer)
     except ModuleNotFoundError as err:  # an optional optimizer package that is not installed here
         assert "pytorch_optimizer" in str(err) or "torch" in str(err)
-        return
+        return cfg
     set_lr(optimizer, lr_multiplier(cfg.schedule, 0, tc.max_steps))
     T = min(tc.seq_len, 16)  # a window of the run's length (capped: the step's cost, not its meaning)
     ids = torch.randint(0, 257, (min(tc.batch_size, 4), T + 1), generator=torch.Generator().manual_seed(0))
@@ -371,6 +444,7 @@ def check_run(data: dict) -> None:
         assert not bad, (bad, cfg.optimizer)
         with torch.no_grad():
             assert torch.isfinite(model(ids[:, :-1], targets=ids[:, 1:]).loss), cfg.optimizer
+    return cfg
 
 
 @RUN_FUZZ
@@ -489,3 +563,114 @@ def test_random_sweep_specs_fail_clearly_or_plan(corpus_file, tmp_path_factory, 
     base = {"name": "b", "model": TINY_MODEL, "train": {"max_steps": 2, "seq_len": 8, "batch_size": 2},
             "data": {"corpus": {"kind": "files", "paths": [corpus_file]}, "tokenizer": {"kind": "bytes"}}}
     check_sweep(data.draw(sweep_data(base)), tmp_path_factory.getbasetemp() / "sweep")
+
+
+# ------------------------------------------------------------------ SFT, GRPO and evaluation configs
+
+from archifactory.posttrain.grpo import GRPOOptions, GRPORunConfig, GRPOTaskConfig  # noqa: E402
+from archifactory.posttrain.grpo_loss import group_advantages, grpo_loss  # noqa: E402
+from archifactory.posttrain.sft import SFTDataConfig, SFTOptions, SFTRunConfig  # noqa: E402
+from archifactory.sweep.spec import EvalSection  # noqa: E402
+
+STAGE_FUZZ = settings(FUZZ, max_examples=40)
+
+
+def section(cls, skip=()) -> st.SearchStrategy:
+    """A mapping setting any of ``cls``'s fields (each drawn by :func:`field_value`)."""
+    return st.fixed_dictionaries({}, optional={n: field_value(f.annotation, n) for n, f in cls.model_fields.items()
+                                               if n not in skip})
+
+
+def stage_data(stage: str) -> st.SearchStrategy:
+    """An SFT or GRPO run config on the tiny model, any of its stage sections' fields set."""
+    if stage == "sft":
+        required = {"data": st.fixed_dictionaries({"source": st.just("chat.jsonl")}, optional={
+            n: field_value(f.annotation, n) for n, f in SFTDataConfig.model_fields.items() if n != "source"})}
+        sections = {"sft": section(SFTOptions)}
+    else:
+        required, sections = {}, {"task": section(GRPOTaskConfig, skip=("data",)), "grpo": section(GRPOOptions)}
+    return st.fixed_dictionaries(
+        {"stage": st.just(stage), "base": st.just("runs/base"), "model": st.just(TINY_MODEL), "train": train_data(),
+         **required},
+        optional={**sections, "optimizer": registered(registry.OPTIMIZERS, skip=("decay_embeddings",)),
+                  "schedule": registered(registry.SCHEDULES)},
+    )
+
+
+@STAGE_FUZZ
+@given(data=st.data())
+def test_random_sft_configs_fail_clearly_or_train(data):
+    """An SFT config validates and trains a step (see check_run), its epochs give a finite step count and
+    its seed seeds numpy and torch; or it is a config error naming the field."""
+    import numpy as np
+
+    cfg = check_run(data.draw(stage_data("sft")), SFTRunConfig)
+    if cfg is None:
+        return
+    epochs = cfg.sft.num_train_epochs
+    if epochs is not None:  # the step count SFTTrainer.steps_for_epochs gives for 100 rows per epoch
+        assert 0 < epochs <= 1000 and 1 <= math.ceil(epochs * 100 / cfg.train.batch_size) < 10**9
+    np.random.default_rng(cfg.data.seed)
+    torch.Generator().manual_seed(cfg.data.seed)
+    assert 0 <= cfg.data.val_fraction < 1
+
+
+@STAGE_FUZZ
+@given(data=st.data())
+def test_random_grpo_configs_fail_clearly_or_train(data):
+    """A GRPO config validates and trains a step (see check_run), and its options give finite advantages
+    and a finite clipped loss (with the KL term and temperature it sets) on a group of rewards; or it is a
+    config error naming the field."""
+    cfg = check_run(data.draw(stage_data("grpo")), GRPORunConfig)
+    if cfg is None:
+        return
+    opts, G = cfg.grpo, cfg.grpo.num_generations
+    gen = torch.Generator().manual_seed(0)
+    correct = (torch.rand(2 * G, generator=gen) < 0.5).float()
+    rewards = correct + opts.format_reward * (torch.rand(2 * G, generator=gen) < 0.5).float()
+    advantages = group_advantages(rewards, G, opts.scale_rewards)
+    assert torch.isfinite(advantages).all(), (rewards, opts)
+    logits = torch.randn(2 * G, 4, 17, generator=gen, requires_grad=True)
+    logprobs = (logits / opts.temperature).log_softmax(-1)[..., 0]
+    old = logprobs.detach() + 0.1 * torch.randn(logprobs.shape, generator=gen)
+    ref = logprobs.detach() - 0.1
+    out = grpo_loss(logprobs, old, advantages, torch.ones_like(logprobs), ref_logprobs=ref, beta=opts.beta,
+                    epsilon_low=opts.epsilon, epsilon_high=opts.epsilon_high, loss_type=opts.loss_type,
+                    max_completion_length=opts.max_completion_length)
+    assert torch.isfinite(out.loss), (out.loss, opts)
+    out.loss.backward()
+    assert torch.isfinite(logits.grad).all(), opts
+    GRPOTaskConfig.model_validate(cfg.task.model_dump()).build().problem(0)  # the task draws a problem
+
+
+@STAGE_FUZZ
+@given(section(EvalSection))
+def test_random_eval_sections_fail_clearly_or_name_known_tasks(data):
+    """A sweep's eval: section is a config error naming the field, or names only tasks the evaluator
+    knows, with a batch size the command line would take too."""
+    from archifactory.eval.tasks import get_task
+
+    data = {"tasks": ["piqa"], **data}
+    try:
+        section_cfg = validate(EvalSection, data)
+    except ConfigError as err:
+        assert_names_a_field(err, EvalSection)
+        return
+    assert 1 <= section_cfg.batch_size <= 2**20 and (section_cfg.limit is None or section_cfg.limit >= 1)
+    for name in section_cfg.tasks:
+        assert name.startswith("lm_eval:") or get_task(name) is not None
+
+
+@pytest.mark.parametrize(("cls", "data", "field"), [
+    (SFTOptions, {"num_train_epochs": 1e9}, "num_train_epochs"),  # counting the steps drew 1e9 epoch orders
+    (SFTDataConfig, {"source": "x", "seed": 2**64}, "seed"),
+    (GRPOOptions, {"temperature": 1e-300}, "temperature"),  # the loss divided the logits by 0
+    (GRPOOptions, {"beta": 1e308}, "beta"),
+    (GRPOOptions, {"format_reward": 1e308}, "format_reward"),  # advantages (r - mean) / std were NaN
+    (GRPOOptions, {"num_generations": 10**12}, "num_generations"),
+    (GRPOTaskConfig, {"seed": -1}, "seed"),
+    (EvalSection, {"tasks": ["piqa"], "batch_size": 2**40}, "batch_size"),
+])
+def test_stage_values_that_cannot_work_are_config_errors_naming_the_field(cls, data, field):
+    with pytest.raises(ConfigError, match=f"{field}: "):
+        validate(cls, data)

@@ -218,13 +218,14 @@ def test_damaged_saved_model_and_tokenizer_give_one_line_cli_errors(tmp_path):
     _truncate(run / "model" / "model.safetensors")
     result = cli.invoke(app, ["generate", str(run), "--max-new-tokens", "3"])
     output = "".join(result.output.split())
-    assert result.exit_code == 2 and "model.safetensorshas" in output and "re-running" in output
+    assert result.exit_code == 2 and "model.safetensorshas" in output
+    assert f"`archifactorytrain{run}/config.yaml`writestherun'sfinalfilesagain" in output  # the run's own dir
 
 
 # ----------------------------------------------------------------------------- results database, metrics
 
 
-def test_damaged_results_database_is_an_error_for_the_report_and_recovered_by_the_sweep(tmp_path):
+def test_damaged_results_database_is_an_error_for_the_report_and_recovered_by_the_sweep(tmp_path, capsys):
     s = spec(tmp_path, seeds=[0], variants={})
     sweep_dir = tmp_path / "sweep"
     assert SweepRunner(s, tmp_path, sweep_dir).run()["done"] == 1
@@ -235,9 +236,13 @@ def test_damaged_results_database_is_an_error_for_the_report_and_recovered_by_th
         Store(db)
     result = CliRunner().invoke(app, ["report", str(sweep_dir)])
     output = "".join(result.output.split())
-    assert result.exit_code == 2 and "isdamaged" in output and "re-runthesweep" in output
+    assert result.exit_code == 2 and "isdamaged" in output  # what the sweep does, in the sweep's words
+    assert "re-runningthesweep" in output and "movesitasidetoresults.sqlite.damaged-<time>" in output
     steps_before = len(_train_losses(sweep_dir / "runs" / "baseline-s0"))
+    capsys.readouterr()
     assert SweepRunner(s, tmp_path, sweep_dir).run()["done"] == 1  # recovered, not retrained
+    said = " ".join(capsys.readouterr().out.split())
+    assert "is damaged" in said and "moved it aside to results.sqlite.damaged-" in said and "nothing is retrained" in said
     assert len(_train_losses(sweep_dir / "runs" / "baseline-s0")) == steps_before
     after = Store(db).finals()
     assert [(f["run_id"], f["val_loss"], f["tokens"]) for f in after] == [

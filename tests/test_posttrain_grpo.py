@@ -331,6 +331,18 @@ def test_cli_grpo(sft_run, tmp_path):
                                       "--set", "grpo.max_completion_length=3", "--set", "train.progress=false"])
     assert result.exit_code == 0, result.output
     assert (out / "model" / "model.safetensors").is_file() and "stage: grpo" in (out / "config.yaml").read_text()
+    # resuming the finished run trains nothing and says so; a changed setup needs --allow-config-change
+    args = ["grpo", str(out / "config.yaml")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "already at step 1 of max_steps 1: nothing to train" in result.output, result.output
+    assert "nan" not in result.output
+    result = CliRunner().invoke(app, [*args, "--set", "train.seq_len=128", "--set", "train.max_steps=2"])
+    assert result.exit_code == 2 and "--allow-config-change" in result.output, result.output
+    result = CliRunner().invoke(app, [*args, "--set", "train.seq_len=128", "--set", "train.max_steps=2",
+                                      "--allow-config-change"])
+    assert result.exit_code == 0 and "changed setup" in result.output, result.output
+    result = CliRunner().invoke(app, [*args, "--set", "train.max_steps=1"])
+    assert result.exit_code == 2 and "is at step 2, past the run's budget of max_steps 1" in result.output
 
 
 def test_several_updates_per_rollout_clip_the_ratio_to_the_sampling_weights(sft_run, tmp_path):

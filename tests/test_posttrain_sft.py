@@ -375,8 +375,23 @@ def test_cli_sft_and_generate_chat(base_run, tmp_path):
     assert result.exit_code == 0, result.output
     assert (out / "model" / "model.safetensors").is_file() and (out / "config.yaml").is_file()
     assert "stage: sft" in (out / "config.yaml").read_text()
+    # resuming the finished run trains nothing and says so; a changed setup needs --allow-config-change
+    args = ["sft", str(out / "config.yaml")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "already at step 1 of max_steps 1: nothing to train" in result.output, result.output
+    assert "nan" not in result.output
+    result = runner.invoke(app, [*args, "--set", "train.seq_len=32", "--set", "train.max_steps=2"])
+    assert result.exit_code == 2 and "--allow-config-change" in result.output, result.output
+    result = runner.invoke(app, [*args, "--set", "train.seq_len=32", "--set", "train.max_steps=2",
+                                 "--allow-config-change"])
+    assert result.exit_code == 0 and "changed setup" in result.output, result.output
+    result = runner.invoke(app, ["train", str(out / "config.yaml"), "--set", "train.max_steps=1"])
+    assert result.exit_code == 2 and "is at step 2, past the run's budget of max_steps 1" in result.output
     result = runner.invoke(app, ["generate", str(out), "--chat", "--prompt", "Say hi.", "--max-new-tokens", "5"])
     assert result.exit_code == 0, result.output
+    # the tiny preset's RoPE positions end at max_seq_len 256: --chat refuses to run past it, as generate does
+    result = runner.invoke(app, ["generate", str(out), "--chat", "--prompt", "Say hi.", "--max-new-tokens", "5000"])
+    assert result.exit_code == 2 and "exceeds max_seq_len=256" in result.output, result.output
     result = runner.invoke(app, ["generate", str(base_run), "--chat", "--prompt", "Say hi."])
     assert result.exit_code == 2 and "chat_template.jinja" in result.output
     result = runner.invoke(app, ["sft", str(tmp_path / "nowhere"), "--data", str(ALPACA)])

@@ -6,6 +6,7 @@ import errno
 import functools
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from archifactory.config import MAX_SEQ_LEN, ConfigError, to_yaml
+from archifactory.config import MAX_SEQ_LEN, MAX_TEMPERATURE, ConfigError, to_yaml
 from archifactory.errors import UserError
 
 
@@ -56,8 +57,9 @@ console = Console()
 err_console = Console(stderr=True)
 
 SetOption = typer.Option(None, "--set", "-s", help="Override a config field: key.path=value (repeatable).")
-MAX_TEMPERATURE = 1e6
-"""Highest sampling temperature an option takes (already uniform sampling for any model; NaN is refused)."""
+AllowConfigChangeOption = typer.Option(
+    False, "--allow-config-change", help="Resume even though the config changes the token stream, the batch or "
+    "the model (seq_len, batch_size, data, model): the run then mixes two setups.")
 DEBUG_ENV = "ARCHIFACTORY_DEBUG"
 """Set to 1 (or pass ``--debug``) to see the traceback of user errors too."""
 
@@ -67,6 +69,22 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show the full traceb
     """Fair, controlled ablations of small decoder language models."""
     if debug:
         os.environ[DEBUG_ENV] = "1"  # also reaches the training subprocesses of a sweep
+    warnings.showwarning = _show_warning
+
+
+_python_showwarning = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """The project's warnings (:class:`~archifactory.errors.ArchifactoryWarning`) as one ``warning: ...``
+    line on stderr, like the trainer's; any other warning in Python's format (a library's, with file:line)."""
+    from archifactory.errors import ArchifactoryWarning
+
+    if not issubclass(category, ArchifactoryWarning):
+        return _python_showwarning(message, category, filename, lineno, file, line)
+    from rich.markup import escape
+
+    err_console.print(f"[yellow]warning:[/] {escape(' '.join(str(message).split()))}", highlight=False, soft_wrap=True)
 
 
 def _print_error(message: str) -> None:
@@ -75,6 +93,19 @@ def _print_error(message: str) -> None:
 
     err_console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False,
                       soft_wrap=True)
+
+
+def _check_float(option: str, value: float | None, low: float, high: float, low_open: bool = False,
+                 note: str = "") -> None:
+    """One ``error:`` line unless ``value`` is in [low, high] (``(low, high]`` with ``low_open``); NaN is
+    named as such (the option is checked here, not by click, whose range message called NaN too large)."""
+    if value is None:
+        return
+    allowed = f"{'(' if low_open else '['}{low:g}, {high:g}]{note}"
+    if value != value:
+        _fail(f"{option} nan is not a number (NaN); give a value in {allowed}")
+    if not (low < value if low_open else low <= value) or not value <= high:
+        _fail(f"{option} {value:g} is out of range; give a value in {allowed}")
 
 
 def _fail(message: str) -> None:
@@ -211,9 +242,7 @@ def train(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="Run config YAML (see configs/runs/)."),
     set_: Optional[List[str]] = SetOption,
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the run directory and start over."),
-    allow_config_change: bool = typer.Option(
-        False, "--allow-config-change", help="Resume even though the config changes the token stream, the "
-        "batch or the model (seq_len, batch_size, data, model): the run then mixes two setups."),
+    allow_config_change: bool = AllowConfigChangeOption,
 ) -> None:
     """Train one run to its budget, resuming from the run directory's latest checkpoint."""
     from archifactory.config import load_yaml
@@ -222,9 +251,9 @@ def train(
 
     stage = load_yaml(config_path).get("stage")
     if stage == "sft":  # post-training run configs
-        return _run_sft(config_path, set_ or [], fresh)
+        return _run_sft(config_path, set_ or [], fresh, allow_config_change)
     if stage == "grpo":
-        return grpo(config_path, "addition", None, set_ or [], fresh)
+        return grpo(config_path, "addition", None, set_ or [], fresh, allow_config_change)
     cfg = load_run_config(config_path, set_ or [])
     run_training(cfg, resume=not fresh, console=console, allow_config_change=allow_config_change)
 
@@ -287,7 +316,11 @@ def report(sweep_dir: Path = typer.Argument(..., help="A sweep directory (with r
     try:
         _write_report(sweep_dir)
     except StoreDamagedError as err:
-        _fail(str(err))
+        if not (sweep_dir / "runs").is_dir():  # a probe sweep: no run directories to record again from
+            from archifactory.sweep.store import PROBE_RECOVERY
+
+            err = StoreDamagedError(err.path, err.reason, PROBE_RECOVERY)
+        _fail(f"{err}; then write the report again")
 
 
 @app.command("eval")
@@ -305,15 +338,17 @@ def eval_(
     force: bool = typer.Option(False, "--force", help="Evaluate again even if the store has the result."),
     include_path: Optional[Path] = typer.Option(None, "--include-path", help="Folder of lm-eval task YAMLs."),
     samples: int = typer.Option(1, min=1, max=2**20, help="humaneval: completions per problem (greedy when 1)."),
-    temperature: float = typer.Option(0.8, min=0.0, max=MAX_TEMPERATURE,
-                                      help="humaneval: sampling temperature when samples > 1."),
+    temperature: float = typer.Option(0.8, help=f"humaneval: sampling temperature when samples > 1, in "
+                                      f"[0, {MAX_TEMPERATURE:g}]."),
     share_prefix: bool = typer.Option(False, "--share-prefix", help="Score each item's choices from one cached "
                                       "pass over their shared context (same scores; faster for long contexts)."),
 ) -> None:
     """Score a trained run or saved model on zero-shot tasks; results go to RUN_DIR/eval.sqlite and
     evaluations already stored are skipped."""
     from archifactory.eval import evaluate
+    from archifactory.integrity import CorruptFileError
 
+    _check_float("--temperature", temperature, 0.0, MAX_TEMPERATURE)
     if include_path is not None and not include_path.is_dir():
         _fail(f"--include-path {include_path}: no such folder; give the folder that holds the lm-eval task YAMLs")
     if tokenizer is not None and not tokenizer.is_file():
@@ -328,6 +363,8 @@ def eval_(
         evaluate(target, tasks, limit, tokenizer=tokenizer, device=device, batch_size=batch_size, force=force,
                  include_path=include_path, samples=samples, temperature=temperature, share_prefix=share_prefix,
                  console=console)
+    except CorruptFileError as err:
+        _fail(f"{err}; {located.repair_advice()}")
     except (ConfigError, FileNotFoundError, KeyError, ValueError, ModuleNotFoundError) as err:
         _fail(str(err).strip("'\""))
 
@@ -343,28 +380,29 @@ def sft(
     out: Optional[Path] = typer.Option(None, "--out", help="SFT run directory (default RUN_DIR/sft)."),
     set_: Optional[List[str]] = SetOption,
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the SFT run directory."),
+    allow_config_change: bool = AllowConfigChangeOption,
 ) -> None:
     """Supervised fine-tuning of a pretrained run on chat data, with the project's chat template."""
     if source.is_file():
         if data is not None:
             _fail("--data is for a run directory; an SFT config names its data in data.source")
-        return _run_sft(source, set_ or [], fresh)
+        return _run_sft(source, set_ or [], fresh, allow_config_change)
     source = _run_dir_of(source)
     if data is None:
         _fail("give the chat data: archifactory sft RUN_DIR --data FILE")
     config = {"name": f"{source.name}-sft", "base": str(source), "data": {"source": data, "format": data_format},
               "out_dir": str(out or source / "sft")}
-    _run_sft(config, set_ or [], fresh)
+    _run_sft(config, set_ or [], fresh, allow_config_change)
 
 
-def _run_sft(source, overrides: List[str], fresh: bool) -> None:
+def _run_sft(source, overrides: List[str], fresh: bool, allow_config_change: bool = False) -> None:
     from archifactory.posttrain.sft import load_sft_config
     from archifactory.posttrain.sft import sft as run_sft
     from archifactory.train import NonFiniteLossError
 
     try:
         cfg = load_sft_config(source, overrides)
-        run_sft(cfg, resume=not fresh, console=console)
+        run_sft(cfg, resume=not fresh, console=console, allow_config_change=allow_config_change)
     except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
         _fail(str(err))
 
@@ -378,6 +416,7 @@ def grpo(
     out: Optional[Path] = typer.Option(None, "--out", help="GRPO run directory (default RUN_DIR/grpo)."),
     set_: Optional[List[str]] = SetOption,
     fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the GRPO run directory."),
+    allow_config_change: bool = AllowConfigChangeOption,
 ) -> None:
     """Reinforcement on a verifiable task (GRPO) from an SFT run."""
     from archifactory.posttrain.grpo import grpo as run_grpo
@@ -391,7 +430,8 @@ def grpo(
         config = {"name": f"{source.name}-grpo", "base": str(source), "task": {"name": task},
                   "out_dir": str(out or source / "grpo")}
     try:
-        run_grpo(load_grpo_config(config, set_ or []), resume=not fresh, console=console)
+        run_grpo(load_grpo_config(config, set_ or []), resume=not fresh, console=console,
+                 allow_config_change=allow_config_change)
     except (ConfigError, FileNotFoundError, ValueError, NonFiniteLossError) as err:
         _fail(str(err))
 
@@ -403,9 +443,9 @@ def generate(
                                    "checkpoints/step_N folders, or a saved model directory with tokenizer.json."),
     prompt: str = typer.Option("", help="Text to continue; empty starts from the end-of-document token."),
     max_new_tokens: int = typer.Option(200, min=1, max=MAX_SEQ_LEN),
-    temperature: float = typer.Option(0.8, min=0.0, max=MAX_TEMPERATURE, help="0: greedy."),
+    temperature: float = typer.Option(0.8, help=f"In [0, {MAX_TEMPERATURE:g}]; 0: greedy."),
     top_k: Optional[int] = typer.Option(None, min=1),
-    top_p: Optional[float] = typer.Option(None, max=1.0, help="Nucleus sampling mass, in (0, 1]."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling mass, in (0, 1]."),
     seed: int = typer.Option(0, min=0, max=2**63 - 1 - 2**20),
     samples: int = typer.Option(1, min=1, max=2**20, help="How many continuations."),
     chat: bool = typer.Option(False, "--chat", help="Treat --prompt as a user message and answer it with the "
@@ -414,17 +454,17 @@ def generate(
 ) -> None:
     """Sample text from a trained run's model."""
     from archifactory.data.tokenizer import Tokenizer
-    from archifactory.errors import InputError
     from archifactory.integrity import CorruptFileError
+    from archifactory.train.checkpoint import CheckpointError
 
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise InputError(f"--top-p {top_p} must be in (0, 1] (1 keeps every token; leave it out to not truncate)")
+    _check_float("--temperature", temperature, 0.0, MAX_TEMPERATURE, note=" (0: greedy)")
+    _check_float("--top-p", top_p, 0.0, 1.0, low_open=True, note=" (1 keeps every token; leave it out to not truncate)")
     located = _locate(run_dir)
     try:
         model = located.load()
         tokenizer = Tokenizer.load(located.require_tokenizer())
-    except CorruptFileError as err:
-        _fail(f"{err}; re-running `archifactory train` on the run's config.yaml writes it again")
+    except (CorruptFileError, CheckpointError) as err:
+        _fail(f"{err}; {located.repair_advice()}")
     if chat:
         from archifactory.posttrain.chat import ChatTemplate, chat_reply
 
@@ -475,12 +515,16 @@ def hf_export(
 ) -> None:
     """Export an archifactory model as a transformers directory; the class (Llama, Mistral, Qwen2, Qwen3,
     Mixtral, Qwen3-MoE, Gemma 2, GPT-2, DeepSeek-V3, Bamba) is the first that represents the model exactly."""
+    from archifactory.integrity import CorruptFileError
     from archifactory.model.hf import save_hf
+    from archifactory.train.checkpoint import CheckpointError
 
     located = _locate(source)
     try:
         model = located.load()
         save_hf(model, out)
+    except (CorruptFileError, CheckpointError) as err:
+        _fail(f"{err}; {located.repair_advice()}")
     except (ValueError, OSError, ConfigError) as err:
         _fail(str(err))
     console.print(f"wrote {out}")

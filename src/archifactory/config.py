@@ -114,14 +114,57 @@ MAX_SECONDS = 366 * 24 * 3600.0
 MAX_SEQ_LEN = 2**24
 """Longest sequence (and most sequences per batch) a config may ask for."""
 
+# Ranges of float fields that the config fuzzing (tests/test_config_fuzz.py) found to validate and then give
+# a non-finite first loss or gradient at their extremes (1e308 is inf once a model runs in fp32; 1e-300 is 0).
+SOFTCAP_MIN, SOFTCAP_MAX = 1e-2, 1e4
+"""Range of a logit soft-cap ``cap * tanh(x / cap)``: Gemma 2 uses 50 (attention) and 30 (final logits);
+below 1e-2 every logit is ~0, above 1e4 the cap is beyond what fp16 products hold (65,504)."""
+LOGIT_SCALE_MIN, LOGIT_SCALE_MAX = 1e-6, 100.0
+"""Range of an attention logit scale: the usual ``head_dim ** -0.5`` (or muP's ``1 / head_dim``) lies in
+[2e-4, 1] for the head sizes a config allows; 1e30 already made the first gradients non-finite."""
+MAX_AUX_LOSS_WEIGHT = 1.0
+"""Largest weight of an auxiliary loss (z-loss, MoE balance and router z-loss, multi-token heads): the
+references use 1e-4 .. 1 (PaLM's z-loss 1e-4, Switch's balance loss 1e-2, Gloeckle et al.'s MTP heads 1);
+a larger weight lets the auxiliary term outweigh the language-model loss (and 1e308 made it infinite)."""
+MAX_WIDTH_EXPAND = 16.0
+"""Largest ``expand_k`` / ``expand_v`` (widths relative to d_model or head_dim): the references use 0.5 to
+2 (GLA, RetNet, Gated DeltaNet); 1e6 allocated for minutes and 1e30 overflowed the tensor size."""
+
+MAX_TEMPERATURE = 1e6
+"""Highest sampling temperature a config or option takes (already uniform sampling for any model)."""
+
 MAX_SEED = 2**63 - 1
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 """A random seed: what both ``torch.manual_seed`` and numpy's ``SeedSequence`` accept (0 .. 2**63 - 1)."""
 
 
+def _numbers_only(annotation: Any) -> bool:
+    """Does a field of type ``annotation`` take numbers (int / float, alone, optional, in a union with
+    literals or in a list / tuple) and never a bool?"""
+    import typing
+
+    leaves: list = []
+
+    def walk(a: Any) -> None:
+        if typing.get_origin(a) is typing.Literal:
+            leaves.extend(type(v) for v in typing.get_args(a))
+        elif typing.get_args(a) and typing.get_origin(a) is not None:
+            for arg in typing.get_args(a):
+                walk(arg)
+        else:
+            leaves.append(a)
+
+    walk(annotation)
+    return bool({int, float} & set(leaves)) and bool not in leaves and Any not in leaves
+
+
+_NUMBERS_ONLY: dict[tuple[type, str], bool] = {}
+
+
 class Strict(BaseModel):
     """Base of every config: unknown keys are errors, assignments are validated, and no float field
-    accepts NaN or infinity (none of them means anything there, and each would reach the loss)."""
+    accepts NaN or infinity (none of them means anything there, and each would reach the loss). A boolean
+    given for a number field is refused by :func:`validate` (pydantic alone would read ``true`` as 1)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
@@ -240,32 +283,97 @@ def _parent_fields(err: ValidationError, loc: tuple) -> list[str]:
     return getattr(err, "_archifactory_valid_keys", {}).get(tuple(loc[:-1]), [])
 
 
-def validate(cls: type[C], data: Any, root: str = "", source: str | Path | None = None) -> C:
-    """``cls.model_validate(data)`` with a one-line :class:`ConfigError` naming the bad field paths (and
-    the file ``source`` the data came from, when given)."""
+def validate(cls: type[C], data: Any, root: str = "", source: str | Path | None = None,
+             overrides: Iterable[str] = ()) -> C:
+    """``cls.model_validate(data)`` with a one-line :class:`ConfigError` naming the bad field paths, and
+    where each value came from: a problem with a field that one of ``overrides`` (``--set key=value``) set
+    says so; the others are in the file ``source``, when given."""
+    booleans = _booleans_for_numbers(cls, data, root)
     try:
-        return cls.model_validate(data)
+        validated = cls.model_validate(data)
+        problems = []
     except ValidationError as err:
         keys = _valid_keys_by_path(cls, data)
         err._archifactory_valid_keys = keys  # type: ignore[attr-defined]
         problems = format_validation_error(err, root)
-        where = f" in {source}" if source is not None else ""
+    if booleans or problems:
+        # booleans alone: pydantic's other problems may only follow from reading them as 0 / 1
+        problems, from_set = _mark_overrides(booleans or problems, overrides)
+        if problems and from_set == len(problems):
+            where = " from the command line"
+        else:
+            where = f" in {source}" if source is not None else ""
         raise ConfigError(f"invalid {cls.__name__}{where}: {summarize_problems(problems)}", problems) from None
+    return validated
 
 
-def _valid_keys_by_path(cls: type[BaseModel], data: Any, path: tuple = ()) -> dict[tuple, list[str]]:
-    """Map each mapping's location in ``data`` to the field names its config class accepts."""
+def _booleans_for_numbers(cls: type[BaseModel], data: Any, root: str = "") -> list[str]:
+    """``path: ...`` for each boolean (alone or in a list) that ``data`` gives a field taking numbers only:
+    pydantic reads ``true`` as 1 there, so ``--set d_model=true`` would build a model of width 1."""
+    out: list[str] = []
+
+    def walk(cls: type[BaseModel], data: Any, path: str) -> None:
+        if not isinstance(data, dict):
+            return
+        cls = _registered_class(cls, data)
+        for name, field in cls.model_fields.items():
+            if name not in data:
+                continue
+            value, here = data[name], f"{path}.{name}" if path else name
+            items = value if isinstance(value, (list, tuple)) else [value]
+            if any(isinstance(v, bool) for v in items):
+                key = (cls, name)
+                if key not in _NUMBERS_ONLY:
+                    _NUMBERS_ONLY[key] = _numbers_only(field.annotation)
+                if _NUMBERS_ONLY[key]:
+                    shown = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+                    out.append(f"{here}: expected a number, got the boolean {shown} (YAML reads true/false, yes/no "
+                               "and on/off as booleans)")
+                    continue
+            sub = _field_model(field.annotation)
+            if sub is None:
+                continue
+            for i, item in enumerate(value) if isinstance(value, list) else [(None, value)]:
+                walk(sub, item, here if i is None else f"{here}.{i}")
+
+    walk(cls, data, root)
+    return out
+
+
+def _registered_class(cls: type[BaseModel], data: dict) -> type[BaseModel]:
+    """The registered subclass of ``cls`` that ``data``'s ``kind`` (or ``name``) names, else ``cls``."""
     from archifactory import registry as reg  # local: registries are filled by component imports
 
-    out: dict[tuple, list[str]] = {}
-    if not isinstance(data, dict):
-        return out
     for r in (reg.MIXERS, reg.FFNS, reg.NORMS, reg.POSITIONS, reg.CORPORA, reg.TOKENIZERS, reg.OPTIMIZERS,
               reg.SCHEDULES, reg.MODELS):
         kind = data.get(r.key)
         if isinstance(kind, str) and kind in r and issubclass(r.get(kind), cls):
-            cls = r.get(kind)
-            break
+            return r.get(kind)
+    return cls
+
+
+def _mark_overrides(problems: list[str], overrides: Iterable[str]) -> tuple[list[str], int]:
+    """``problems`` with ``(from --set key=value)`` added to each whose field an override set (the field
+    itself, a field inside it, or the component it is in), and how many were marked."""
+    keys = [(text.split("=", 1)[0].strip(), " ".join(text.split())) for text in overrides if "=" in text]
+    out, marked = [], 0
+    for line in problems:
+        path = line.split(": ", 1)[0]
+        hits = [text for key, text in keys
+                if path == key or path.startswith(key + ".") or key.startswith(path + ".")]
+        if hits:
+            line += f" (from --set {hits[-1]})"  # the last override of a field is the one that counts
+            marked += 1
+        out.append(line)
+    return out, marked
+
+
+def _valid_keys_by_path(cls: type[BaseModel], data: Any, path: tuple = ()) -> dict[tuple, list[str]]:
+    """Map each mapping's location in ``data`` to the field names its config class accepts."""
+    out: dict[tuple, list[str]] = {}
+    if not isinstance(data, dict):
+        return out
+    cls = _registered_class(cls, data)
     out[path] = sorted(cls.model_fields)
     for name, field in cls.model_fields.items():
         if name not in data:

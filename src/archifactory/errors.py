@@ -30,5 +30,11 @@ class UnavailableError(UserError, RuntimeError):
     """The setup lacks something the config asks for: a CUDA device for a kernel, a reachable hub."""
 
 
+class ArchifactoryWarning(UserWarning):
+    """Something the user should know that does not stop the command (a damaged cache entry rebuilt, a
+    damaged metrics line skipped, generation past the trained context); the command line prints it as one
+    ``warning: ...`` line, without Python's file:line prefix."""
+
+
 class MissingDependencyError(UserError, ImportError):
     """An optional package the config needs is not installed; the message names the pip extra."""

@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from archifactory.data.tokenizer import Tokenizer, trailing_bytes
-from archifactory.errors import InputError
+from archifactory.errors import ArchifactoryWarning, InputError
 from archifactory.integrity import bytes_digest, file_digest, mismatch
 
 MANIFEST_VERSION = 3  # 2: per-token byte counts (SPLIT_bytes.bin); 3: file sizes and digests
@@ -83,7 +83,7 @@ def build_shards(
         try:
             return ShardSet(directory, read_manifest(directory, key))
         except DamagedShardsError as err:  # rebuild from the corpus; keep the damaged entry aside
-            warnings.warn(f"{err}; rebuilding it from the corpus", stacklevel=2)
+            warnings.warn(f"{err}; rebuilding it from the corpus", ArchifactoryWarning, stacklevel=2)
             aside = directory.with_name(f"{key}.damaged-{os.getpid()}")
             with contextlib.suppress(OSError):
                 directory.rename(aside)

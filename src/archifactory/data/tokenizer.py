@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import Field
 
 from archifactory.config import Component
-from archifactory.errors import InputError, UnavailableError
+from archifactory.errors import ArchifactoryWarning, InputError, UnavailableError
 from archifactory.integrity import CorruptFileError, verify_sidecar, write_sidecar
 from archifactory.registry import register_tokenizer
 
@@ -180,7 +180,7 @@ class BPETokenizerConfig(TokenizerConfig):
             try:
                 return Tokenizer.load(path)
             except CorruptFileError as err:  # a cache entry: train it again
-                warnings.warn(f"{err}; training it again", stacklevel=2)
+                warnings.warn(f"{err}; training it again", ArchifactoryWarning, stacklevel=2)
         backend = HFTokenizer(models.BPE())
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         backend.decoder = decoders.ByteLevel()

@@ -101,7 +101,8 @@ class ArchifactoryLM(TemplateLM):
             until = gen_kwargs.get("until", [])
             until = [until] if isinstance(until, str) else list(until)
             max_new = int(gen_kwargs.get("max_gen_toks", 256))
-            ids = [self.eot_token_id, *self.tok_encode(context)][-(self.max_length - 1):]
+            # keep the context's last tokens that leave room for the new ones (lm-eval's HFLM does the same)
+            ids = [self.eot_token_id, *self.tok_encode(context)][-max(1, self.max_length - max_new):]
             generated = self.model.generate(ids, max_new, temperature=float(gen_kwargs.get("temperature", 0.0)),
                                             eos_token_id=self.eot_token_id)
             text = self.tok_decode(generated[len(ids):].tolist()).replace("<|endoftext|>", "")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from archifactory.config import MAX_COUNT, BuildContext
+from archifactory.config import MAX_AUX_LOSS_WEIGHT, MAX_COUNT, BuildContext
 from archifactory.ffn.base import ACTIVATIONS, FFN, AuxLosses, FFNConfig, glu_hidden
 from archifactory.ffn.mlp import GLU, MLP, Activation
 from archifactory.nn.init import init_linear, normal_
@@ -50,10 +50,13 @@ class MoEConfig(FFNConfig):
     """With ``softmax_topk``: divide the kept probabilities by their sum."""
     n_shared_experts: int = Field(0, ge=0, le=MAX_COUNT)
     """Always-on experts (DeepSeekMoE), merged into one FFN of ``n_shared_experts * expert_hidden``."""
-    balance_loss_weight: float = Field(0.01, ge=0)
-    router_z_loss_weight: float = Field(0.0, ge=0)
+    balance_loss_weight: float = Field(0.01, ge=0, le=MAX_AUX_LOSS_WEIGHT)
+    """Weight of the load-balancing loss (Switch Transformer: 0.01); at most 1."""
+    router_z_loss_weight: float = Field(0.0, ge=0, le=MAX_AUX_LOSS_WEIGHT)
+    """Weight of the router z-loss (ST-MoE: 0.001); at most 1."""
     bias_balancing: bool = False
-    bias_update_rate: float = Field(1e-3, ge=0)
+    bias_update_rate: float = Field(1e-3, ge=0, le=1)
+    """DeepSeek-V3's auxiliary-loss-free bias step ``gamma`` (0.001 there); at most 1 per optimizer step."""
 
     @model_validator(mode="after")
     def _check(self):

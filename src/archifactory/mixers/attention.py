@@ -16,7 +16,15 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import MAX_COUNT, BuildContext, FieldError
+from archifactory.config import (
+    LOGIT_SCALE_MAX,
+    LOGIT_SCALE_MIN,
+    MAX_COUNT,
+    SOFTCAP_MAX,
+    SOFTCAP_MIN,
+    BuildContext,
+    FieldError,
+)
 from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.positions import relative_position_parts
@@ -38,10 +46,10 @@ class AttentionConfig(MixerConfig):
     """Normalise queries and keys per head (with the model's norm) before RoPE, as Qwen3 and OLMo-2 do."""
     window: int | None = Field(None, ge=1)
     """Sliding window: query i attends to keys j with ``i - window < j <= i``."""
-    logit_softcap: float | None = Field(None, gt=0)
-    """Attention logits become ``cap * tanh(logits / cap)`` (Gemma 2)."""
-    scale: float | None = Field(None, gt=0)
-    """Logit scale; ``None`` means ``head_dim ** -0.5``."""
+    logit_softcap: float | None = Field(None, ge=SOFTCAP_MIN, le=SOFTCAP_MAX)
+    """Attention logits become ``cap * tanh(logits / cap)`` (Gemma 2 uses 50); in [1e-2, 1e4]."""
+    scale: float | None = Field(None, ge=LOGIT_SCALE_MIN, le=LOGIT_SCALE_MAX)
+    """Logit scale; ``None`` means ``head_dim ** -0.5``; in [1e-6, 100]."""
 
     @property
     def kv_heads(self) -> int:

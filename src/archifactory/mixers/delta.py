@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import MAX_COUNT, BuildContext, FieldError
+from archifactory.config import MAX_COUNT, MAX_WIDTH_EXPAND, BuildContext, FieldError
 from archifactory.mixers.base import (
     Mixer,
     MixerConfig,
@@ -241,7 +241,7 @@ class _DeltaRuleConfig(MixerConfig):
     n_heads: int = Field(4, ge=1, le=MAX_COUNT)
     head_dim: int | None = Field(None, ge=1)
     """Key channels per head; ``None`` means ``d_model // n_heads``."""
-    expand_v: float = Field(1.0, gt=0)
+    expand_v: float = Field(1.0, gt=0, le=MAX_WIDTH_EXPAND)
     """Value channels per head = ``expand_v * head_dim`` (Gated DeltaNet's paper uses 2 with a narrower
     ``n_heads * head_dim = 0.75 d_model``; 1 keeps the projections the size of attention's)."""
     conv_size: int | None = Field(4, ge=2)

@@ -55,11 +55,13 @@ class DiffAttentionConfig(MixerConfig):
     """Key/value heads (GQA), a divisor of ``n_heads``; ``None`` means ``n_heads``."""
     head_dim: int | None = Field(None, ge=1)
     """Channels of one query/key half ``d``; values have ``2 * head_dim``. ``None``: ``d_model // n_heads // 2``."""
-    lambda_init: float | None = None
+    lambda_init: float | None = Field(None, gt=0, lt=1)
     """Constant added to the learned lambda and output scale ``1 - lambda_init`` (eq. 2-3); ``None`` means
-    the paper's depth schedule ``0.8 - 0.6 * exp(-0.3 * layer_idx)``."""
-    lambda_std: float = Field(0.1, ge=0)
-    """Std of the normal init of the lambda vectors ``lq1, lk1, lq2, lk2`` (0.1 in the official code)."""
+    the paper's depth schedule ``0.8 - 0.6 * exp(-0.3 * layer_idx)``. In (0, 1), as the paper requires (Sec. 2.1;
+    1e30 made the first gradients non-finite)."""
+    lambda_std: float = Field(0.1, ge=0, le=1)
+    """Std of the normal init of the lambda vectors ``lq1, lk1, lq2, lk2`` (0.1 in the official code); at most 1
+    (lambda is ``exp(lq . lk)``: std 1e4 overflowed it)."""
 
     @property
     def kv_heads(self) -> int:

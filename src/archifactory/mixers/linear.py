@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import MAX_COUNT, BuildContext, FieldError
+from archifactory.config import MAX_COUNT, MAX_WIDTH_EXPAND, BuildContext, FieldError
 from archifactory.mixers.base import Mixer, MixerConfig, linear_flops, padded_length
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
 from archifactory.mixers.ops_gla import (
@@ -46,9 +46,9 @@ class GatedLinearConfig(MixerConfig):
     """Fields shared by the family: heads, key/value widths relative to ``d_model``, the kernel backend."""
 
     n_heads: int = Field(4, ge=1, le=MAX_COUNT)
-    expand_k: float = Field(1.0, gt=0)
+    expand_k: float = Field(1.0, gt=0, le=MAX_WIDTH_EXPAND)
     """Total key width (all heads) is ``expand_k * d_model``."""
-    expand_v: float = Field(1.0, gt=0)
+    expand_v: float = Field(1.0, gt=0, le=MAX_WIDTH_EXPAND)
     """Total value width (all heads) is ``expand_v * d_model``."""
     backend: Backend = "auto"
     """``fla`` runs flash-linear-attention's chunk kernel (CUDA only); ``torch`` the readable core."""
@@ -281,13 +281,14 @@ class RetNetConfig(GatedLinearConfig):
     GroupNorm removes, so they are left out."""
 
     kind: Literal["retnet"] = "retnet"
-    expand_k: float = Field(1.0, gt=0)
-    expand_v: float = Field(2.0, gt=0)
+    expand_k: float = Field(1.0, gt=0, le=MAX_WIDTH_EXPAND)
+    expand_v: float = Field(2.0, gt=0, le=MAX_WIDTH_EXPAND)
     """The paper's value width is 2 d_model (keys d_model), with a smaller FFN to keep parameters equal."""
     rotary: bool = True
     """Rotate queries/keys by position (xPos's rotation, Sun et al. 2023 Eq. 3); ``false`` leaves the
     decay as the only positional signal."""
-    rope_theta: float = Field(10000.0, gt=0)
+    rope_theta: float = Field(10000.0, gt=1)
+    """Base of the rotation wavelengths, > 1 like the RoPE position's ``theta`` (0 made the loss NaN)."""
     head_norm: HeadNormKind = "groupnorm"
     norm_eps: float = Field(1e-5, gt=0)
 
@@ -369,13 +370,14 @@ class GLAConfig(GatedLinearConfig):
     ``y_t = (swish(x_t W_r + b_r) * Norm_h(o_t)) W_O``."""
 
     kind: Literal["gla"] = "gla"
-    expand_k: float = Field(0.5, gt=0)
+    expand_k: float = Field(0.5, gt=0, le=MAX_WIDTH_EXPAND)
     """The paper's key width is d_model / 2 (values d_model): the state and the in-chunk decay tensors
     scale with it."""
     gate_low_rank: int = Field(16, ge=1)
     """Rank of the decay projection ``W_a1 W_a2`` (16 in the paper)."""
-    gate_logit_normalizer: float = Field(16.0, gt=0)
-    """``tau``: ``log alpha = logsigmoid(.) / tau`` keeps decays near 1 at init (0.5^(1/16) = 0.958)."""
+    gate_logit_normalizer: float = Field(16.0, ge=1)
+    """``tau``: ``log alpha = logsigmoid(.) / tau`` keeps decays near 1 at init (0.5^(1/16) = 0.958); at least
+    1 (below it the log-decays grow beyond logsigmoid's range: 1e-300 made the loss NaN)."""
     head_norm: HeadNormKind = "groupnorm"
     norm_eps: float = Field(1e-5, gt=0)
 

@@ -54,6 +54,10 @@ from archifactory.nn.init import init_linear
 from archifactory.nn.roles import FILTER, VECTOR
 from archifactory.registry import register_mixer
 
+MAX_DT = 100.0
+"""Largest dt_min / dt_max: Mamba initialises step sizes in [1e-3, 1e-1]; at 100 every decay exp(dt * A)
+(A in [-16, -1] at init) is already subnormal or zero in fp32."""
+
 
 class SSDSettings(MixerConfig):
     """The fields of the Mamba-2 SSM heads, shared by ``mamba2`` and ``hymba`` (not a registered kind).
@@ -76,9 +80,10 @@ class SSDSettings(MixerConfig):
     """Bias on the input and output projections (``use_bias`` in the reference; off by default)."""
     chunk_size: int = Field(64, ge=1)
     """Tokens per chunk of the training form; 32-64 keeps the quadratic part cheap on CPU."""
-    dt_min: float = Field(1e-3, gt=0)
-    dt_max: float = Field(1e-1, gt=0)
-    """At init the step sizes ``softplus(dt_bias)`` are log-uniform in ``[dt_min, dt_max]``."""
+    dt_min: float = Field(1e-3, gt=0, le=MAX_DT)
+    dt_max: float = Field(1e-1, gt=0, le=MAX_DT)
+    """At init the step sizes ``softplus(dt_bias)`` are log-uniform in ``[dt_min, dt_max]`` (Mamba's [1e-3,
+    1e-1]); at most 100 (1e308 made the loss NaN)."""
     backend: Backend = "auto"
     """``fla``: flash-linear-attention's ``chunk_simple_gla`` on CUDA for the chunked form; ``auto`` picks
     it on CUDA when fla is installed."""

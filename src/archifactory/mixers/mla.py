@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from archifactory.config import MAX_COUNT, BuildContext, FieldError
+from archifactory.config import LOGIT_SCALE_MAX, LOGIT_SCALE_MIN, MAX_COUNT, BuildContext, FieldError
 from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
@@ -66,8 +66,9 @@ class MLAConfig(MixerConfig):
     """Biases on the down-projections and the output projection (Hugging Face's ``attention_bias``)."""
     latent_norm_eps: float = Field(1e-6, gt=0)
     """Epsilon of the RMSNorms on the latents (DeepSeek uses 1e-6 whatever the model norm)."""
-    scale: float | None = Field(None, gt=0)
-    """Logit scale; ``None`` means ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5`` (times the YaRN mscale)."""
+    scale: float | None = Field(None, ge=LOGIT_SCALE_MIN, le=LOGIT_SCALE_MAX)
+    """Logit scale; ``None`` means ``(qk_nope_head_dim + qk_rope_head_dim) ** -0.5`` (times the YaRN mscale);
+    in [1e-6, 100]."""
     mscale_all_dim: float = Field(0.0, ge=0)
     """DeepSeek's YaRN softmax correction: with RoPE scaling ``yarn`` of ``factor`` s, the scale is multiplied
     by ``(0.1 * mscale_all_dim * ln(s) + 1) ** 2``. DeepSeek-V2/V3 use 1.0 (with mscale = mscale_all_dim, so

@@ -12,7 +12,10 @@ from pydantic import BeforeValidator, Field, SerializeAsAny, model_validator
 import archifactory.ffn  # noqa: F401  (registers the built-in FFNs)
 import archifactory.mixers  # noqa: F401  (registers the built-in mixers)
 from archifactory.config import (
+    MAX_AUX_LOSS_WEIGHT,
     MAX_COUNT,
+    SOFTCAP_MAX,
+    SOFTCAP_MIN,
     BuildContext,
     ConfigError,
     FieldError,
@@ -122,14 +125,14 @@ class ModelConfig(Strict):
     """Multiply token embeddings by this (Gemma uses ``sqrt_d_model``)."""
     head_bias: bool = False
     """A learned per-token bias on the output logits."""
-    logit_softcap: float | None = Field(None, gt=0)
-    """Final logits become ``cap * tanh(logits / cap)`` (Gemma 2)."""
-    z_loss_weight: float = Field(0.0, ge=0, le=1)
+    logit_softcap: float | None = Field(None, ge=SOFTCAP_MIN, le=SOFTCAP_MAX)
+    """Final logits become ``cap * tanh(logits / cap)`` (Gemma 2 uses 30); in [1e-2, 1e4]."""
+    z_loss_weight: float = Field(0.0, ge=0, le=MAX_AUX_LOSS_WEIGHT)
     """Weight of ``logsumexp(logits)^2`` (PaLM's z-loss, 1e-4 there), averaged over target tokens; at most 1."""
     mtp_heads: int = Field(0, ge=0, le=64)
     """Extra heads predicting tokens t+2 .. t+1+mtp_heads (Gloeckle et al. 2024), each one block on top
     of the trunk sharing the final norm and unembedding; unused in generation."""
-    mtp_loss_weight: float = Field(1.0, ge=0)
+    mtp_loss_weight: float = Field(1.0, ge=0, le=MAX_AUX_LOSS_WEIGHT)
     init: InitConfig = Field(default_factory=InitConfig)
     pretrained: PretrainedModules | None = None
     """Initialise (and optionally freeze) the embedding / head / final norm from a Hugging Face model."""
@@ -264,7 +267,7 @@ def model_config_class(data: dict, path: str = "kind") -> type[ModelConfig]:
 def load_model_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> ModelConfig:
     """A :class:`ModelConfig` from a preset name (``tiny``), a YAML path, or a mapping, with dotted
     overrides such as ``mixer.n_kv_heads=2`` applied before validation."""
-    path = None
+    path, overrides = None, list(overrides)
     if isinstance(source, dict):
         data = source
     else:
@@ -274,7 +277,7 @@ def load_model_config(source: str | Path | dict, overrides: Iterable[str] = ()) 
         data = load_yaml(path)
     data = apply_overrides(with_default_kinds(ModelConfig, data), overrides)
     cls = model_config_class(data)
-    return validate(cls, with_default_kinds(cls, data), source=path)
+    return validate(cls, with_default_kinds(cls, data), source=path, overrides=overrides)
 
 
 # The other model kinds register themselves on import; they extend ModelConfig, so they come last.

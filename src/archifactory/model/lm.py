@@ -4,6 +4,7 @@ costs (parameters by component, FLOPs per token, cache bytes) and cached generat
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from archifactory.config import dump_config, to_yaml
-from archifactory.errors import InputError
+from archifactory.errors import ArchifactoryWarning, InputError
 from archifactory.ffn.base import FFN
 from archifactory.model.block import Block
 from archifactory.model.config import ModelConfig, load_model_config
@@ -264,6 +265,37 @@ class CausalLM(nn.Module):
 
     # -------------------------------------------------------------------------------------- generation
 
+    def check_generation_length(self, n_prompt: int, max_new_tokens: int) -> None:
+        """Refuse a generation whose prompt + new tokens exceed ``max_seq_len`` when the model's positions
+        cannot go past it: a table of ``max_seq_len`` rows (learned, sinusoidal) or RoPE (without dynamic
+        scaling) in any mixer that uses positions. Where they extrapolate by design (NoPE, ALiBi, RoPE with
+        dynamic NTK, or no mixer using positions: recurrent models), warn once per model instead.
+
+        Raises:
+            InputError: the length cannot work; the message says how many new tokens fit.
+        """
+        limit = self.config.max_seq_len
+        if n_prompt + max_new_tokens <= limit:
+            return
+        position = self.config.position
+        room = limit - n_prompt
+        fix = (f"give max_new_tokens <= {room}" if room > 0 else f"shorten the prompt to fewer than {limit} tokens")
+        head = f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={limit}"
+        if self.pos_embed is not None or position.limits_length:
+            raise InputError(f"{head}, the length of the model's {position.kind} position table; {fix}")
+        uses = any(layer.mixer.uses_positions for layer in self.config.layer_configs())
+        if uses and not position.extrapolates():
+            raise InputError(
+                f"{head}: the model's {position.kind} positions past it were never trained and do not extrapolate; "
+                f"{fix}, or train a model with a larger max_seq_len"
+            )
+        if not getattr(self, "_warned_length", False):
+            self._warned_length = True
+            why = (f"its {position.kind} positions extrapolate by design" if uses
+                   else "no mixer uses positions")
+            warnings.warn(f"{head}: generating past the model's context anyway ({why}; quality usually drops "
+                          f"past the length it was built for)", ArchifactoryWarning, stacklevel=3)
+
     @torch.no_grad()
     def generate(
         self,
@@ -284,13 +316,7 @@ class CausalLM(nn.Module):
             ids = ids[None]
         if ids.shape[1] == 0:
             raise InputError("prompt_ids is empty: give at least one token (e.g. a BOS/EOS id)")
-        if self.pos_embed is not None and ids.shape[1] + max_new_tokens > self.config.max_seq_len:
-            room = self.config.max_seq_len - ids.shape[1]
-            raise InputError(
-                f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len="
-                f"{self.config.max_seq_len}, the length of the model's {self.config.position.kind} position table; "
-                + (f"give max_new_tokens <= {room}" if room > 0 else "shorten the prompt")
-            )
+        self.check_generation_length(ids.shape[1], max_new_tokens)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=device).manual_seed(seed)

@@ -19,8 +19,8 @@ def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float |
             kth = logits.topk(top_k, dim=-1).values[..., -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0.0 < top_p <= 1.0:
-            raise InputError(f"top_p={top_p} must be in (0, 1]")
+        if not 0.0 < top_p <= 1.0:  # NaN fails too, and is named
+            raise InputError(f"top_p={top_p} {'is not a number (NaN); it ' if top_p != top_p else ''}must be in (0, 1]")
         if top_p < 1.0:
             logits = _nucleus(logits, top_p)
     return logits
@@ -49,7 +49,8 @@ def sample_next(
 ) -> torch.Tensor:
     """One token per row of ``logits`` (B, V); ``temperature == 0`` is greedy."""
     if not 0 <= temperature < float("inf"):  # NaN fails too
-        raise InputError(f"temperature={temperature} must be finite and >= 0 (0: greedy)")
+        nan = "is not a number (NaN); it " if temperature != temperature else ""
+        raise InputError(f"temperature={temperature} {nan}must be finite and >= 0 (0: greedy)")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)

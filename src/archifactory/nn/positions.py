@@ -34,6 +34,12 @@ class PositionConfig(Component):
     def check_head_dim(self, head_dim: int) -> None:
         """Raise ``ValueError`` when this encoding cannot work with attention heads of ``head_dim``."""
 
+    def extrapolates(self) -> bool:
+        """Whether positions past ``max_seq_len`` are meaningful by design (generation past it then only
+        warns, see ``CausalLM.check_generation_length``); a table of ``max_seq_len`` rows or an encoding
+        whose rotations past it were never trained does not."""
+        return False
+
     @classmethod
     def contract_examples(cls) -> list["PositionConfig"]:
         """Configs the shared position contract test (tests/test_component_contract.py) builds; the first
@@ -46,6 +52,9 @@ class NoPositionConfig(PositionConfig):
     """No positional information (NoPE, Kazemnejad et al. 2023): causal masking alone orders tokens."""
 
     kind: Literal["none"] = "none"
+
+    def extrapolates(self) -> bool:
+        return True  # nothing is tied to a length (Kazemnejad et al. 2023 study NoPE's length generalisation)
 
 
 # ------------------------------------------------------------------------------------------ absolute
@@ -136,11 +145,17 @@ class RopeScaling(Strict):
     """
 
     type: Literal["linear", "ntk", "yarn", "llama3", "dynamic"]
-    factor: float
+    factor: float = Field(le=1024.0)
+    """How many times the trained context is stretched: >= 1 and at most 1024 (Llama 3.1 uses 8, YaRN's
+    experiments 128; 1e308 overflowed the frequencies at build)."""
     original_max_seq_len: int | None = Field(None, ge=1)
-    beta_fast: float = Field(32.0, gt=0)
-    beta_slow: float = Field(1.0, gt=0)
-    attention_factor: float | None = Field(None, gt=0)
+    beta_fast: float = Field(32.0, ge=1e-3, le=1e4)
+    beta_slow: float = Field(1.0, ge=1e-3, le=1e4)
+    """YaRN's ramp ends, in rotations over ``original_max_seq_len`` (32 and 1 in the paper); in [1e-3, 1e4]
+    (1e308 and 5e-324 put the ramp's dimension out of the log's domain at build)."""
+    attention_factor: float | None = Field(None, gt=0, le=10.0)
+    """YaRN's cos/sin multiplier; ``None``: ``0.1 * ln(factor) + 1`` (at most 1.7 for the largest factor); at most 10
+    (1e308 made the first gradients non-finite)."""
     low_freq_factor: float = Field(1.0, gt=0)
     """``llama3`` only: wavelengths above ``original_max_seq_len / low_freq_factor`` are fully interpolated."""
     high_freq_factor: float = Field(4.0, gt=0)
@@ -284,6 +299,11 @@ class RoPEConfig(PositionConfig):
     def build_relative(self, head_dim, n_heads):
         return Rotary(head_dim, self.rot_dim(head_dim), self.theta, self.scaling)
 
+    def extrapolates(self) -> bool:
+        # Rotations past the trained length are unseen (RoPE does not extrapolate, Press et al. 2022, Fig. 1);
+        # dynamic NTK scaling is the one variant that changes its base with the length to go past it.
+        return self.scaling is not None and self.scaling.type == "dynamic"
+
     @classmethod
     def contract_examples(cls) -> list["RoPEConfig"]:
         yarn = RopeScaling(type="yarn", factor=4.0, original_max_seq_len=16)
@@ -322,6 +342,9 @@ class ALiBi(nn.Module):
 @register_position
 class ALiBiConfig(PositionConfig):
     kind: Literal["alibi"] = "alibi"
+
+    def extrapolates(self) -> bool:
+        return True  # built to: "Train Short, Test Long" (Press et al. 2022)
 
     def build_relative(self, head_dim, n_heads):
         return ALiBi(n_heads)

@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from archifactory.data.tokenizer import Tokenizer
+from archifactory.errors import InputError
 from archifactory.model.lm import CausalLM
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -188,7 +189,8 @@ def chat_reply(
     options go to :meth:`CausalLM.generate`. Decoding stops at ``<|im_end|>``."""
     end = tokenizer.backend.token_to_id(IM_END) if tokenizer.backend is not None else None
     if end is None:
-        raise ValueError(f"the tokenizer has no {IM_END} token: load the tokenizer of an SFT run")
+        raise InputError(f"the tokenizer has no {IM_END} token, so it cannot read a chat: give an SFT run "
+                         "(archifactory sft) or its tokenizer")
     prompt = template.generation_prompt(messages, tokenizer)
     out = model.generate(prompt, max_new_tokens, eos_token_id=end, **sampling)[len(prompt):].tolist()
     if end in out:

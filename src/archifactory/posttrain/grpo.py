@@ -38,7 +38,18 @@ from typing import Iterable, Literal
 import torch
 from pydantic import Field, model_validator
 
-from archifactory.config import ConfigError, Strict, component_field, load_yaml, validate
+from archifactory.config import (
+    MAX_AUX_LOSS_WEIGHT,
+    MAX_COUNT,
+    MAX_SEQ_LEN,
+    MAX_TEMPERATURE,
+    ConfigError,
+    Seed,
+    Strict,
+    component_field,
+    load_yaml,
+    validate,
+)
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.model.lm import IGNORE_INDEX, CausalLM
 from archifactory.posttrain.chat import IM_END, TEMPLATE_FILE, ChatTemplate
@@ -64,7 +75,7 @@ class GRPOTaskConfig(Strict):
     """countdown: the numbers are drawn from 1..max_number."""
     data: str | None = None
     """gsm8k: a local file or hub dataset with ``question`` and ``answer`` (``#### N``) fields."""
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     """Problem stream; held-out problems come from a separate stream (or, for data, a held-out draw)."""
 
     def build(self) -> Task:
@@ -73,23 +84,27 @@ class GRPOTaskConfig(Strict):
 
 
 class GRPOOptions(Strict):
-    num_generations: int = Field(8, ge=2)
+    num_generations: int = Field(8, ge=2, le=MAX_COUNT)
     """Completions per prompt (the group)."""
-    max_completion_length: int = Field(16, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    max_completion_length: int = Field(16, ge=1, le=MAX_SEQ_LEN)
+    temperature: float = Field(1.0, ge=0.01, le=MAX_TEMPERATURE)
+    """Sampling temperature, also dividing the logits of the loss (TRL); in [0.01, 1e6] (TRL's default 1;
+    1e-300 divided the logits by 0)."""
     top_k: int | None = Field(None, ge=1)
     epsilon: float = Field(0.2, gt=0, lt=1)
     epsilon_high: float | None = Field(None, gt=0)
     """Upper clip (DAPO's clip-higher); ``None``: ``epsilon``."""
-    beta: float = Field(0.0, ge=0)
-    """KL weight to the frozen starting model; 0 (TRL's default) keeps no reference model."""
+    beta: float = Field(0.0, ge=0, le=MAX_AUX_LOSS_WEIGHT)
+    """KL weight to the frozen starting model; 0 (TRL's default) keeps no reference model; at most 1
+    (DeepSeekMath uses 0.04)."""
     loss_type: LossType = "dapo"
     scale_rewards: RewardScale = "group"
-    format_reward: float = Field(0.0, ge=0)
-    """Added to the reward when a final answer can be read (0: correctness only)."""
-    eval_problems: int = Field(64, ge=1)
+    format_reward: float = Field(0.0, ge=0, le=1)
+    """Added to the reward when a final answer can be read (0: correctness only); at most the reward of a
+    correct answer (1), so that form never outweighs correctness."""
+    eval_problems: int = Field(64, ge=1, le=10**6)
     """Held-out problems answered greedily for ``eval_accuracy``."""
-    num_iterations: int = Field(1, ge=1)
+    num_iterations: int = Field(1, ge=1, le=MAX_COUNT)
     """Optimizer steps per generation batch (TRL's ``num_iterations``, the paper's mu); > 1 makes the
     clipped ratio bind."""
 
@@ -118,8 +133,8 @@ class GRPORunConfig(RunConfig):
         micro = self.train.micro_batch_size or self.train.batch_size
         if micro % self.grpo.num_generations:
             raise ValueError(
-                f"train.micro_batch_size (or batch_size) = {micro} completions must hold whole groups of "
-                f"grpo.num_generations={self.grpo.num_generations}; use a multiple of it"
+                f"train.micro_batch_size: {micro} completions per micro-batch (micro_batch_size, else batch_size) "
+                f"must hold whole groups of grpo.num_generations={self.grpo.num_generations}; use a multiple of it"
             )
         mu = self.grpo.num_iterations
         if self.train.checkpoint_every % mu:
@@ -131,6 +146,7 @@ class GRPORunConfig(RunConfig):
 
 
 def load_grpo_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> GRPORunConfig:
+    overrides = list(overrides)
     data, base = stage_data(GRPORunConfig, source, overrides, "grpo", "a GRPO",
                             ("tokenizer.json", TEMPLATE_FILE, "model/config.yaml", "model/model.safetensors"),
                             "SFT run directory (base: runs/NAME/sft)",
@@ -138,7 +154,7 @@ def load_grpo_config(source: str | Path | dict, overrides: Iterable[str] = ()) -
     data.setdefault("model", load_yaml(base / "model" / "config.yaml"))
     data = expand_run_data(data)
     data["data"] = None
-    return validate(GRPORunConfig, data)
+    return validate(GRPORunConfig, data, source=None if isinstance(source, dict) else source, overrides=overrides)
 
 
 class GRPOTrainer(Trainer):
@@ -325,8 +341,8 @@ def exact_match(model: CausalLM, tokenizer: Tokenizer, template: ChatTemplate, t
 
 
 def grpo(cfg: GRPORunConfig | str | Path | dict, overrides: Iterable[str] = (), resume: bool = True,
-         console=None) -> RunSummary:
+         console=None, allow_config_change: bool = False) -> RunSummary:
     """Reinforce ``cfg.base`` (an SFT run) on ``cfg.task``; resumes from the latest checkpoint."""
     if not isinstance(cfg, GRPORunConfig):
         cfg = load_grpo_config(cfg, overrides)
-    return GRPOTrainer(cfg, resume=resume, console=console).run()
+    return GRPOTrainer(cfg, resume=resume, console=console, allow_config_change=allow_config_change).run()

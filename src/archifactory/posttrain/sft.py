@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from archifactory.config import ConfigError, Strict, apply_overrides, component_field, load_yaml, validate
+from archifactory.config import ConfigError, Seed, Strict, apply_overrides, component_field, load_yaml, validate
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.model.lm import CausalLM
 from archifactory.posttrain.chat import IM_END, ChatTemplate, add_chat_tokens, resize_vocab
@@ -50,6 +50,11 @@ from archifactory.train.config import RunConfig, TrainConfig, expand_run_data
 from archifactory.train.optim import AdamWConfig
 from archifactory.train.schedule import ConstantSchedule, LinearSchedule
 from archifactory.train.trainer import Trainer
+
+
+MAX_EPOCHS = 1000.0
+"""Most passes over the SFT data (TRL's default is 3): each epoch's order is drawn when the run's length is
+counted, so 1e9 epochs hung the setup."""
 
 
 class SFTDataConfig(Strict):
@@ -66,7 +71,7 @@ class SFTDataConfig(Strict):
     """Use the first N records only."""
     val_fraction: float = Field(0.05, ge=0, lt=1)
     """Conversations held out for the validation loss (a seeded draw), at least one when > 0."""
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     """Held-out draw and data order; the same for every variant of a sweep."""
 
 
@@ -75,7 +80,7 @@ class SFTOptions(Strict):
     """Loss on assistant tokens only (-100 elsewhere); ``false``: on every token but padding."""
     packing: Literal["auto", "on", "off"] = "auto"
     """Several conversations per row where the model can keep them apart (attention-only models)."""
-    num_train_epochs: float | None = Field(None, gt=0)
+    num_train_epochs: float | None = Field(None, gt=0, le=MAX_EPOCHS)
     """Passes over the training conversations (TRL's name; fractions allowed): the run's length is then
     ceil(rows of those epochs / rows per step) optimizer steps, and ``train.max_steps`` is not used (TRL
     lets a positive ``max_steps`` win instead; here ``train`` always has a budget, so the explicit epochs
@@ -143,6 +148,7 @@ def stage_data(cls, source: str | Path | dict, overrides: Iterable[str], stage: 
 def load_sft_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> SFTRunConfig:
     """An SFT run config from YAML or a mapping: ``base`` is read for the model (its vocabulary grown by
     the chat tokens the base tokenizer lacks) unless ``model`` is given."""
+    overrides = list(overrides)
     data, base = stage_data(SFTRunConfig, source, overrides, "sft", "an SFT",
                             ("tokenizer.json", "model/config.yaml", "model/model.safetensors"),
                             "pretrained run directory (base: runs/NAME)", "pretrain the base run to the end first")
@@ -156,7 +162,7 @@ def load_sft_config(source: str | Path | dict, overrides: Iterable[str] = ()) ->
     chat_data = data.get("data")
     data = expand_run_data({k: v for k, v in data.items() if k != "data"})
     data["data"] = chat_data
-    return validate(SFTRunConfig, data)
+    return validate(SFTRunConfig, data, source=None if isinstance(source, dict) else source, overrides=overrides)
 
 
 class SFTTrainer(Trainer):
@@ -304,8 +310,8 @@ class SFTTrainer(Trainer):
 
 
 def sft(cfg: SFTRunConfig | str | Path | dict, overrides: Iterable[str] = (), resume: bool = True,
-        console=None) -> RunSummary:
+        console=None, allow_config_change: bool = False) -> RunSummary:
     """Fine-tune ``cfg.base`` on ``cfg.data``; resumes from the run directory's latest checkpoint."""
     if not isinstance(cfg, SFTRunConfig):
         cfg = load_sft_config(cfg, overrides)
-    return SFTTrainer(cfg, resume=resume, console=console).run()
+    return SFTTrainer(cfg, resume=resume, console=console, allow_config_change=allow_config_change).run()

@@ -116,7 +116,9 @@ class SweepRunner:
                 part = path.with_name(path.name + suffix)
                 if part.exists():
                     part.rename(path.with_name(f"{path.name}.damaged-{stamp}{suffix}"))
-            self._print(f"warning: {err}. Moved it to {path.name}.damaged-{stamp}; starting a new one")
+            self._print(f"warning: results database {path} is damaged ({err.reason}); moved it aside to "
+                        f"{path.name}.damaged-{stamp} and started a new one: each finished run is recorded again "
+                        "from its run directory (nothing is retrained)")
             return Store(path)
 
     def plan(self) -> list[PlannedRun]:

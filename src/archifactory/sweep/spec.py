@@ -96,7 +96,8 @@ class EvalSection(Strict):
     """Only the first N items of each task (``--limit``)."""
     stages: list[Stage] | None = None
     """The stages whose runs are evaluated; ``None``: every stage of the sweep."""
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, le=2**20)
+    """Sequences per forward pass (``--batch-size``, with the same bound)."""
 
     @field_validator("tasks")
     @classmethod
@@ -169,18 +170,19 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _names(self):
-        for name, variant in self.variants.items():
-            # each grid value names its selection runs (VARIANT-lrLR-sSEED): two values must not share a name
-            labels = [f"{lr:g}" for lr in variant.lr or []]
-            if len(set(labels)) != len(labels):
-                raise ValueError(f"variants.{name}.lr: {variant.lr} repeats a learning rate (to 6 significant "
-                                 f"digits: {labels}); give each value once")
+        # names first: the checks below put the name into a field path
         for name in self.variants:
             try:
                 # run ids <variant>[-lr<lr>]-s<seed> become folders under <sweep>/runs/: room for the suffix
                 check_folder_name(name, max_bytes=MAX_FOLDER_NAME_BYTES - 40)
             except ValueError as err:
                 raise ValueError(f"variants: variant name {err}") from None
+        for name, variant in self.variants.items():
+            # each grid value names its selection runs (VARIANT-lrLR-sSEED): two values must not share a name
+            labels = [f"{lr:g}" for lr in variant.lr or []]
+            if len(set(labels)) != len(labels):
+                raise ValueError(f"variants.{name}.lr: {variant.lr} repeats a learning rate (to 6 significant "
+                                 f"digits: {labels}); give each value once")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: {self.seeds} repeats a seed")
         if len(set(self.lr_selection_seeds)) != len(self.lr_selection_seeds):
@@ -249,7 +251,7 @@ class PlannedRun:
 def load_sweep(path: str | Path, overrides: list[str] | tuple = ()) -> tuple[SweepSpec, Path]:
     """The spec and the directory its relative paths resolve against."""
     path = Path(path)
-    spec = validate(SweepSpec, apply_overrides(load_yaml(path), overrides), source=path)
+    spec = validate(SweepSpec, apply_overrides(load_yaml(path), overrides), source=path, overrides=overrides)
     return spec, path.parent
 
 

@@ -121,7 +121,20 @@ STAGES = ("pretrain", "sft", "grpo")
 
 
 class StoreDamagedError(UserError, RuntimeError):
-    """The results database is not a readable SQLite database, or fails SQLite's integrity check."""
+    """The results database is not a readable SQLite database, or fails SQLite's integrity check.
+    ``path`` and ``reason`` let a caller say what it does about it (:data:`RECOVERY`)."""
+
+    def __init__(self, path: Path, reason: str, advice: str) -> None:
+        super().__init__(f"results database {path} is damaged ({reason}); {advice}")
+        self.path, self.reason = path, reason
+
+
+RECOVERY = ("re-running the sweep (`archifactory sweep SPEC --dir {dir}`) moves it aside to {name}.damaged-<time> "
+            "and records each finished run again from its run directory (nothing is retrained)")
+"""What ``archifactory sweep`` does with a damaged results database, in the words every message uses."""
+PROBE_RECOVERY = ("a probe sweep keeps its results only there: move it aside (to keep what can be read) and re-run "
+                  "the sweep, which runs every probe again")
+"""The same for a probe sweep (``kind: probe``), whose runs have no run directories to record again from."""
 
 
 class Store:
@@ -159,10 +172,7 @@ class Store:
         return {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
 
     def _damaged(self, reason: str) -> StoreDamagedError:
-        return StoreDamagedError(
-            f"results database {self.path} is damaged ({reason}); move it aside and re-run the sweep "
-            "(`archifactory sweep SPEC --dir DIR`): finished runs are recovered from their run directories"
-        )
+        return StoreDamagedError(self.path, reason, RECOVERY.format(dir=self.path.parent, name=self.path.name))
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:

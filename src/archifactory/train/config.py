@@ -168,6 +168,7 @@ def expand_run_data(data: dict) -> dict:
 
 
 def load_run_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> RunConfig:
+    overrides = list(overrides)
     data = source if isinstance(source, dict) else load_yaml(source)
     return validate(RunConfig, apply_overrides(expand_run_data(data), overrides),
-                    source=None if isinstance(source, dict) else source)
+                    source=None if isinstance(source, dict) else source, overrides=overrides)

@@ -46,6 +46,14 @@ class ModelSource:
             raise InputError(f"no tokenizer.json in {where}; point at the run directory that trained the model")
         return found
 
+    def repair_advice(self) -> str:
+        """What writes a damaged file of this model again (for the message of a damaged-file error)."""
+        if self.checkpoint is not None:
+            return f"give another checkpoint of {self.run_dir}, or its final model once the run has finished"
+        if self.run_dir is not None:
+            return f"`{train_command(self.run_dir)}` writes the run's final files again from its last checkpoint"
+        return f"save or import the model in {self.model_dir} again"
+
     def load(self, device: str = "cpu"):
         """The :class:`~archifactory.model.lm.CausalLM` (checksums verified; a damaged or non-finite
         checkpoint raises :class:`~archifactory.train.checkpoint.CheckpointError`)."""
@@ -62,6 +70,24 @@ class ModelSource:
         model = CausalLM(load_model_config(load_yaml(self.run_dir / "config.yaml").get("model", {})))
         load_checkpoint(self.checkpoint, model, torch.device(device))
         return model.to(device)
+
+
+def train_command(run_dir: Path) -> str:
+    """The command that trains, finishes or rewrites the final files of the run in ``run_dir``: ``archifactory
+    train RUN/config.yaml``, plus ``--set out_dir=RUN`` when that config names another directory (a copied or
+    moved run directory still names the one it was trained in, and ``train`` writes where the config says)."""
+    import shlex
+
+    from archifactory.config import ConfigError, load_yaml
+
+    command = f"archifactory train {shlex.quote(str(run_dir / 'config.yaml'))}"
+    try:
+        data = load_yaml(run_dir / "config.yaml")
+        named = Path(data.get("out_dir") or Path("runs") / str(data.get("name")))
+        same = named.resolve() == run_dir.resolve()
+    except (ConfigError, OSError, TypeError, ValueError):
+        same = False
+    return command if same else f"{command} --set out_dir={shlex.quote(str(run_dir))}"
 
 
 def _is_saved_model(path: Path) -> bool:
@@ -92,7 +118,7 @@ def locate_model(path: str | Path) -> ModelSource:
         return ModelSource(run_dir=run_dir, checkpoint=path)
     checkpoints = checkpoint_dirs(path)
     if checkpoints:
-        raise InputError(f"run {path} has not finished (no model/ yet); finish it with `archifactory train "
-                         f"{path / 'config.yaml'}`, or give a checkpoint such as {checkpoints[-1]}")
+        raise InputError(f"run {path} has not finished (no model/ yet); finish it with `{train_command(path)}`, or "
+                         f"give a checkpoint such as {checkpoints[-1]}")
     raise InputError(f"{path} is neither a run directory (with model/), a saved model (config.yaml + "
                      "model.safetensors) nor a checkpoint; train the run first (archifactory train CONFIG)")

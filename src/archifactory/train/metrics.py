@@ -78,6 +78,12 @@ class MetricsWriter:
             getattr(logger, "close", lambda: None)()
 
 
+def _warn(message: str) -> None:
+    from archifactory.errors import ArchifactoryWarning
+
+    warnings.warn(message, ArchifactoryWarning, stacklevel=3)
+
+
 def read_metrics(path: Path, warn=None) -> list[dict]:
     """The records of a metrics.jsonl file. A damaged line (a partial write from a killed process, bad
     bytes) is skipped with a warning naming the file and line (through ``warn``, default
@@ -97,7 +103,7 @@ def read_metrics(path: Path, warn=None) -> list[dict]:
         except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             damaged.append(number)
     if damaged:
-        (warn or warnings.warn)(f"{path}: skipped {len(damaged)} damaged line(s) ({', '.join(map(str, damaged[:5]))})")
+        (warn or _warn)(f"{path}: skipped {len(damaged)} damaged line(s) ({', '.join(map(str, damaged[:5]))})")
     return records
 
 

@@ -96,6 +96,11 @@ class ResumeConfigError(ConfigError):
     """Resuming would change what the run's checkpoints were trained with (see :data:`RESUME_FIXED`)."""
 
 
+class PastBudgetError(ConfigError):
+    """The checkpoint to resume from is past the run's budget: nothing to train, and its weights are not
+    those of a run of that budget."""
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, resume: bool = True, console=None, allow_config_change: bool = False) -> None:
         self.cfg = cfg
@@ -242,14 +247,66 @@ class Trainer:
         loaded)."""
         from archifactory.config import load_yaml
 
+        checkpoints = ckpt.checkpoint_dirs(self.run_dir)
+        tc = self.cfg.train
+        budget = tc.max_steps if tc.max_steps is not None else (
+            math.ceil(tc.max_tokens / tc.tokens_per_step()) if tc.max_tokens is not None else None)
+        if checkpoints and budget is not None and ckpt.checkpoint_step(checkpoints[-1]) > budget:
+            self._refuse_past_budget(checkpoints[-1], ckpt.checkpoint_step(checkpoints[-1]), budget)
         path = self.run_dir / "config.yaml"
-        if not ckpt.checkpoint_dirs(self.run_dir) or not path.is_file():
+        if not checkpoints or not path.is_file():
             return
         try:
             old = load_yaml(path)
         except ConfigError:
             return  # unreadable: the checkpoints' own record of their config decides in _load
         self._refuse_changes(old, f"run {self.run_dir}")
+
+    def budget_text(self, total: int | None = None) -> str:
+        """The run's step budget as the config states it: ``max_steps 8``, ``max_tokens 4,096 (8 steps)``."""
+        tc, total = self.cfg.train, self.total_steps if total is None else total
+        if tc.max_steps is not None and tc.max_steps == total:
+            return f"max_steps {total}"
+        if tc.max_tokens is not None:
+            return f"max_tokens {tc.max_tokens:,} ({total} steps)"
+        return f"{total} steps"
+
+    def _refuse_past_budget(self, path: Path, step: int, total: int) -> None:
+        raise PastBudgetError(
+            f"checkpoint {path} is at step {step}, past the run's budget of {self.budget_text(total)}: nothing to "
+            f"train, and its weights are not those of a {total}-step run. Raise the budget to at least {step} steps "
+            f"to continue it, or train {total} steps in another directory (another name or out_dir) or over this "
+            "one with --fresh"
+        )
+
+    def _finished(self) -> RunSummary | None:
+        """When a resumed run has nothing left to train: its summary if its final evaluation and model are
+        written and intact (the caller then stops), else ``None`` (the caller writes them). Raises
+        :class:`PastBudgetError` when the checkpoint is past the budget."""
+        tc = self.cfg.train
+        if self.total_steps is not None:
+            if self.step > self.total_steps:
+                self._refuse_past_budget(self.resumed_from[0], self.step, self.total_steps)
+            if self.step < self.total_steps:
+                return None
+            where = f"step {self.step} of {self.budget_text()}"
+        elif self.elapsed_before >= tc.max_time_s:
+            where = f"{self.elapsed_before:.0f}s of max_time_s {tc.max_time_s:g}"
+        else:
+            return None
+        from archifactory.integrity import verify_checksums
+
+        try:
+            summary = RunSummary.model_validate_json((self.run_dir / "summary.json").read_bytes())
+        except (OSError, ValueError):  # missing, damaged or not a summary (pydantic's error is a ValueError)
+            summary = None
+        intact = verify_checksums(self.run_dir / "model", required=("config.yaml", "model.safetensors")) == []
+        if summary is not None and summary.steps == self.step and intact:
+            self.log(f"already at {where}: nothing to train ({self.run_dir}; raise the budget to train further)")
+            return summary
+        self.log(f"already at {where}: nothing to train; writing the final evaluation and model the run had not "
+                 "written (or that were damaged)")
+        return None
 
     def _resume(self) -> None:
         """Resume from the newest intact checkpoint; a damaged one is reported and passed over."""
@@ -542,14 +599,21 @@ class Trainer:
             f"device {device_name(self.device)}, {self.dist.world_size} process(es), accumulation {self.accum}, "
             f"precision {self.precision}" + (" (auto)" if self.cfg.train.precision == "auto" else "")
         )
+        if self.resumed_from is not None:
+            summary = self._finished()
+            if summary is not None:
+                return summary
         if self.step == 0 and self.tokens_seen == 0:
             self.metrics.write({"kind": "eval", "step": 0, "tokens": 0, **self.evaluate()})
-        start = time.time()
+        start, first_step = time.time(), self.step
         window_start, window_tokens = time.time(), 0
         last_eval: dict[str, float] = {}
-        progress = self._progress()
+        # no bar when nothing is left to train (a resumed run that only writes its final model)
+        progress = self._progress(enabled=not self.done(self.elapsed_before))
         with progress:
-            task = progress.add_task("train", total=self.total_steps or int(tc.max_time_s), loss=float("nan"), tps=0.0)
+            resumed_at = self.step if self.total_steps else int(self.elapsed_before)
+            task = progress.add_task("train", total=self.total_steps or int(tc.max_time_s), completed=resumed_at,
+                                     loss="-", tps="-")  # "-" until the first step is logged
             while not self.done(self.elapsed_before + time.time() - start):
                 elapsed = self.elapsed_before + time.time() - start
                 position, total = self.progress_fraction(elapsed)
@@ -574,7 +638,7 @@ class Trainer:
                         "elapsed_s": self.elapsed_before + now - start,
                     }
                     self.metrics.write(record)
-                    progress.update(task, loss=loss, tps=tps)
+                    progress.update(task, loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
                 advance = self.step if self.total_steps else int(self.elapsed_before + time.time() - start)
                 progress.update(task, completed=advance)
                 elapsed = self.elapsed_before + time.time() - start
@@ -589,7 +653,7 @@ class Trainer:
             last_eval = self.evaluate()
             self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "elapsed_s": elapsed,
                                 **last_eval})
-        if self.step % tc.checkpoint_every != 0:
+        if self.step % tc.checkpoint_every != 0 and self.step > first_step:  # else it is the one resumed from
             self.save(elapsed)
         summary = RunSummary.model_validate(self._summary(elapsed, last_eval))
         with evaluation_weights(self.optimizer):  # the weights the final evaluation scored
@@ -632,16 +696,16 @@ class Trainer:
             "numpy": np.__version__,
         }
 
-    def _progress(self):
+    def _progress(self, enabled: bool = True):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        enabled = self.cfg.train.progress and self.dist.is_main
+        enabled = enabled and self.cfg.train.progress and self.dist.is_main
         return Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
-            TextColumn("{task.fields[tps]:,.0f} tok/s"),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[tps]} tok/s"),
             TimeRemainingColumn(),
             disable=not enabled,
             console=self.console,
@@ -663,6 +727,8 @@ def train(cfg: RunConfig, resume: bool = True, console=None, allow_config_change
 
     Raises:
         ResumeConfigError: resuming would change a :data:`RESUME_FIXED` field (unless ``allow_config_change``).
+        PastBudgetError: the newest checkpoint is past the budget (a finished run at its budget returns its
+            summary at once, saying there is nothing to train).
         NonFiniteLossError: the loss, gradients or weights became non-finite (see ``train.nonfinite``).
     """
     return Trainer(cfg, resume=resume, console=console, allow_config_change=allow_config_change).run()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from archifactory.eval.probes.spec import ProbeJob, ProbeSweepSpec, plan, spec_yaml
 from archifactory.eval.probes.store import ProbeStore
+from archifactory.sweep.store import PROBE_RECOVERY, StoreDamagedError
 from archifactory.locking import hold_directory
 from archifactory.results import RunEnv
 
@@ -91,7 +92,10 @@ def _slots(spec: ProbeSweepSpec) -> int:
 class ProbeRunner:
     def __init__(self, spec: ProbeSweepSpec, sweep_dir: Path, console=None) -> None:
         self.spec, self.sweep_dir, self.console = spec, Path(sweep_dir), console
-        self.store = ProbeStore(self.sweep_dir / "results.sqlite")
+        try:
+            self.store = ProbeStore(self.sweep_dir / "results.sqlite")
+        except StoreDamagedError as err:
+            raise StoreDamagedError(err.path, err.reason, PROBE_RECOVERY) from None
 
     def plan(self) -> list[ProbeJob]:
         from archifactory.sweep.runner import environment

@@ -175,7 +175,7 @@ class ProbeJob:
 
 def load_probe_spec(path: str | Path, overrides: list[str] | tuple = ()) -> ProbeSweepSpec:
     data = apply_overrides(load_yaml(path), overrides)
-    return validate(ProbeSweepSpec, data)
+    return validate(ProbeSweepSpec, data, source=path, overrides=overrides)
 
 
 def is_probe_spec(path: str | Path) -> bool:
