@@ -1,6 +1,6 @@
 """Training throughput and peak memory of every registered sequence mixer on CPU.
 
-    python benchmarks/mixers_cpu.py [--steps 5] [--threads 2] [--kinds attention mamba2 ...]
+    python benchmarks/mixers_cpu.py [--steps 5] [--threads 2] [--kinds attention mamba2 ...] [--compile]
                                     [--out benchmarks/results/mixers_cpu.json] [--label before]
 
 With ``--out x.jsonl`` the record is appended as one line (a history: before/after, CPU kinds).
@@ -13,6 +13,17 @@ the instruction set ATen ran with (``ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA
 MKL_ENABLE_INSTRUCTIONS=AVX2`` emulates an AVX2-only CPU) and the load average around the run: on a shared
 machine other processes slow every figure, so ``cpu_s_per_step`` (the process's CPU seconds per step) is
 recorded beside the wall-clock tokens/s.
+
+Mixers differ in how much work they do per token by design (Hymba runs attention and SSM heads side by
+side, each ``2 * d_model`` wide; Zamba2 runs a shared attention + MLP block over ``[h, e]`` before its
+Mamba-2), so every row also gives the model's training FLOPs per token (``CausalLM.flops_per_token``,
+matmuls only, 3x forward) and the ratio of achieved matmul FLOP/s to the baseline's: a mixer below 0.5x in
+tokens/s but near 1x in FLOP/s does more work, not slower work.
+
+``--compile`` runs every model, the baseline included, through ``torch.compile`` (the same as
+``train.compile: true``); its first steps compile (tens of seconds per mixer on 2 cores), so ``--warmup``
+is raised to at least 2 (forward and backward both compiled) and the compile time is recorded apart from
+the timed steps. Without it (the default) nothing is compiled.
 """
 
 from __future__ import annotations
@@ -37,7 +48,29 @@ def model_config(mixer: dict) -> dict:
             "ffn": {"kind": "swiglu"}, "position": {"kind": "rope"}}
 
 
-def measure(mixer: dict, steps: int, warmup: int, threads: int, queue) -> None:
+def benchmark_kinds(requested: list[str] | None = None) -> list[str]:
+    """The mixers a run measures besides the baseline: ``requested``, or every registered mixer kind.
+
+    Raises:
+        ValueError: a requested kind that is not registered.
+    """
+    from archifactory.registry import MIXERS
+
+    registered = MIXERS.kinds()
+    unknown = sorted(set(requested or []) - set(registered))
+    if unknown:
+        raise ValueError(f"--kinds {' '.join(unknown)}: not registered mixer kinds; valid: {' '.join(registered)}")
+    return list(requested) if requested else [k for k in registered if k != "attention"]
+
+
+def measure(mixer: dict, steps: int, warmup: int, threads: int, queue, compile_model: bool = False) -> None:
+    try:
+        queue.put(_measure(mixer, steps, warmup, threads, compile_model))
+    except Exception as err:  # reported in the table (a child that dies silently would hang the parent)
+        queue.put({"error": f"{type(err).__name__}: {err}"})
+
+
+def _measure(mixer: dict, steps: int, warmup: int, threads: int, compile_model: bool) -> dict:
     import torch
 
     import archifactory as af
@@ -48,30 +81,36 @@ def measure(mixer: dict, steps: int, warmup: int, threads: int, queue) -> None:
     model = af.CausalLM(af.load_model_config(model_config(mixer)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (B, T + 1))
+    forward = torch.compile(model) if compile_model else model
 
     def step():
-        model(ids[:, :-1], ids[:, 1:]).loss.backward()
+        forward(ids[:, :-1], ids[:, 1:]).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    warm_start = time.perf_counter()
     for _ in range(warmup):
         step()
+    warmup_s = time.perf_counter() - warm_start
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
-    queue.put({
+    return {
         "tokens_per_s": steps * B * T / elapsed,
         "cpu_s_per_step": round(cpu / steps, 3),
         "peak_rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024,
         "params": model.num_params(),
+        "train_flops_per_token": model.flops_per_token(T, training=True),
+        "warmup_s": round(warmup_s, 1),
         "kernel_paths": sorted(set(model.kernel_paths().values())),
-    })
+    }
 
 
 def run_isolated(mixer: dict, args) -> dict:
     queue = mp.get_context("spawn").Queue()
-    proc = mp.get_context("spawn").Process(target=measure, args=(mixer, args.steps, args.warmup, args.threads, queue))
+    proc = mp.get_context("spawn").Process(target=measure,
+                                           args=(mixer, args.steps, args.warmup, args.threads, queue, args.compile))
     proc.start()
     result = queue.get()
     proc.join()
@@ -87,37 +126,43 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="measure every mixer this many times; keep the best")
     parser.add_argument("--out", type=Path, default=None, help="a .json file (overwritten) or .jsonl (appended)")
     parser.add_argument("--label", default=None, help="a note stored with the record (e.g. before/after)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every model, the baseline too (warmup >= 2 steps absorbs compiling)")
     args = parser.parse_args()
+    if args.compile:
+        args.warmup = max(args.warmup, 2)
     import torch
 
-    from archifactory.registry import MIXERS
-
-    kinds = args.kinds or [k for k in MIXERS.kinds() if k != "attention"]
+    kinds = benchmark_kinds(args.kinds)
     load_before = load_average_1m()
     best: dict[str, dict] = {}
     for _ in range(args.rounds):  # whole rounds, so that a noisy minute hits every mixer alike
         for name, mixer in [("attention (GQA 8/2)", BASELINE)] + [(k, {"kind": k}) for k in kinds]:
-            try:
-                result = run_isolated(mixer, args)
-            except Exception as err:  # a mixer that fails to build at these shapes is reported, not fatal
-                best.setdefault(name, {"mixer": name, "error": str(err)})
+            result = run_isolated(mixer, args)
+            if "error" in result:  # a mixer that fails at these shapes is reported, not fatal
+                best.setdefault(name, {"mixer": name, "error": result["error"]})
                 continue
             if name not in best or result["tokens_per_s"] > best[name].get("tokens_per_s", 0):
                 best[name] = {"mixer": name, **result}
     rows = list(best.values())
-    base = rows[0]["tokens_per_s"]
-    print(f"{'mixer':<24}{'params':>12}{'tok/s':>10}{'vs GQA':>8}{'peak MB':>10}  kernels")
+    base, base_flops = rows[0]["tokens_per_s"], rows[0]["train_flops_per_token"]
+    print(f"{'mixer':<24}{'params':>12}{'tok/s':>10}{'vs GQA':>8}{'FLOPs/tok':>11}{'x GQA':>7}{'FLOP/s vs GQA':>15}"
+          f"{'peak MB':>9}  kernels")
     for r in rows:
         if "error" in r:
             print(f"{r['mixer']:<24}  error: {r['error']}")
             continue
         r["ratio_vs_gqa"] = round(r["tokens_per_s"] / base, 3)
+        r["flops_vs_gqa"] = round(r["train_flops_per_token"] / base_flops, 3)
+        r["flop_rate_vs_gqa"] = round(r["ratio_vs_gqa"] * r["flops_vs_gqa"], 3)
         print(f"{r['mixer']:<24}{r['params']:>12,}{r['tokens_per_s']:>10,.0f}{r['ratio_vs_gqa']:>8.2f}"
-              f"{r['peak_rss_growth_mb']:>10.0f}  {','.join(r['kernel_paths'])}")
+              f"{r['train_flops_per_token'] / 1e6:>10.1f}M{r['flops_vs_gqa']:>7.2f}{r['flop_rate_vs_gqa']:>15.2f}"
+              f"{r['peak_rss_growth_mb']:>9.0f}  {','.join(r['kernel_paths'])}")
     if args.out:
         record = {
             **record_header("mixers_cpu"),
             "label": args.label,
+            "compiled": args.compile,
             "device": f"{cpu_model()}, {args.threads} threads",
             "isa": isa(),
             "load_average_1m": {"before": load_before, "after": load_average_1m()},
