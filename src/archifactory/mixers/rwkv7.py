@@ -149,8 +149,11 @@ def chunk_dplr(
         keep = torch.cat([torch.cat([ones.tril()] * 2, 1), torch.cat([ones.tril(-1)] * 2, 1)], 0)
         # masked_fill, not a product with the mask: above the diagonal e^{L_i - L_j} > 1 may be large
         A = (left @ right.transpose(-1, -2)).masked_fill(~keep, 0.0)  # (N, B, H, 2c, 2c)
-        A_qb, A_ab = A[..., :c, c:], A[..., c:, c:]
-        o_intra, A_ak_v = (A[..., :, :c] @ v).split(c, dim=-2)  # A_qk V and A_ak V: (N, B, H, c, d_v) each
+        # blocks by split, not by indexing: the backward of a split is one concatenation, that of three
+        # indexed blocks three zero-filled copies of A added up (CPU profile)
+        A_with_k, A_with_b = A.split(c, dim=-1)  # [A_qk; A_ak], [A_qb; A_ab]: (N, B, H, 2c, c) each
+        A_qb, A_ab = A_with_b.split(c, dim=-2)
+        o_intra, A_ak_v = (A_with_k @ v).split(c, dim=-2)  # A_qk V and A_ak V: (N, B, H, c, d_v) each
         system = torch.eye(c, dtype=dtype, device=q.device) - A_ab
         rhs = torch.cat([A_ak_v, a_in], dim=-1)  # (N, B, H, c, d_v + d_k)
         U, W = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True).split([dv, dk], -1)
