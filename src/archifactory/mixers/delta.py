@@ -54,6 +54,7 @@ from archifactory.mixers.base import (
     padded_length,
 )
 from archifactory.mixers.kernels import Backend, parameter_device, select_backend
+from archifactory.nn.depthwise import causal_depthwise_conv
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
 from archifactory.nn.roles import FILTER, VECTOR
@@ -229,8 +230,7 @@ class ShortConv(nn.Module):
         else:
             padded = torch.cat([past.to(x.dtype), x], dim=1)  # (B, K-1+T, C)
         # depthwise: channel c is the cross-correlation of padded[:, :, c] with weight[:, c]
-        kernel = self.weight.t()[:, None, :].to(x.dtype)  # (C, 1, K), nn.Conv1d's layout
-        y = F.conv1d(padded.transpose(1, 2), kernel, groups=self.channels).transpose(1, 2)  # (B, T, C)
+        y = causal_depthwise_conv(padded, self.weight)  # (B, T, C)
         return F.silu(y), padded[:, T:]
 
 
