@@ -6,6 +6,9 @@
   entries of an additive one), whichever backend runs it. This is the convention of the analytic counts
   (useful work; block-sparse kernels such as FlashAttention skip masked blocks), and it covers the CPU
   flash kernel that ``FlopCounterMode`` has no formula for, and the math kernel that it counts at T^2.
+- :func:`archifactory.nn.depthwise.causal_depthwise_conv` (elementwise multiply-adds inside, which
+  ``FlopCounterMode`` does not see): ``2 * B * T * C * K``, what it counts for the same depthwise
+  ``F.conv1d`` (``groups=C``).
 - ``torch.linalg.solve_triangular`` with an n x n matrix and k right-hand columns: ``n^2 k`` FLOPs
   (n(n-1)/2 multiply-adds and n divisions per column).
 
@@ -21,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from archifactory.nn.depthwise import causal_depthwise_conv
 
 
 def attention_pairs(query, key, is_causal: bool = False, attn_mask=None) -> float:
@@ -43,6 +48,10 @@ class _CountAttention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is causal_depthwise_conv:
+            out = func(*args, **kwargs)
+            self.useful += 2 * out.numel() * args[1].shape[0]  # (B, T, C) outputs, K taps each
+            return out
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")

@@ -14,6 +14,7 @@ gradients.
 from __future__ import annotations
 
 import torch
+from torch.overrides import handle_torch_function, has_torch_function_variadic
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):
@@ -53,6 +54,8 @@ def causal_depthwise_conv(padded: torch.Tensor, weight: torch.Tensor, bias: torc
     Raises:
         ValueError: mismatched channels or fewer steps than taps.
     """
+    if has_torch_function_variadic(padded, weight, bias):  # lets a TorchFunctionMode see the call (FLOP counts)
+        return handle_torch_function(causal_depthwise_conv, (padded, weight, bias), padded, weight, bias)
     K, C = weight.shape
     if padded.dim() != 3 or padded.shape[2] != C or padded.shape[1] < K:
         raise ValueError(
