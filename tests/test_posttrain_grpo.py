@@ -14,6 +14,7 @@ from archifactory.posttrain.tasks import (
     AnswerDataTask,
     ArithmeticTask,
     CountdownTask,
+    TaskConfig,
     build_task,
     evaluate_expression,
     final_answer,
@@ -48,6 +49,27 @@ def test_arithmetic_problems_are_seeded_exact_and_split():
     q = mul.problem(0)
     x, y = (int(v) for v in q.prompt.removeprefix("What is ").removesuffix("?").split(" * "))
     assert q.answer == str(x * y) and mul.correct(f"#### {x * y}", q)
+
+
+def test_held_out_problems_are_never_training_problems():
+    """With 1-digit operands the 100 pairs all come up within a few thousand draws: the test split holds a
+    seeded share of them, the training split the rest, and no pair is in both."""
+    task = ArithmeticTask("+", digits=1, seed=0, test_fraction=0.2)
+    operands = lambda p: tuple(int(v) for v in p.prompt.removeprefix("What is ").removesuffix("?").split(" + "))  # noqa: E731
+    train = {operands(task.problem(i)) for i in range(3000)}
+    test = {operands(task.problem(i, "test")) for i in range(1000)}
+    assert train.isdisjoint(test) and train | test == {(a, b) for a in range(10) for b in range(10)}
+    assert 5 <= len(test) <= 40  # Binomial(100, 0.2): mean 20, sd 4
+    other = {operands(ArithmeticTask("+", 1, seed=1, test_fraction=0.2).problem(i, "test")) for i in range(1000)}
+    assert other != test  # the seed chooses which pairs are held out
+    countdown = CountdownTask(n_numbers=2, max_number=5, seed=0, test_fraction=0.3)
+    key = lambda p: (tuple(sorted(p.numbers)), p.answer)  # noqa: E731
+    assert {key(countdown.problem(i)) for i in range(500)}.isdisjoint(key(countdown.problem(i, "test")) for i in range(200))
+    with pytest.raises(ValueError, match="no test problem in"):
+        ArithmeticTask("+", digits=1, test_fraction=1e-9).problem(0, "test")
+    with pytest.raises(ValueError, match="test_fraction=1.5 must be in"):
+        build_task("addition", test_fraction=1.5)
+    assert TaskConfig(name="addition", digits=1, test_fraction=0.2).build().problem(7, "test") == task.problem(7, "test")
 
 
 def test_countdown_checker_is_exact_and_every_problem_is_solvable():

@@ -11,6 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from archifactory.config import ConfigError
 from archifactory.model.config import load_model_config
 from archifactory.model.lm import IGNORE_INDEX, CausalLM
 from archifactory.posttrain.chat import (
@@ -23,7 +24,7 @@ from archifactory.posttrain.chat import (
     resize_vocab,
 )
 from archifactory.posttrain.formats import conversations, load_records, to_messages
-from archifactory.posttrain.sft import SFTTrainer, load_sft_config, sft
+from archifactory.posttrain.sft import SFTTrainer, load_sft_config, sft, task_records
 from archifactory.posttrain.sft_data import SFTLoader, collate, tokenize_conversations
 
 ALPACA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sft" / "alpaca_en_demo.jsonl"
@@ -298,6 +299,33 @@ def sft_config(base, tmp_path, name="sft", **train):
                   "log_every": 1, "threads": 1, "progress": False, "precision": "fp32", **train},
         "out_dir": str(tmp_path / name),
     }
+
+
+def test_task_examples_join_the_records_and_never_hold_a_test_problem(base_run, tmp_path):
+    from archifactory.posttrain.tasks import TaskConfig
+
+    task = {"name": "addition", "digits": 1, "test_fraction": 0.2}
+    cfg = sft_config(base_run, tmp_path, "task", max_steps=1)
+    cfg["data"].update(task=task, task_examples=300, val_fraction=0.0)
+    trainer = SFTTrainer(load_sft_config(cfg), resume=False)
+    trainer.setup()
+    info = json.loads((tmp_path / "task" / "data.json").read_text())
+    assert info["records"] == 60 + 300 and info["task_records"] == 300
+    built = TaskConfig(**task).build()
+    examples = task_records(TaskConfig(**task), 300)
+    assert examples[5] == {"instruction": built.problem(5).prompt, "input": "", "output": built.problem(5).answer}
+    for record in examples:  # the reference answer is the sum
+        a, b = record["instruction"].removeprefix("What is ").removesuffix("?").split(" + ")
+        assert int(record["output"]) == int(a) + int(b)
+    held_out = {built.problem(i, "test").prompt for i in range(300)}
+    assert held_out.isdisjoint(r["instruction"] for r in examples)
+    trainer.metrics.close()
+    for bad, message in (({"task": task}, "go together"), ({"task_examples": 5}, "go together"),
+                         ({"task": {"name": "countdown"}, "task_examples": 5}, "no reference solution")):
+        cfg = sft_config(base_run, tmp_path)
+        cfg["data"].update(bad)
+        with pytest.raises(ConfigError, match=message):
+            load_sft_config(cfg)
 
 
 def test_accumulation_gives_the_full_batch_gradient(base_run, tmp_path):

@@ -44,7 +44,6 @@ from archifactory.config import (
     MAX_SEQ_LEN,
     MAX_TEMPERATURE,
     ConfigError,
-    Seed,
     Strict,
     component_field,
     load_yaml,
@@ -55,7 +54,7 @@ from archifactory.model.lm import IGNORE_INDEX, CausalLM
 from archifactory.posttrain.chat import IM_END, TEMPLATE_FILE, ChatTemplate
 from archifactory.posttrain.sft import stage_data
 from archifactory.posttrain.grpo_loss import LossType, RewardScale, group_advantages, grpo_loss, token_logprobs
-from archifactory.posttrain.tasks import Problem, Task, build_task
+from archifactory.posttrain.tasks import Problem, Task, TaskConfig
 from archifactory.registry import OPTIMIZERS, SCHEDULES
 from archifactory.results import RunSummary
 from archifactory.train.config import RunConfig, TrainConfig, expand_run_data
@@ -65,22 +64,7 @@ from archifactory.train.distributed import all_reduce_mean
 from archifactory.train.trainer import Trainer
 
 
-class GRPOTaskConfig(Strict):
-    name: Literal["addition", "multiplication", "countdown", "gsm8k"] = "addition"
-    digits: int = Field(3, ge=1, le=30)
-    """addition / multiplication: digits of each operand."""
-    n_numbers: int = Field(3, ge=2, le=6)
-    """countdown: numbers to combine."""
-    max_number: int = Field(20, ge=1)
-    """countdown: the numbers are drawn from 1..max_number."""
-    data: str | None = None
-    """gsm8k: a local file or hub dataset with ``question`` and ``answer`` (``#### N``) fields."""
-    seed: Seed = 0
-    """Problem stream; held-out problems come from a separate stream (or, for data, a held-out draw)."""
-
-    def build(self) -> Task:
-        options = {"countdown": {"n_numbers": self.n_numbers, "max_number": self.max_number}}.get(self.name, {})
-        return build_task(self.name, digits=self.digits, seed=self.seed, data=self.data, **options)
+GRPOTaskConfig = TaskConfig
 
 
 class GRPOOptions(Strict):

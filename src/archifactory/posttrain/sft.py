@@ -36,7 +36,7 @@ from typing import Iterable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from archifactory.config import ConfigError, Seed, Strict, apply_overrides, component_field, load_yaml, validate
 from archifactory.data.tokenizer import Tokenizer
@@ -44,6 +44,7 @@ from archifactory.model.lm import CausalLM
 from archifactory.posttrain.chat import IM_END, ChatTemplate, add_chat_tokens, resize_vocab
 from archifactory.posttrain.formats import Format, conversations, load_records
 from archifactory.posttrain.sft_data import SFTLoader, eval_batches, tokenize_conversations
+from archifactory.posttrain.tasks import TaskConfig
 from archifactory.registry import OPTIMIZERS, SCHEDULES
 from archifactory.results import RunSummary
 from archifactory.train.config import RunConfig, TrainConfig, expand_run_data
@@ -73,6 +74,30 @@ class SFTDataConfig(Strict):
     """Conversations held out for the validation loss (a seeded draw), at least one when > 0."""
     seed: Seed = 0
     """Held-out draw and data order; the same for every variant of a sweep."""
+    task: TaskConfig | None = None
+    """Add worked examples of a verifiable task (as GRPO's ``task`` names it) to the records: the first
+    ``task_examples`` problems of its training split, the user turn its prompt and the assistant turn its
+    reference answer (addition, multiplication and gsm8k; countdown has no reference solution). The
+    held-out problems are never among them."""
+    task_examples: int = Field(0, ge=0)
+    """How many task problems ``task`` adds (0: none)."""
+
+    @model_validator(mode="after")
+    def _task_examples(self):
+        if (self.task is None) != (self.task_examples == 0):
+            raise ValueError("data.task and data.task_examples go together: name the task and how many of its "
+                             "problems to add (task_examples >= 1), or leave both out")
+        if self.task is not None and self.task.name == "countdown":
+            raise ValueError("data.task: countdown problems have no reference solution to train on; use addition, "
+                             "multiplication or gsm8k")
+        return self
+
+
+def task_records(task: TaskConfig, n: int) -> list[dict]:
+    """The first ``n`` training problems of ``task`` as Alpaca records (prompt -> reference answer)."""
+    built = task.build()
+    return [{"instruction": p.prompt, "input": "", "output": p.answer}
+            for p in (built.problem(i, "train") for i in range(n))]
 
 
 class SFTOptions(Strict):
@@ -185,6 +210,9 @@ class SFTTrainer(Trainer):
             records = records[: cfg.data.max_examples]
         if not records:
             raise ConfigError(f"data.source={cfg.data.source!r} holds no records")
+        n_source = len(records)
+        if cfg.data.task is not None:
+            records = records + task_records(cfg.data.task, cfg.data.task_examples)
         convs = conversations(records, cfg.data.format, cfg.data.keep_reasoning)
         order = np.random.default_rng([cfg.data.seed, 1]).permutation(len(convs))
         n_val = max(1, round(cfg.data.val_fraction * len(convs))) if cfg.data.val_fraction > 0 and len(convs) > 1 else 0
@@ -213,6 +241,7 @@ class SFTTrainer(Trainer):
         self.data_info = {
             "source": cfg.data.source,
             "records": len(records),
+            "task_records": len(records) - n_source,
             "data_hash": data_hash,
             "train_conversations": len(train_examples),
             "val_conversations": len(self.val_examples),
@@ -228,7 +257,7 @@ class SFTTrainer(Trainer):
             self.template.save(self.run_dir)
             (self.run_dir / "data.json").write_text(json.dumps(self.data_info, indent=2))
         self.log(
-            f"sft data: {len(records)} records -> {len(train_examples)} train / {len(self.val_examples)} held-out "
+            f"sft data: {len(records)} records{f' ({len(records) - n_source} of task {cfg.data.task.name})' if cfg.data.task else ''} -> {len(train_examples)} train / {len(self.val_examples)} held-out "
             f"conversations ({self.data_info['truncated']} cut at {tc.seq_len} tokens, {self.data_info['dropped']} "
             f"dropped), {'packed' if self.packing else 'one per row'}"
             + (f" (cannot pack: {blockers[0]}{' ...' if len(blockers) > 1 else ''})" if blockers and cfg.sft.packing != "off" else "")

@@ -11,8 +11,11 @@ extractor.
 
 A completion's final answer is the text after its last ``####`` or ``Answer:`` when present, else its last
 number; any ``<think>...</think>`` trace is ignored. Problems are a pure function of ``(seed, split,
-index)``, so a run's prompts are reproducible and resumable; ``split="test"`` draws held-out problems
-from a different stream.
+index)``, so a run's prompts are reproducible and resumable. ``split="test"`` draws held-out problems that
+``split="train"`` never gives: for the generated tasks a seeded share ``test_fraction`` of all problems
+(a hash of the seed and the problem: the operand pair, or the numbers and target) belongs to the test
+split only, so held-out accuracy is measured on problems never trained on even where the problem space is
+small (1-digit addition has 100); for records, a seeded share of the records.
 """
 
 from __future__ import annotations
@@ -20,14 +23,18 @@ from __future__ import annotations
 import ast
 import dataclasses
 import fractions
+import hashlib
 import operator
 import re
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
+from archifactory.config import Seed, Strict
 from archifactory.posttrain.chat import THINK_END
+
 
 Split = Literal["train", "test"]
 SPLIT_IDS = {"train": 0, "test": 1}
@@ -71,8 +78,35 @@ def same_number(a: str | None, b: str) -> bool:
         return a.strip() == b.strip()
 
 
+MAX_DRAWS = 10_000
+
+
+def held_out(seed: int, key: str, test_fraction: float) -> bool:
+    """Whether the problem ``key`` belongs to the test split: a hash of ``(seed, key)`` below
+    ``test_fraction`` (a fixed, seeded share of all problems)."""
+    digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64 < test_fraction
+
+
+def check_test_fraction(test_fraction: float) -> None:
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction={test_fraction} must be in (0, 1): the share of problems held out for testing")
+
+
 class Task:
     name: str = "task"
+    seed: int = 0
+    test_fraction: float = 0.1
+
+    def draw_split(self, rng: np.random.Generator, split: Split, draw) -> tuple:
+        """Draws ``draw(rng) -> (key, value)`` until the key falls in ``split``; returns the value."""
+        want = split == "test"
+        for _ in range(MAX_DRAWS):
+            key, value = draw(rng)
+            if held_out(self.seed, key, self.test_fraction) == want:
+                return value
+        raise ValueError(f"{self.name}: no {split} problem in {MAX_DRAWS} draws; the problem space is too small "
+                         f"for test_fraction={self.test_fraction} (raise digits or max_number, or change test_fraction)")
 
     def problem(self, index: int, split: Split = "train") -> Problem:  # pragma: no cover
         raise NotImplementedError
@@ -86,16 +120,24 @@ class Task:
 
 
 class ArithmeticTask(Task):
-    def __init__(self, op: Literal["+", "*"], digits: int = 3, seed: int = 0) -> None:
+    """Two random ``digits``-digit operands (1 digit: 0-9); the ordered pair decides the split."""
+
+    def __init__(self, op: Literal["+", "*"], digits: int = 3, seed: int = 0, test_fraction: float = 0.1) -> None:
         if digits < 1:
             raise ValueError(f"digits={digits} must be >= 1")
-        self.op, self.digits, self.seed = op, digits, seed
+        check_test_fraction(test_fraction)
+        self.op, self.digits, self.seed, self.test_fraction = op, digits, seed, test_fraction
         self.name = {"+": "addition", "*": "multiplication"}[op]
 
     def problem(self, index: int, split: Split = "train") -> Problem:
         rng = np.random.default_rng([self.seed, SPLIT_IDS[split], index])
         low, high = 10 ** (self.digits - 1) if self.digits > 1 else 0, 10**self.digits
-        a, b = (int(v) for v in rng.integers(low, high, size=2))
+
+        def draw(rng):
+            a, b = (int(v) for v in rng.integers(low, high, size=2))
+            return f"{a}{self.op}{b}", (a, b)
+
+        a, b = self.draw_split(rng, split, draw)
         result = a + b if self.op == "+" else a * b
         return Problem(f"What is {a} {self.op} {b}?", str(result))
 
@@ -134,20 +176,25 @@ class CountdownTask(Task):
 
     name = "countdown"
 
-    def __init__(self, n_numbers: int = 3, max_number: int = 20, seed: int = 0) -> None:
+    def __init__(self, n_numbers: int = 3, max_number: int = 20, seed: int = 0, test_fraction: float = 0.1) -> None:
         if n_numbers < 2:
             raise ValueError(f"n_numbers={n_numbers} must be >= 2")
-        self.n_numbers, self.max_number, self.seed = n_numbers, max_number, seed
+        check_test_fraction(test_fraction)
+        self.n_numbers, self.max_number, self.seed, self.test_fraction = n_numbers, max_number, seed, test_fraction
 
     def problem(self, index: int, split: Split = "train") -> Problem:
         rng = np.random.default_rng([self.seed, SPLIT_IDS[split], index])
-        while True:
-            numbers = [int(v) for v in rng.integers(1, self.max_number + 1, size=self.n_numbers)]
-            value = fractions.Fraction(numbers[0])
-            for n in numbers[1:]:
-                value = [value + n, value - n, value * n, value / n][int(rng.integers(4))]
-            if value.denominator == 1 and value > 0:
-                break
+
+        def draw(rng):  # the multiset of numbers and the target decide the split
+            while True:
+                numbers = [int(v) for v in rng.integers(1, self.max_number + 1, size=self.n_numbers)]
+                value = fractions.Fraction(numbers[0])
+                for n in numbers[1:]:
+                    value = [value + n, value - n, value * n, value / n][int(rng.integers(4))]
+                if value.denominator == 1 and value > 0:
+                    return f"{sorted(numbers)}={value}", (numbers, value)
+
+        numbers, value = self.draw_split(rng, split, draw)
         shown = [int(v) for v in rng.permutation(numbers)]
         prompt = (f"Using the numbers {shown}, each exactly once, and + - * / with parentheses, write an "
                   f"expression equal to {int(value)}. Put it in <answer></answer>.")
@@ -213,14 +260,41 @@ class AnswerDataTask(Task):
         return problems[int(np.random.default_rng([self.seed, 3, epoch]).permutation(len(problems))[position])]
 
 
-def build_task(name: str, digits: int = 3, seed: int = 0, data: str | Path | None = None, **options) -> Task:
-    """``addition`` | ``multiplication`` | ``countdown`` | ``gsm8k`` (needs ``data``)."""
+def build_task(name: str, digits: int = 3, seed: int = 0, data: str | Path | None = None, test_fraction: float = 0.1,
+               **options) -> Task:
+    """``addition`` | ``multiplication`` | ``countdown`` | ``gsm8k`` (needs ``data``); ``test_fraction`` of
+    the problems (records) are held out for ``split="test"``."""
+    check_test_fraction(test_fraction)
     if name in ("addition", "multiplication"):
-        return ArithmeticTask("+" if name == "addition" else "*", digits, seed)
+        return ArithmeticTask("+" if name == "addition" else "*", digits, seed, test_fraction)
     if name == "countdown":
-        return CountdownTask(seed=seed, **options)
+        return CountdownTask(seed=seed, test_fraction=test_fraction, **options)
     if name == "gsm8k":
         if data is None:
             raise ValueError("task gsm8k needs data: a file or hub dataset with question / answer (#### N) fields")
-        return AnswerDataTask(str(data), seed=seed, **options)
+        return AnswerDataTask(str(data), seed=seed, test_fraction=test_fraction, **options)
     raise ValueError(f"unknown task {name!r}; use addition, multiplication, countdown or gsm8k")
+
+
+class TaskConfig(Strict):
+    """A task as a run config names it (a GRPO run's ``task``, an SFT run's ``data.task``)."""
+
+    name: Literal["addition", "multiplication", "countdown", "gsm8k"] = "addition"
+    digits: int = Field(3, ge=1, le=30)
+    """addition / multiplication: digits of each operand (1: 0-9)."""
+    n_numbers: int = Field(3, ge=2, le=6)
+    """countdown: numbers to combine."""
+    max_number: int = Field(20, ge=1)
+    """countdown: the numbers are drawn from 1..max_number."""
+    data: str | None = None
+    """gsm8k: a local file or hub dataset with ``question`` and ``answer`` (``#### N``) fields."""
+    seed: Seed = 0
+    """Problem stream and the choice of held-out problems."""
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    """Share of the problems (operand pairs, countdown numbers and target, or records) held out: the
+    held-out accuracy is measured on them only, and training never draws them."""
+
+    def build(self) -> Task:
+        options = {"countdown": {"n_numbers": self.n_numbers, "max_number": self.max_number}}.get(self.name, {})
+        return build_task(self.name, digits=self.digits, seed=self.seed, data=self.data,
+                          test_fraction=self.test_fraction, **options)
