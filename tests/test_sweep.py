@@ -2,6 +2,7 @@
 
 import json
 import sqlite3
+import types
 from pathlib import Path
 
 import pytest
@@ -214,3 +215,32 @@ def test_lr_grids_do_not_repeat_a_value():
         with pytest.raises(ConfigError, match=r"variants.v.lr: .* repeats a learning rate"):
             validate(SweepSpec, {**spec, "variants": {"v": {"lr": grid}}})
     assert validate(SweepSpec, {**spec, "variants": {"v": {"lr": [1e-3, 1.1e-3]}}}).variants["v"].lr == [1e-3, 1.1e-3]
+
+
+def test_progress_bars_count_every_row_and_fill_when_done(tmp_path):
+    """Train rows come every log_every steps: the bar follows the last row of any kind (the final
+    evaluation carries the final tokens), and a finished run's bar is full even when its budget is
+    not in steps (SFT epochs, a time budget)."""
+    import json as json_
+
+    from archifactory.train.config import TrainConfig
+
+    class Bars:
+        def __init__(self):
+            self.calls = []
+
+        def update(self, task, **fields):
+            self.calls.append(fields)
+
+    rows = [{"kind": "train", "step": 290, "tokens": 290 * 2048, "loss": 4.0, "tokens_per_s": 1.0},
+            {"kind": "eval", "step": 293, "tokens": 293 * 2048, "val_loss": 4.1}]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json_.dumps(r) for r in rows) + "\n")
+    train = TrainConfig(seq_len=128, batch_size=16, max_tokens=600_000, log_every=10)
+    run = types.SimpleNamespace(run_id="r", config=types.SimpleNamespace(out_dir=str(tmp_path), train=train))
+    runner = SweepRunner.__new__(SweepRunner)
+    runner._finished_shown = set()
+    bars = Bars()
+    runner._update(bars, {"r": 0}, [run], {})
+    assert bars.calls[-1]["completed"] == 293 * 2048 and bars.calls[-1]["total"] == 600_000
+    runner._update(bars, {"r": 0}, [run], {"r": "done"})
+    assert bars.calls[-1]["completed"] == bars.calls[-1]["total"] == 293 * 2048 and bars.calls[-1]["status"] == "done"

@@ -305,7 +305,8 @@ class SweepRunner:
             if run.run_id in results:
                 self._finished_shown.add(run.run_id)
             task = tasks[run.run_id]
-            records = [r for r in read_metrics(Path(run.config.out_dir) / "metrics.jsonl") if r.get("kind") == "train"]
+            rows = read_metrics(Path(run.config.out_dir) / "metrics.jsonl")
+            records = [r for r in rows if r.get("kind") == "train"]
             status = results.get(run.run_id, "running" if records else "queued")
             fields = {"status": status}
             if records:
@@ -313,7 +314,11 @@ class SweepRunner:
                 fields.update(loss=last["loss"], tps=last["tokens_per_s"] or 0.0)
                 tc = run.config.train
                 budget = tc.max_tokens or (tc.max_steps * tc.tokens_per_step() if tc.max_steps else None)
-                progress.update(task, completed=last["tokens"], total=budget, **fields)
+                # train rows come every log_every steps; every row (evaluations too) carries the tokens seen
+                seen = max(r.get("tokens") or 0 for r in rows)
+                if status == "done":  # a finished run fills its bar (its budget may be epochs or time)
+                    budget = seen
+                progress.update(task, completed=seen, total=budget, **fields)
             else:
                 progress.update(task, **fields)
 
