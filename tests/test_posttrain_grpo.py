@@ -4,6 +4,7 @@ for each loss type, against a hand computation and against TRL's GRPOTrainer._co
 import collections
 import fractions
 import math
+import statistics
 import types
 
 import pytest
@@ -293,6 +294,7 @@ def test_grpo_run_logs_its_metrics_and_resumes_exactly(sft_run, tmp_path):
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(0 <= r["pass_rate"] <= 1 and 1 <= r["completion_length"] <= 4 for r in steps)
     assert all(r["kl"] == 0 and r["clip_fraction"] == 0 for r in steps)  # beta 0; one update per rollout
+    assert all(0 <= r["frac_reward_zero_std"] <= 1 and r["reward_std"] >= 0 for r in steps)
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 2, 4]
     assert 0 <= summary["eval_accuracy"] <= 1 and summary["stage"] == "grpo"
     uninterrupted = CausalLM.from_pretrained(run / "model").state_dict()
@@ -311,6 +313,7 @@ def test_grpo_step_is_the_loss_of_its_rollouts(sft_run, tmp_path):
     """One micro-batch by hand: the trainer's loss equals grpo_loss on log-probabilities recomputed from
     its rollout, and its gradient is -(A * d logp) summed over completion tokens / their number."""
     from archifactory.posttrain.grpo import GRPOTrainer, load_grpo_config
+    from archifactory.train.metrics import read_metrics
 
     cfg = grpo_config(sft_run, tmp_path, "hand", micro_batch_size=8)
     cfg["grpo"] |= {"format_reward": 1.0, "max_completion_length": 6}  # random completions differ in form
@@ -326,6 +329,12 @@ def test_grpo_step_is_the_loss_of_its_rollouts(sft_run, tmp_path):
     surrogate = -(r["advantages"][:, None] * torch.exp(logp - logp.detach()) * mask).sum() / mask.sum()
     assert torch.allclose(loss, surrogate, atol=1e-6)
     assert r["advantages"].abs().sum() > 0 and r["rewards"].std() > 0
+    trainer._write_step_metrics()  # the within-group spread, by hand (torch.std is Bessel-corrected, as TRL's)
+    groups = [r["rewards"][i:i + 4].tolist() for i in range(0, 8, 4)]
+    spreads = [statistics.stdev(g) for g in groups]
+    logged = read_metrics(trainer.run_dir / "metrics.jsonl")[-1]
+    assert logged["reward_std"] == pytest.approx(sum(spreads) / 2, rel=1e-5)
+    assert logged["frac_reward_zero_std"] == sum(s == 0 for s in spreads) / 2
     g1 = torch.autograd.grad(loss, list(trainer.model.parameters()), allow_unused=True)
     g2 = torch.autograd.grad(surrogate, list(trainer.model.parameters()), allow_unused=True)
     assert all((a is None and b is None) or torch.allclose(a, b, atol=1e-7) for a, b in zip(g1, g2))

@@ -21,7 +21,8 @@ several steps) is not offered: a generation batch is one step's ``train.batch_si
 
 ```
 grpo_run_dir/  config.yaml, tokenizer.json, chat_template.jinja (copied from the SFT run), metrics.jsonl
-               (kind "grpo": reward, pass_rate, completion_length, kl, clip_fraction per step;
+               (kind "grpo": reward, reward_std, frac_reward_zero_std, pass_rate, completion_length, kl,
+               clip_fraction per step;
                kind "eval": eval_accuracy), checkpoints/, model/, summary.json
 ```
 """
@@ -286,8 +287,12 @@ class GRPOTrainer(Trainer):
 
     def _write_step_metrics(self) -> None:
         stats = self._step_stats
+        G = self.cfg.grpo.num_generations
+        group_std = torch.cat([r["rewards"].view(-1, G).std(dim=1) for r, _ in stats])
         values = {
             "reward": torch.cat([r["rewards"] for r, _ in stats]).mean(),
+            "reward_std": group_std.mean(),  # TRL's reward_std: the mean within-group std
+            "frac_reward_zero_std": (group_std == 0).float().mean(),  # groups that give no signal (TRL's name)
             "pass_rate": torch.cat([r["correct"] for r, _ in stats]).mean(),
             "completion_length": torch.cat([r["lengths"] for r, _ in stats]).mean(),
             "kl": torch.stack([o.kl.float().cpu() for _, o in stats]).mean(),
