@@ -200,6 +200,25 @@ class SweepSpec(Strict):
         return self
 
 
+    def _check_task_examples(self) -> None:
+        """SFT's worked task examples (``sft.data.task``) must come from GRPO's task with the same split, or
+        they could hold the problems GRPO's held-out exact match is measured on."""
+        from archifactory.posttrain.tasks import TaskConfig
+
+        sft_task = ((self.sft or {}).get("data") or {}).get("task")
+        grpo_task = (self.grpo or {}).get("task")
+        if not isinstance(sft_task, dict) or not isinstance(grpo_task, dict):
+            return
+        ours, theirs = TaskConfig(**sft_task), TaskConfig(**grpo_task)
+        if ours.name != theirs.name:
+            return  # another task's examples cannot hold this task's problems
+        differ = [k for k in ("digits", "n_numbers", "max_number", "data", "seed", "test_fraction")
+                  if getattr(ours, k) != getattr(theirs, k)]
+        if differ:
+            raise ValueError(f"sft.data.task.{differ[0]}={getattr(ours, differ[0])!r} differs from grpo.task's "
+                             f"{getattr(theirs, differ[0])!r}: the SFT examples would not come from the same training "
+                             "split, and could hold the held-out problems; give both the same task fields")
+
     def _check_stages(self) -> None:
         from archifactory.posttrain.recipe import check_recipe
 
@@ -221,6 +240,7 @@ class SweepSpec(Strict):
                                           or not 0 < scale < float("inf")):
                     raise ValueError(f"{stage}.{LR_SCALE}: {scale!r}; give a positive number (the variant's "
                                      f"pretraining lr times it is its {stage} lr) or leave it out")
+        self._check_task_examples()
         if self.eval is not None and self.eval.stages is not None:
             extra = [s for s in self.eval.stages if s not in self.stages]
             if extra:

@@ -97,7 +97,12 @@ def recipe_text(post: PosttrainData) -> list[str]:
         train, data, opts = sft.get("train") or {}, sft.get("data") or {}, sft.get("sft") or {}
         length = (f"{opts['num_train_epochs']:g} epochs" if opts.get("num_train_epochs")
                   else f"{train.get('max_steps')} steps")
-        lines.append(f"SFT: {Path(str(data.get('source', '?'))).name} ({data.get('format', 'auto')} format), {length} of "
+        task = data.get("task") or {}
+        examples = (f" + the first {data.get('task_examples')} training problems of {task.get('name')} "
+                    f"({task.get('digits')} digits) with their answers" if task else "")
+        first = f", first {data['max_examples']} records" if data.get("max_examples") else ""
+        lines.append(f"SFT: {Path(str(data.get('source', '?'))).name} ({data.get('format', 'auto')} format{first})"
+                     f"{examples}, {length} of "
                      f"{train.get('batch_size')} rows x {train.get('seq_len')} tokens, loss on assistant tokens "
                      f"{'only' if opts.get('assistant_only_loss', True) else 'and prompts'}, "
                      + _lr_text(post, "sft", sft))
@@ -107,7 +112,8 @@ def recipe_text(post: PosttrainData) -> list[str]:
                      f"{train.get('max_steps')} steps of {train.get('batch_size')} completions "
                      f"({opts.get('num_generations')} per prompt, {opts.get('num_iterations', 1)} update(s) each, "
                      f"loss {opts.get('loss_type')}), " + _lr_text(post, "grpo", grpo)
-                     + f"; exact match: greedy answers to {opts.get('eval_problems')} held-out problems")
+                     + f"; exact match: greedy answers to {opts.get('eval_problems')} held-out problems "
+                     f"(drawn from the {task.get('test_fraction', 0.1):g} share of problems that training never draws)")
     return lines
 
 
