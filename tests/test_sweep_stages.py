@@ -406,6 +406,14 @@ def test_report_shows_each_stage_with_intervals_over_seeds(tmp_path):
     assert "(report_files/grpo_curves.png)" in text and "(report_files/sft_val_loss.png)" in text
     assert "SFT: chat.jsonl (auto format), 4 steps of 8 rows" in text
     assert "GRPO: addition (1 digits, task seed 0), 3 steps of 8 completions" in text
+    # the exact match of answering the most common held-out answer every time, counted here from the task
+    from collections import Counter
+
+    from archifactory.posttrain.tasks import ArithmeticTask
+
+    task = ArithmeticTask("+", digits=1, seed=0)
+    answer, count = Counter(task.problem(i, "test").answer for i in range(64)).most_common(1)[0]
+    assert f"answering {answer} to every question would score {100 * count / 64:.1f} %" in text
     assert "lr 0.1 x the variant's pretraining lr" in text
     # the GRPO lr follows each variant's pretraining lr (lr_scale): listed, not a failed check
     assert "pretraining lr (lr\\_scale): 0.0002, 0.0003" in text

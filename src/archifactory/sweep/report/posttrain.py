@@ -113,8 +113,38 @@ def recipe_text(post: PosttrainData) -> list[str]:
                      f"({opts.get('num_generations')} per prompt, {opts.get('num_iterations', 1)} update(s) each, "
                      f"loss {opts.get('loss_type')}), " + _lr_text(post, "grpo", grpo)
                      + f"; exact match: greedy answers to {opts.get('eval_problems')} held-out problems "
-                     f"(drawn from the {task.get('test_fraction', 0.1):g} share of problems that training never draws)")
+                     f"(drawn from the {task.get('test_fraction', 0.1):g} share of problems that training never draws)"
+                     + constant_answer_text(task, opts.get("eval_problems")))
     return lines
+
+
+def constant_answer(task: dict[str, Any], n: int) -> tuple[str, float] | None:
+    """The most common reference answer among the first ``n`` held-out problems of ``task`` (a GRPO
+    run's ``task`` section) and its share: the exact match of a model that ignores the question. ``None``
+    for a task whose problems cannot be rebuilt here (countdown's answers are expressions; gsm8k's data
+    missing)."""
+    from collections import Counter
+
+    from archifactory.posttrain.tasks import TaskConfig
+
+    if not n or task.get("name") == "countdown":
+        return None
+    try:
+        built = TaskConfig(**task).build()
+        answers = Counter(built.problem(i, "test").answer for i in range(int(n)))
+    except Exception:  # noqa: BLE001 - a report never fails on a task it cannot rebuild
+        return None
+    answer, count = answers.most_common(1)[0]
+    return answer, count / int(n)
+
+
+def constant_answer_text(task: dict[str, Any], n: int | None) -> str:
+    found = constant_answer(task, n or 0)
+    if found is None:
+        return ""
+    answer, share = found
+    return (f"; answering {answer} to every question would score {100 * share:.1f} % on them, so an exact "
+            "match near that need not mean the model reads the question")
 
 
 def fairness_rows(post: PosttrainData) -> list[list]:
