@@ -58,6 +58,9 @@ MAX_EPOCHS = 1000.0
 counted, so 1e9 epochs hung the setup."""
 
 
+MAX_TASK_EXAMPLES = 100_000
+
+
 class SFTDataConfig(Strict):
     source: str
     """A local ``.json`` / ``.jsonl`` / ``.parquet`` file or a Hugging Face hub dataset name."""
@@ -79,7 +82,7 @@ class SFTDataConfig(Strict):
     ``task_examples`` problems of its training split, the user turn its prompt and the assistant turn its
     reference answer (addition, multiplication and gsm8k; countdown has no reference solution). The
     held-out problems are never among them."""
-    task_examples: int = Field(0, ge=0)
+    task_examples: int = Field(0, ge=0, le=MAX_TASK_EXAMPLES)
     """How many task problems ``task`` adds (0: none)."""
 
     @model_validator(mode="after")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from archifactory.config import Seed, Strict
 from archifactory.posttrain.chat import THINK_END
@@ -290,9 +290,17 @@ class TaskConfig(Strict):
     """gsm8k: a local file or hub dataset with ``question`` and ``answer`` (``#### N``) fields."""
     seed: Seed = 0
     """Problem stream and the choice of held-out problems."""
-    test_fraction: float = Field(0.1, gt=0, lt=1)
+    test_fraction: float = Field(0.1, gt=0, le=0.5)
     """Share of the problems (operand pairs, countdown numbers and target, or records) held out: the
     held-out accuracy is measured on them only, and training never draws them."""
+
+    @model_validator(mode="after")
+    def _both_splits_draw(self):
+        if self.name != "gsm8k":  # a generated task: both splits must hold a problem (tiny spaces may not)
+            built = self.build()
+            for split in ("train", "test"):
+                built.problem(0, split)  # ValueError naming test_fraction when the split is empty
+        return self
 
     def build(self) -> Task:
         options = {"countdown": {"n_numbers": self.n_numbers, "max_number": self.max_number}}.get(self.name, {})
