@@ -210,3 +210,36 @@ def test_cache_rebuild_warnings_are_one_warning_line(tmp_path):
     lines = [line for line in result.output.splitlines() if "rebuilding it from the corpus" in line]
     assert len(lines) == 1 and lines[0].startswith("warning: "), result.output
     assert "UserWarning" not in result.output and ".py:" not in result.output
+
+
+# ------------------------------------------------------------- a resume with a new learning rate
+
+
+def logged_lrs(run) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {row["step"]: row["lr"] for row in rows if row["kind"] == "train"}
+
+
+def test_a_resume_with_a_changed_lr_trains_at_the_new_rate(tmp_path):
+    # the divergence advice is "lower optimizer.lr and resume": before, the checkpoint's optimizer state
+    # restored the old peak rate, so the resumed run diverged again at the same rate
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    path = write_run(tmp_path / "a", max_steps=2)
+    assert runner.invoke(app, ["train", str(path), "--set", "optimizer.lr=1e-2"]).exit_code == 0
+    result = runner.invoke(app, ["train", str(path), "--set", "optimizer.lr=1e-5", "--set", "train.max_steps=4"])
+    assert result.exit_code == 0 and "resumed from" in result.output, result.output
+    # the reference: a fresh run at the new rate, same schedule and budget
+    fresh = write_run(tmp_path / "b", max_steps=4)
+    assert runner.invoke(app, ["train", str(fresh), "--set", "optimizer.lr=1e-5"]).exit_code == 0
+    resumed, reference = logged_lrs(tmp_path / "a" / "run"), logged_lrs(tmp_path / "b" / "run")
+    assert resumed[3] == pytest.approx(reference[3], rel=1e-12) and resumed[4] == pytest.approx(reference[4], rel=1e-12)
+    assert resumed[3] < 1e-4
+
+
+@pytest.mark.parametrize("field", ["optimizer.lr", "optimizer.muon_lr"])
+def test_a_learning_rate_beyond_float32_is_a_config_error(tmp_path, field):
+    # before: optimizer.lr=1e308 validated and then raised an overflow RuntimeError inside torch.optim.Adam
+    path = write_run(tmp_path)
+    overrides = (["--set", "optimizer.name=muon"] if "muon" in field else []) + ["--set", f"{field}=1e308"]
+    one_error_line(runner.invoke(app, ["train", str(path), *overrides]), field, "1000000")

@@ -122,6 +122,10 @@ below 1e-2 every logit is ~0, above 1e4 the cap is beyond what fp16 products hol
 LOGIT_SCALE_MIN, LOGIT_SCALE_MAX = 1e-6, 100.0
 """Range of an attention logit scale: the usual ``head_dim ** -0.5`` (or muP's ``1 / head_dim``) lies in
 [2e-4, 1] for the head sizes a config allows; 1e30 already made the first gradients non-finite."""
+MAX_LR = 1e6
+"""Largest learning rate: the references' peak rates lie in 1e-5 .. 10 (SGD, Muon 0.02, AdamW 1e-4 .. 1e-2), and
+the robustness tests diverge on purpose at 10 .. 3e4; above ~3e38 (float32's largest) the optimizers' fused
+updates cannot even convert the step size (1e308 raised an overflow error inside torch.optim.Adam)."""
 MAX_AUX_LOSS_WEIGHT = 1.0
 """Largest weight of an auxiliary loss (z-loss, MoE balance and router z-loss, multi-token heads): the
 references use 1e-4 .. 1 (PaLM's z-loss 1e-4, Switch's balance loss 1e-2, Gloeckle et al.'s MTP heads 1);

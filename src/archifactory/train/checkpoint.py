@@ -124,10 +124,21 @@ def load_checkpoint(path: Path, model: torch.nn.Module, device: torch.device | s
     return state
 
 
+CONFIG_GROUP_KEYS = ("base_lr",)
+"""Param-group entries that come from the run's config, not from training: the live optimizer's values win
+over the checkpoint's, so that a resume with a changed ``optimizer.lr`` (the advice after a divergence)
+trains at the new peak rate. ``set_lr`` scales ``base_lr`` at every step, so the rate itself follows."""
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """Load, keeping group settings the checkpoint could not store (e.g. functions) from the live optimizer."""
+    """Load the checkpoint's optimizer state (moments, step counts, group hyperparameters), keeping from the
+    live optimizer the group settings the checkpoint could not store (e.g. functions) and the peak learning
+    rate the current config sets (``CONFIG_GROUP_KEYS``)."""
     before = [dict(g) for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, old in zip(optimizer.param_groups, before):
         for key, value in old.items():
-            group.setdefault(key, value)
+            if key in CONFIG_GROUP_KEYS:
+                group[key] = value
+            else:
+                group.setdefault(key, value)

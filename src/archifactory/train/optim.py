@@ -31,7 +31,7 @@ from torch import nn
 
 from typing_extensions import Annotated
 
-from archifactory.config import MAX_STEPS, ConfigError, Strict, validate
+from archifactory.config import MAX_LR, MAX_STEPS, ConfigError, Strict, validate
 from archifactory.nn.roles import ParamRole, parameter_roles
 from archifactory.registry import OPTIMIZERS, register_optimizer
 
@@ -95,8 +95,8 @@ class OptimizerConfig(Strict):
 
     registry_key: ClassVar[str] = "name"
     name: str
-    lr: float = Field(3e-3, gt=0)
-    """Peak learning rate."""
+    lr: float = Field(3e-3, gt=0, le=MAX_LR)
+    """Peak learning rate (at most ``MAX_LR``, 1e6)."""
 
     def build(self, groups: ParamGroups) -> torch.optim.Optimizer:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__}.build")
@@ -234,7 +234,7 @@ class MuonConfig(_DecayedConfig):
     ``lr`` on everything else (embeddings, head, experts, filters, vectors), both stepped together."""
 
     name: Literal["muon"] = "muon"
-    muon_lr: float = Field(0.02, gt=0)
+    muon_lr: float = Field(0.02, gt=0, le=MAX_LR)
     """Muon's peak learning rate for ``matrix`` parameters, scaled per matrix by ``adjust_lr``."""
     momentum: float = Field(0.95, ge=0, lt=1)
     """Muon's momentum (AdamW's are ``betas``)."""
