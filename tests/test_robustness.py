@@ -279,15 +279,18 @@ def test_training_and_checkpoint_errors_are_user_errors(trained, tmp_path):
 
 def test_divergence_is_one_line(tmp_path):
     path = write_run(tmp_path, max_steps=6, grad_clip=None)
-    result = runner.invoke(app, ["train", str(path), "--set", "optimizer.lr=1e30", "--set", "schedule.warmup_steps=0"])
+    result = runner.invoke(app, ["train", str(path), "--set", "optimizer.lr=1e6", "--set", "schedule.warmup_steps=0"])
     line = one_error_line(result, "training stopped", "lower optimizer.lr")
     assert "fp16" not in line and "bf16" not in line  # advice fits the fp32 run
-    # lr 1e30 makes step 1's weights finite but huge: step 2's forward overflows. Resuming from step 1 with a
-    # sane lr fails at once, and the message then says that checkpoint has diverged, not that it is good.
-    assert "checkpoints/step_00000001 (step 1)" in line, line
+    # lr 1e6 (the largest allowed) makes step 2's weights finite but huge: step 3's gradient is NaN. Resuming
+    # from step 2 with a sane lr (which the resume now applies) fails at once, since the gradient at those
+    # weights is NaN whatever the rate, and the message then says that checkpoint has diverged, not that it
+    # is good.
+    assert "checkpoints/step_00000002 (step 2)" in line, line
     result = runner.invoke(app, ["train", str(path), "--set", "optimizer.lr=1e-3", "--set", "schedule.warmup_steps=0"])
-    one_error_line(result, "step 2 ", "checkpoints/step_00000001, holds finite weights that have already diverged",
-                   "start over with --fresh")
+    line = one_error_line(result, "step 3 ", "checkpoints/step_00000002, holds finite weights that have already "
+                          "diverged", "step_00000002 to resume from step_00000001")
+    assert "the rate at this step was 0.000775" in line, line  # the resumed step ran at the new rate
 
 
 def test_the_resolver_maps_every_form_to_its_run(trained, tmp_path):
