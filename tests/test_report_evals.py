@@ -251,3 +251,18 @@ def test_page_with_evaluations_loads_in_headless_chromium(tmp_path):
     for image in result["images"]:
         assert image["data"] and image["complete"] and image["decoded"], image
     assert result["bodyWidth"] <= 1280 and result["overflowing"] == 0
+
+
+def test_heat_map_reads_a_rounding_level_difference_as_none():
+    # found by a new user: two variants with equal scores whose seed means were summed in another order
+    # differed by -1.1e-16, which the per-column scaling drew as a full-scale "worse" cell
+    from types import SimpleNamespace as NS
+
+    base, same = 0.1 + 0.2 + 0.3, 0.3 + 0.2 + 0.1
+    assert base != same  # the premise: float addition is not associative
+    stats = {"baseline": NS(value=NS(mean=base, n=2), diff=None), "other": NS(value=NS(mean=same, n=2), diff=None)}
+    metric = NS(key=NS(label="arc_easy acc_norm"), higher_is_better=True, variants=stats)
+    evaluation = NS(baseline="baseline", metrics=[metric], order=["baseline", "other"], throughput={}, state_bytes={})
+    hm = heat_map(evaluation)
+    np.testing.assert_array_equal(hm.scores, [[0.0], [0.0]])
+    assert hm.labels[1] == ["+0"]

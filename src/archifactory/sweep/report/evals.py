@@ -278,8 +278,11 @@ def heat_map(evaluation: StageEvaluation) -> HeatMap | None:
         col, text = [], []
         for v in variants:
             x = values.get(v)
-            col.append(math.nan if x is None else x - base)
-            text.append("" if x is None or v == evaluation.baseline else label(v, x - base))
+            # a difference at rounding level (means of the same values summed in another order) is no
+            # difference: the column scaling below would otherwise stretch 1e-16 to a full-scale cell
+            d = math.nan if x is None else 0.0 if math.isclose(x, base, rel_tol=1e-9, abs_tol=1e-12) else x - base
+            col.append(d)
+            text.append("" if x is None or v == evaluation.baseline else label(v, d))
         raw.append(col)
         labels.append(text)
 
