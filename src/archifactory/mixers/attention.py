@@ -25,7 +25,7 @@ from archifactory.config import (
     BuildContext,
     FieldError,
 )
-from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, check_position_head_dim, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.positions import relative_position_parts
 from archifactory.registry import register_mixer
@@ -65,10 +65,7 @@ class AttentionConfig(MixerConfig):
             raise FieldError(
                 "n_kv_heads", f"n_kv_heads={self.kv_heads} does not divide n_heads={self.n_heads}; choose one of {valid}"
             )
-        try:
-            ctx.position.check_head_dim(self.resolved_head_dim(ctx.d_model))
-        except ValueError as err:
-            raise FieldError("head_dim", f"with position kind {ctx.position.kind!r}: {err}") from None
+        check_position_head_dim(ctx, self.resolved_head_dim(ctx.d_model), "head_dim")
         if self.qk_norm and ctx.norm.kind == "none":
             raise FieldError("qk_norm", "qk_norm=true needs a model norm (rmsnorm or layernorm), not norm kind 'none'")
 

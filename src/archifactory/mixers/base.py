@@ -127,6 +127,15 @@ def check_heads_divide(n_heads: int, d_model: int, explicit_head_dim: int | None
         )
 
 
+def check_position_head_dim(ctx: BuildContext, head_dim: int, field: str, where: str = "") -> None:
+    """The model's position kind must accept ``head_dim`` channels per head (RoPE needs an even count);
+    otherwise a FieldError on ``field`` naming the kind (and ``where``, e.g. `` on qk_rope_head_dim=8``)."""
+    try:
+        ctx.position.check_head_dim(head_dim)
+    except ValueError as err:
+        raise FieldError(field, f"with position kind {ctx.position.kind!r}{where}: {err}") from None
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The precision recurrences run and keep their state in: at least fp32 (fp64 stays fp64)."""
     return torch.promote_types(dtype, torch.float32)

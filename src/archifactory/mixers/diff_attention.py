@@ -32,7 +32,7 @@ from torch import nn
 
 from archifactory.config import MAX_COUNT, BuildContext, FieldError
 from archifactory.mixers.attention import KVCache
-from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, check_position_head_dim, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
 from archifactory.nn.positions import relative_position_parts
@@ -79,10 +79,7 @@ class DiffAttentionConfig(MixerConfig):
             )
         if self.n_heads % self.kv_heads:
             raise FieldError("n_kv_heads", f"n_kv_heads={self.kv_heads} does not divide n_heads={self.n_heads}")
-        try:
-            ctx.position.check_head_dim(self.resolved_head_dim(ctx.d_model))
-        except ValueError as err:
-            raise FieldError("head_dim", f"with position kind {ctx.position.kind!r}: {err}") from None
+        check_position_head_dim(ctx, self.resolved_head_dim(ctx.d_model), "head_dim")
 
     def build(self, ctx: BuildContext) -> "DiffAttention":
         return DiffAttention(self, ctx)

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from archifactory.config import MAX_COUNT, BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, linear_flops
+from archifactory.config import MAX_COUNT, BuildContext
+from archifactory.mixers.base import Mixer, MixerConfig, check_heads_divide, check_position_head_dim, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.positions import relative_position_parts
 from archifactory.registry import register_mixer
@@ -66,10 +66,7 @@ class DilatedAttentionConfig(MixerConfig):
 
     def check(self, ctx: BuildContext) -> None:
         check_heads_divide(self.n_heads, ctx.d_model)
-        try:
-            ctx.position.check_head_dim(ctx.d_model // self.n_heads)
-        except ValueError as err:
-            raise FieldError("n_heads", f"with position kind {ctx.position.kind!r}: {err}") from None
+        check_position_head_dim(ctx, ctx.d_model // self.n_heads, "n_heads")
 
     def build(self, ctx: BuildContext) -> "DilatedAttention":
         return DilatedAttention(self, ctx)

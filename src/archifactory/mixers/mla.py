@@ -37,7 +37,7 @@ from pydantic import Field
 from torch import nn
 
 from archifactory.config import LOGIT_SCALE_MAX, LOGIT_SCALE_MIN, MAX_COUNT, BuildContext, FieldError
-from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, check_position_head_dim, linear_flops
 from archifactory.nn.init import init_linear
 from archifactory.nn.norms import RMSNorm
 from archifactory.nn.positions import relative_position_parts
@@ -93,12 +93,7 @@ class MLAConfig(MixerConfig):
                 f"and kv_lora_rank explicitly",
             )
         _, rope, _, _ = self.sizes(ctx.d_model)
-        try:
-            ctx.position.check_head_dim(rope)
-        except ValueError as err:
-            raise FieldError(
-                "qk_rope_head_dim", f"with position kind {ctx.position.kind!r} on qk_rope_head_dim={rope}: {err}"
-            ) from None
+        check_position_head_dim(ctx, rope, "qk_rope_head_dim", f" on qk_rope_head_dim={rope}")
         if self.mscale_all_dim:
             scaling = getattr(ctx.position, "scaling", None)
             if ctx.position.kind != "rope" or scaling is None or scaling.type != "yarn":

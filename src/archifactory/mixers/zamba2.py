@@ -37,7 +37,7 @@ from torch import nn
 
 from archifactory.config import MAX_COUNT, BuildContext, FieldError
 from archifactory.mixers.attention import KVCache
-from archifactory.mixers.base import Mixer, MixerConfig, linear_flops
+from archifactory.mixers.base import Mixer, MixerConfig, check_position_head_dim, linear_flops
 from archifactory.mixers.mamba2 import Mamba2Config, SSMCache
 from archifactory.nn.init import init_linear
 from archifactory.nn.positions import relative_position_parts
@@ -95,10 +95,7 @@ class Zamba2Config(MixerConfig):
             raise FieldError("n_heads", f"n_heads={self.n_heads} does not divide the shared block's width {width}")
         if self.n_heads % self.kv_heads:
             raise FieldError("n_kv_heads", f"n_kv_heads={self.kv_heads} does not divide n_heads={self.n_heads}")
-        try:
-            ctx.position.check_head_dim(width // self.n_heads)
-        except ValueError as err:
-            raise FieldError("n_heads", f"with position kind {ctx.position.kind!r}: {err}") from None
+        check_position_head_dim(ctx, width // self.n_heads, "n_heads")
         try:
             self.mamba.check(ctx)
         except FieldError as err:
