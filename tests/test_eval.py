@@ -224,10 +224,13 @@ def test_unknown_task_and_bad_limit_are_clear_errors(tmp_path):
     run = make_run(tmp_path / "run")
     with pytest.raises(KeyError, match="unknown task 'piqaa'; known tasks: lambada"):
         evaluate(run, "piqa,piqaa")
-    with pytest.raises(ValueError, match="limit must be >= 1"):
+    with pytest.raises(ValueError, match=r"limit \(--limit\) must be >= 1"):
         evaluate(run, "piqa", limit=0)
     with pytest.raises(FileNotFoundError, match="neither a run directory"):
         evaluate(tmp_path, "piqa")
+    # the CLI offers only what eval accepts (no checkpoints)
+    missing = CliRunner().invoke(app, ["eval", str(tmp_path / "nope"), "--tasks", "piqa"])
+    assert missing.exit_code != 0 and "does not exist" in missing.output and "checkpoints/step_N" not in missing.output
 
 
 # ------------------------------------------------------------------------------ store and re-running
@@ -251,6 +254,12 @@ def test_run_dir_results_stored_and_rerun_skips(tmp_path, monkeypatch):
     assert {k: m.value for k, m in piqa.items()} == pytest.approx(direct, rel=1e-12)
     shared = evaluate(run, ["piqa"], limit=4, progress=False, share_prefix=True, force=True, store=tmp_path / "s.db")
     assert {m.metric: m.value for m in shared[0].metrics} == pytest.approx(direct, rel=1e-5)
+    # how it was scored is recorded with it
+    assert shared[0].env["share_prefix"] is True and records[1].env["share_prefix"] is False
+    assert json.loads(EvalStore(tmp_path / "s.db").evaluations()[0]["env_json"])["share_prefix"] is True
+    # a task named twice is scored once
+    twice = evaluate(run, "piqa,piqa", limit=4, progress=False, force=True, store=tmp_path / "twice.db")
+    assert [r.task for r in twice] == ["piqa"] and len(EvalStore(tmp_path / "twice.db").evaluations()) == 1
 
     def fail(*args, **kwargs):
         raise AssertionError("a stored evaluation was scored again")

@@ -174,6 +174,8 @@ def test_humaneval_bpb_is_bits_per_byte_of_the_canonical_solution(tmp_path):
         score = score_requests(ModelScorer(model), requests)[0]
         bits.append(-score.logprob / math.log(2) / len(item.continuations[0].encode()))
     assert values["bpb"] == pytest.approx(np.mean(bits), rel=1e-9)
+    # no perplexity of whole solutions (exp of hundreds of nats: it overflowed to the 1e304 cap)
+    assert set(values) == {"acc", "bpb"}
 
 
 def test_humaneval_pass_at_k_through_evaluate(tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from archifactory.config import ConfigError, validate
-from archifactory.sweep.probe_results import choose, mad_scores
+from archifactory.sweep.probe_results import choose, compare_choices, mad_scores, mad_scores_by_seed
 from archifactory.eval.probes.spec import ProbeSweepSpec, load_probe_spec, plan, task_settings
 from archifactory.eval.probes.store import SCHEMA, ProbeRun, ProbeStore
 from archifactory.eval.probes.tasks import (
@@ -320,6 +320,54 @@ def test_mad_score_is_mean_over_settings_then_tasks():
     assert score.mean == pytest.approx(((1.0 + 0.5 + 0.3) / 3 + 0.8) / 2)
 
 
+def test_probe_comparison_with_the_baseline_matches_scipy_and_statsmodels():
+    from statsmodels.stats.multitest import multipletests
+
+    # three variants x three seeds, two settings of one task and one of another; each variant's wd 0.0 is
+    # best on validation, so its chosen test accuracies are the wd-0.0 runs' (wd 0.1 would be the best on test)
+    acc = {("base", 0): 0.50, ("base", 1): 0.60, ("base", 2): 0.55,
+           ("good", 0): 0.71, ("good", 1): 0.78, ("good", 2): 0.74,
+           ("same", 0): 0.52, ("same", 1): 0.57, ("same", 2): 0.58}
+    settings = [("recall", "baseline", 0.0), ("recall", "vocab_size=32", -0.2), ("copy", "baseline", 0.1)]
+    runs = []
+    for variant in ("base", "good", "same"):
+        for task, setting, shift in settings:
+            for seed in range(3):
+                x = acc[(variant, seed)] + shift
+                runs.append(run(variant, task, setting, 1e-3, 0.0, seed, valid=x, test=x))
+                runs.append(run(variant, task, setting, 1e-3, 0.1, seed, valid=x - 0.05, test=x + 0.2))
+    comparisons = compare_choices(choose(runs), "base")
+    by_label = {c.label: c for c in comparisons}
+    assert set(by_label) == {"recall d=64", "recall (vocab_size=32) d=64", "copy d=64", "MAD score d=64"}
+    c = by_label["recall (vocab_size=32) d=64"]
+    assert set(c.diffs) == {"good", "same"} and c.values["good"].mean == pytest.approx(np.mean([0.51, 0.58, 0.54]))
+    raw = {}
+    for variant in ("good", "same"):
+        a = [acc[(variant, s)] - 0.2 for s in range(3)]
+        b = [acc[("base", s)] - 0.2 for s in range(3)]
+        test = sps.ttest_rel(a, b)
+        raw[variant] = test.pvalue
+        d = c.diffs[variant]
+        assert d.mean_diff == pytest.approx(np.mean(a) - np.mean(b))
+        assert d.t_statistic == pytest.approx(test.statistic) and d.p_value == pytest.approx(test.pvalue)
+    holm = multipletests([raw["good"], raw["same"]], method="holm")[1]
+    assert [c.diffs[v].p_adjusted for v in ("good", "same")] == pytest.approx(list(holm))
+    assert c.diffs["good"].significant and not c.diffs["same"].significant and c.diffs["good"].n_compared == 2
+    # the MAD score per seed: per task the mean over its settings, then the mean over tasks; paired like the rest
+    per_seed = mad_scores_by_seed(choose(runs))
+    expected = {s: ((acc[("good", s)] + acc[("good", s)] - 0.2) / 2 + acc[("good", s)] + 0.1) / 2 for s in range(3)}
+    assert per_seed[("good", 64)] == pytest.approx(expected)
+    (score,) = [m for m in mad_scores(choose(runs)) if m.variant == "good"]
+    assert by_label["MAD score d=64"].values["good"].mean == pytest.approx(score.mean)
+    base_scores = [per_seed[("base", 64)][s] for s in range(3)]
+    test = sps.ttest_rel([expected[s] for s in range(3)], base_scores)
+    assert by_label["MAD score d=64"].diffs["good"].p_value == pytest.approx(test.pvalue)
+    # one seed: the difference stands alone, without a test
+    one = compare_choices(choose([r for r in runs if r.seed == 0]), "base")
+    d = next(c for c in one if c.label == "copy d=64").diffs["good"]
+    assert d.mean_diff == pytest.approx(0.21) and not d.tested and d.note.startswith("n<2")
+
+
 # ------------------------------------------------------------------------------------------ spec, sweep
 
 
@@ -371,6 +419,10 @@ def test_spec_errors_name_the_field():
         validate(ProbeSweepSpec, {**base, "tasks": {"m": {"task": {"kind": "mqar"}, "changes": {"size": [1]}}}})
     with pytest.raises(ConfigError, match="model.vocab_size: set by each task"):
         validate(ProbeSweepSpec, {**base, "model": {"n_layers": 2, "vocab_size": 10}})
+    with pytest.raises(ConfigError, match="baseline: 'b' is not one of the variants \\(a\\)"):
+        validate(ProbeSweepSpec, {**base, "baseline": "b"})
+    assert validate(ProbeSweepSpec, {**base, "variants": {"a": [], "c": []}}).baseline_variant == "a"
+    assert validate(ProbeSweepSpec, {**base, "variants": {"a": [], "c": []}, "baseline": "c"}).baseline_variant == "c"
     with pytest.raises(ConfigError, match="grid: lr: .* repeats a value"):
         validate(ProbeSweepSpec, {**base, "grid": {"lr": [1e-3, 1e-3]}})
     spec = validate(ProbeSweepSpec, {**base, "variants": {"bad": ["mixer.n_heads=3"]}, "widths": [64]})
@@ -414,6 +466,12 @@ def test_probe_sweep_records_resumes_and_locks(tmp_path):
     row = next(line for line in table if line.startswith("| deltanet |"))
     assert row.split(" | ")[2] == f"{by_variant['deltanet'].test.mean:.3f}"
     assert (sweep / "report_files" / "probe_accuracy_vs_width.png").stat().st_size > 1000
+    # the paired comparison with the baseline (the first variant): one seed, so a difference without a test
+    section = text[text.index("### Paired comparison with the baseline"):text.index("### Every probe run")]
+    assert "Baseline: attention." in section and (sweep / "report_files" / "probe_overview.png").stat().st_size > 1000
+    rows = [line for line in section.splitlines() if line.startswith("| test acc d=16 ↑ | deltanet |")]
+    diff = by_variant["deltanet"].test.mean - by_variant["attention"].test.mean
+    assert len(rows) == 1 and rows[0].split(" | ")[4] == f"{diff:+.4f}" and "one paired seed: no test" in rows[0]
     # every run records the kernel path each layer's mixer ran, as the model it trained reports it, and the
     # report's kernel-path table shows them per variant
     from archifactory.model.lm import CausalLM

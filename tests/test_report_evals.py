@@ -197,7 +197,7 @@ def test_a_kind_without_results_has_no_section(tmp_path):
     assert "Code (HumanEval)" not in markdown and "Synthetic probes" not in markdown
     rows = _rows(table_with(md_tables(markdown), "metric", "chance"))
     # equal differences on both seeds: no test, said so
-    assert rows[("acc ↑", "v")]["p (paired t)"] == "zero"
+    assert rows[("acc ↑", "v")]["p (paired t)"] == "zero variance"
     assert rows[("acc ↑", "v")]["chance"] == "0.2500"
 
 
@@ -262,7 +262,7 @@ def test_heat_map_reads_a_rounding_level_difference_as_none():
     assert base != same  # the premise: float addition is not associative
     stats = {"baseline": NS(value=NS(mean=base, n=2), diff=None), "other": NS(value=NS(mean=same, n=2), diff=None)}
     metric = NS(key=NS(label="arc_easy acc_norm"), higher_is_better=True, variants=stats)
-    evaluation = NS(baseline="baseline", metrics=[metric], order=["baseline", "other"], throughput={}, state_bytes={})
+    evaluation = NS(baseline="baseline", metrics=[metric], order=["baseline", "other"], costs=[])
     hm = heat_map(evaluation)
     np.testing.assert_array_equal(hm.scores, [[0.0], [0.0]])
     assert hm.labels[1] == ["+0"]

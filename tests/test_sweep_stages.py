@@ -225,7 +225,7 @@ def test_grpo_results_give_the_sft_run_its_starting_exact_match(tmp_path):
 # --------------------------------------------------------------------------------------------- runner
 
 
-def test_runner_chains_the_stages_evaluates_each_and_restarts_where_it_stopped(tmp_path):
+def test_runner_chains_the_stages_evaluates_each_and_restarts_where_it_stopped(tmp_path, capsys):
     from archifactory.eval.store import EvalStore
     from archifactory.sweep.runner import SweepRunner
 
@@ -233,6 +233,9 @@ def test_runner_chains_the_stages_evaluates_each_and_restarts_where_it_stopped(t
     sweep_dir = tmp_path / "sweep"
     counts = SweepRunner(s, tmp_path, sweep_dir).run()
     assert counts == {"done": 6, "failed": 0}
+    out = capsys.readouterr().out  # each evaluation shows on the console, not only in its log
+    assert f"evaluating mqa-s0: piqa (limit 2); log {sweep_dir / 'runs' / 'mqa-s0' / 'eval.log'}" in out
+    assert "evaluated mqa-s0 in " in out and "evaluated mqa-s0-sft-grpo in " in out
     store = Store(sweep_dir / "results.sqlite")
     runs = {r["run_id"]: r for r in store.runs(stage=None)}
     assert {r: (v["stage"], v["parent_run_id"]) for r, v in runs.items()} == {

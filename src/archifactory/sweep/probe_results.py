@@ -7,6 +7,14 @@ seeds, is chosen (ties: the lowest lr, then the lowest weight decay); the report
 chosen point. MAD and Zoology pick the best point by the test accuracy they report; here the test
 examples never choose anything. The MAD score of a task is the mean, over its settings (baseline and
 each harder setting), of that reported accuracy; a model's MAD score is the mean over its tasks.
+
+Comparison with the baseline variant (:func:`compare_choices`): per (task setting, width), each variant's
+test accuracy at its chosen point minus the baseline's at its own, paired by seed, with the two-sided paired
+t-test and the p-values Holm-corrected over the variants compared on that setting and width; the same test
+and correction as the sweep's validation-loss and zero-shot comparisons
+(:func:`archifactory.sweep.stats.compare_to_baseline`). The MAD score is compared the same way, per seed
+(each seed's MAD score from that seed's test accuracies at the chosen points). MAD and Zoology report one
+seed and no test; with one seed the difference is given without a p-value.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from typing import Sequence
 import numpy as np
 
 from archifactory.eval.probes.store import ProbeRun
-from archifactory.sweep.stats import MeanCI, mean_ci
+from archifactory.sweep.stats import MeanCI, PairedDifference, compare_to_baseline, mean_ci
 
 
 @dataclasses.dataclass
@@ -87,3 +95,77 @@ def mad_scores(choices: Sequence[ProbeChoice]) -> list[MADScore]:
         by_model[(c.variant, c.width)][c.task].append(c.test.mean)
     return [MADScore(v, w, {t: float(np.mean(a)) for t, a in tasks.items()}, {t: len(a) for t, a in tasks.items()})
             for (v, w), tasks in sorted(by_model.items())]
+
+
+def mad_scores_by_seed(choices: Sequence[ProbeChoice]) -> dict[tuple[str, int], dict[int, float]]:
+    """``(variant, width) -> {seed: MAD score}``: for each seed, per task the mean over its settings of that
+    seed's test accuracy at the chosen point, then the mean over tasks (the seeds every choice has)."""
+    by_model: dict[tuple[str, int], list[ProbeChoice]] = defaultdict(list)
+    for c in choices:
+        by_model[(c.variant, c.width)].append(c)
+    out = {}
+    for key, rows in sorted(by_model.items()):
+        seeds = sorted(set.intersection(*(set(c.test_by_seed) for c in rows)))
+        per_seed = {}
+        for seed in seeds:
+            per_task: dict[str, list[float]] = defaultdict(list)
+            for c in rows:
+                per_task[c.task].append(c.test_by_seed[seed])
+            per_seed[seed] = float(np.mean([np.mean(a) for a in per_task.values()]))
+        out[key] = per_seed
+    return out
+
+
+@dataclasses.dataclass
+class ProbeComparison:
+    """One reported probe metric of every variant, and each variant's paired difference from the baseline."""
+
+    task: str
+    """A task name, or ``"MAD score"``."""
+    setting: str
+    """The task setting (``baseline`` or ``field=value``); empty for the MAD score."""
+    width: int
+    values: dict[str, MeanCI]
+    """Variant -> mean and 95% interval over seeds."""
+    diffs: dict[str, PairedDifference]
+    """Variant -> ``variant − baseline`` paired by seed (the baseline itself has none)."""
+    n_items: dict[str, int | None]
+    """Variant -> test examples (``None`` for the MAD score or an old store)."""
+
+    @property
+    def label(self) -> str:
+        if not self.setting:
+            return f"{self.task} d={self.width}"
+        name = self.task if self.setting == "baseline" else f"{self.task} ({self.setting})"
+        return f"{name} d={self.width}"
+
+
+def _compare(values_by_seed: dict[str, dict[int, float]], baseline: str) -> dict[str, PairedDifference]:
+    rows = [{"variant": v, "seed": seed, "value": x, "is_baseline": v == baseline}
+            for v, by_seed in values_by_seed.items() for seed, x in by_seed.items()]
+    return compare_to_baseline(rows, "value", baseline=baseline)
+
+
+def compare_choices(choices: Sequence[ProbeChoice], baseline: str,
+                    test_examples: dict[tuple[str, int, str, str], int] | None = None) -> list[ProbeComparison]:
+    """Per (task, setting, width): every variant's test accuracy at its chosen point, and its paired
+    difference from ``baseline`` (Holm over the variants of that setting and width); then per width, when
+    the sweep has several task settings, the MAD score the same way. Settings the baseline lacks (not yet
+    finished) carry no differences. ``test_examples`` maps (variant, width, task, setting) to the test-set size.
+    """
+    groups: dict[tuple[str, str, int], list[ProbeChoice]] = defaultdict(list)
+    for c in choices:
+        groups[(c.task, c.setting, c.width)].append(c)
+    out = []
+    for (task, setting, width), rows in sorted(groups.items()):
+        by_seed = {c.variant: c.test_by_seed for c in rows}
+        out.append(ProbeComparison(task, setting, width, {c.variant: c.test for c in rows}, _compare(by_seed, baseline),
+                                   {c.variant: (test_examples or {}).get((c.variant, width, task, setting))
+                                    for c in rows}))
+    if len({(c.task, c.setting) for c in choices}) > 1:
+        scores = mad_scores_by_seed(choices)
+        for width in sorted({w for _, w in scores}):
+            by_seed = {v: s for (v, w), s in scores.items() if w == width and s}
+            out.append(ProbeComparison("MAD score", "", width, {v: mean_ci(s.values()) for v, s in by_seed.items()},
+                                       _compare(by_seed, baseline), {v: None for v in by_seed}))
+    return out

@@ -180,10 +180,15 @@ class SweepRunner:
                "--batch-size", str(section.batch_size)]
         if section.limit is not None:
             cmd += ["--limit", str(section.limit)]
+        limit = "" if section.limit is None else f" (limit {section.limit})"
+        self._print(f"evaluating {run.run_id}: {', '.join(section.tasks)}{limit}; log {log}")
+        start = time.time()
         code = train_subprocess(cmd, env, str(log))
         if code != 0:
             tail = log.read_text(errors="replace")[-1000:] if log.is_file() else ""
             self._print(f"warning: evaluating {run.run_id} failed (exit code {code}; {log}):\n{tail}")
+        else:
+            self._print(f"evaluated {run.run_id} in {time.time() - start:.0f} s")
 
     def run(self) -> dict[str, int]:
         """Train every pending run; holds the sweep directory's lock throughout, so a second

@@ -311,6 +311,11 @@ class PairedDifference:
     def tested(self) -> bool:
         return self.p_value is not None
 
+    @property
+    def short_note(self) -> str:
+        """Why there is no test, in a table cell's words: ``n<2`` or ``zero variance``."""
+        return self.note.split(" (")[0]
+
 
 def paired_difference(variant_rows: Sequence[Row], baseline_rows: Sequence[Row], metric: str = "val_loss",
                       alpha: float = ALPHA, confidence: float = CONFIDENCE) -> PairedDifference:

@@ -94,15 +94,16 @@ def _is_saved_model(path: Path) -> bool:
     return all((path / name).is_file() for name in MODEL_FILES)
 
 
-def locate_model(path: str | Path) -> ModelSource:
-    """Resolve ``path`` (see the module docstring) or raise :class:`InputError` saying what it is not."""
+def locate_model(path: str | Path, checkpoints: bool = True) -> ModelSource:
+    """Resolve ``path`` (see the module docstring) or raise :class:`InputError` saying what it is not;
+    ``checkpoints=False``: for a command that takes no checkpoint, whose messages then offer none."""
     path = Path(path)
+    give = ("give a run directory (runs/NAME), its model/ folder or one of its checkpoints/step_N folders"
+            if checkpoints else "give a finished run directory (runs/NAME), its model/ folder or a saved model directory")
     if not path.exists():
-        raise InputError(f"{path} does not exist; give a run directory (runs/NAME), its model/ folder or one of "
-                         "its checkpoints/step_N folders")
+        raise InputError(f"{path} does not exist; {give}")
     if not path.is_dir():
-        raise InputError(f"{path} is a file; give a run directory (runs/NAME), its model/ folder or one of its "
-                         "checkpoints/step_N folders")
+        raise InputError(f"{path} is a file; {give}")
     if _is_saved_model(path / "model"):
         return ModelSource(run_dir=path, model_dir=path / "model")
     if _is_saved_model(path):
@@ -116,9 +117,10 @@ def locate_model(path: str | Path) -> ModelSource:
         if not (run_dir / "config.yaml").is_file():
             raise InputError(f"checkpoint {path}: its run's config {run_dir / 'config.yaml'} is missing")
         return ModelSource(run_dir=run_dir, checkpoint=path)
-    checkpoints = checkpoint_dirs(path)
-    if checkpoints:
-        raise InputError(f"run {path} has not finished (no model/ yet); finish it with `{train_command(path)}`, or "
-                         f"give a checkpoint such as {checkpoints[-1]}")
+    saved = checkpoint_dirs(path)
+    if saved:
+        raise InputError(f"run {path} has not finished (no model/ yet); finish it with `{train_command(path)}`"
+                         + (f", or give a checkpoint such as {saved[-1]}" if checkpoints else ""))
     raise InputError(f"{path} is neither a run directory (with model/), a saved model (config.yaml + "
-                     "model.safetensors) nor a checkpoint; train the run first (archifactory train CONFIG)")
+                     "model.safetensors)" + (" nor a checkpoint" if checkpoints else "")
+                     + "; train the run first (archifactory train CONFIG)")

@@ -9,6 +9,7 @@ widths: [64, 128]                         # d_model of every variant, in turn
 variants:                                 # overrides of the model (paths inside `model`)
   attention: []
   gla: ["mixer={kind: gla}"]
+baseline: attention                       # compared with every other variant (default: the first listed)
 tasks:
   mqar:
     task: {kind: mqar, vocab_size: 256, seq_len: 64, num_kv_pairs: 8, train_examples: 20000}
@@ -102,6 +103,9 @@ class ProbeSweepSpec(Strict):
     widths: list[Annotated[int, Field(ge=1)]] | None = None
     variants: dict[str, list[str]] = Field(min_length=1)
     """Variant name -> overrides of ``model`` (``mixer={kind: gla}``, ``mixer.n_heads=2``)."""
+    baseline: str | None = None
+    """The variant every other is compared with in the report (paired difference over seeds, Holm-corrected
+    p); ``None``: the first listed variant."""
     tasks: dict[str, TaskEntry] = Field(min_length=1)
     grid: ProbeGrid
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
@@ -125,6 +129,8 @@ class ProbeSweepSpec(Strict):
                 raise ValueError(f"variants: variant name {err}") from None
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: {self.seeds} repeats a seed")
+        if self.baseline is not None and self.baseline not in self.variants:
+            raise ValueError(f"baseline: {self.baseline!r} is not one of the variants ({', '.join(self.variants)})")
         for key in ("vocab_size", "max_seq_len"):
             if key in self.model:
                 raise ValueError(f"model.{key}: set by each task; leave it out of the probe spec's model")
@@ -140,6 +146,11 @@ class ProbeSweepSpec(Strict):
                 if not isinstance(values, list) or not values:
                     raise ValueError(f"tasks.{name}.changes.{field}: give a non-empty list of values")
         return self
+
+    @property
+    def baseline_variant(self) -> str:
+        """The variant the report compares the others with: ``baseline``, else the first listed."""
+        return self.baseline or next(iter(self.variants))
 
 
 @dataclasses.dataclass(frozen=True)

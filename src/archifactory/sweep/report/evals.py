@@ -107,16 +107,31 @@ class MetricComparison:
 
 
 @dataclass(frozen=True)
+class CostColumn:
+    """A cost column of the heat map: one value per variant."""
+
+    name: str
+    values: dict[str, float | None]
+    higher_is_better: bool
+    unit: str
+    """``count`` (printed 1.2k) or ``bytes`` (printed 64 KiB)."""
+
+    def label(self, d: float) -> str:
+        if self.unit == "bytes":
+            return ("+" if d > 0 else "−" if d < 0 else "") + fmt_bytes(abs(d))
+        return fmt_count(d) if d <= 0 else "+" + fmt_count(d)
+
+
+@dataclass(frozen=True)
 class StageEvaluation:
     stage: str
     baseline: str | None
     order: list[str]
     metrics: list[MetricComparison]
     """Sorted by task kind, task, limit, metric."""
-    throughput: dict[str, float | None]
-    """Pretraining tokens/s of each variant (mean over its compared runs)."""
-    state_bytes: dict[str, float | None]
-    """KV-cache or recurrent-state bytes per sequence at the training length (mean over runs)."""
+    costs: list[CostColumn]
+    """What each variant costs, beside the metrics in the heat map: pretraining tokens/s and the KV-cache or
+    recurrent-state bytes per sequence at the training length (means over the compared runs)."""
 
 
 def _higher_is_better(results: Sequence[MetricResult]) -> bool:
@@ -180,9 +195,9 @@ def evaluation_by_stage(data: SweepData) -> list[StageEvaluation]:
                                             variants))
         # the architecture's costs, measured in pretraining (post-training does not change them)
         costs = {v: data.stats[v].costs for v in order if v in data.stats}
-        out.append(StageEvaluation(stage, baseline, order, metrics,
-                                   {v: c["tokens_per_s"] for v, c in costs.items()},
-                                   {v: c["state_bytes"] for v, c in costs.items()}))
+        out.append(StageEvaluation(stage, baseline, order, metrics, [
+            CostColumn("train tokens/s", {v: c["tokens_per_s"] for v, c in costs.items()}, True, "count"),
+            CostColumn("state memory", {v: c["state_bytes"] for v, c in costs.items()}, False, "bytes")]))
     return out
 
 
@@ -213,7 +228,7 @@ def metric_table(evaluation: StageEvaluation, metrics: Sequence[MetricComparison
                 delta, p, p_holm, sig = "—", "—", "—", "no baseline run"
             else:
                 delta = f"{_signed(d.mean_diff)}\n{fmt_interval(d.ci_low, d.ci_high)}".strip()
-                p = fmt_p(d.p_value) if d.tested else d.note.split(" ")[0]
+                p = fmt_p(d.p_value) if d.tested else d.short_note
                 p_holm = fmt_p(d.p_adjusted) if d.tested else "—"
                 sig = ("yes" if d.significant else "no") if d.tested else d.note
             table.rows.append([f"{comparison.key.metric} {arrow}", variant, str(vm.value.n), _fmt_ci(vm.value), delta,
@@ -260,7 +275,8 @@ class HeatMap:
 
 
 def heat_map(evaluation: StageEvaluation) -> HeatMap | None:
-    """The overview: every variant x every metric of the stage, then tokens/s and state memory."""
+    """The overview: every variant x every metric of the stage, then its cost columns (tokens/s and state
+    memory); ``None`` without a baseline or without a metric the baseline has."""
     if evaluation.baseline is None or not evaluation.metrics:
         return None
     variants = evaluation.order
@@ -294,12 +310,10 @@ def heat_map(evaluation: StageEvaluation) -> HeatMap | None:
 
         add(f"{c.key.label} {'↑' if c.higher_is_better else '↓'}",
             {v: vm.value.mean for v, vm in c.variants.items() if vm.value.n}, c.higher_is_better, label)
-    add("train tokens/s ↑", evaluation.throughput, True,
-        lambda v, d: fmt_count(d) if d <= 0 else "+" + fmt_count(d))
-    add("state memory ↓", evaluation.state_bytes, False,
-        lambda v, d: ("+" if d > 0 else "−" if d < 0 else "") + fmt_bytes(abs(d)))
-    n_metrics = len(columns) - (evaluation.throughput.get(evaluation.baseline) is not None) - (
-        evaluation.state_bytes.get(evaluation.baseline) is not None)
+    n_metrics = len(columns)
+    for cost in evaluation.costs:
+        add(f"{cost.name} {'↑' if cost.higher_is_better else '↓'}", cost.values, cost.higher_is_better,
+            lambda v, d, cost=cost: cost.label(d))
     if not n_metrics:
         return None
     scores = np.asarray(raw, dtype=np.float64).T * np.asarray(signs)  # (variants, columns), better > 0

@@ -187,7 +187,7 @@ def final_figure(data: SweepData) -> bytes | None:
             err = None if d.ci_low is None else [[d.mean_diff - d.ci_low], [d.ci_high - d.mean_diff]]
             ax.errorbar([d.mean_diff], [ypos[v]], xerr=err, fmt="o", color=color, capsize=4, linewidth=1.6)
             tag = (f"p_Holm={fmt_p(d.p_adjusted)}" + (" *" if d.significant else "")) if d.tested \
-                else d.note.split(" ")[0]
+                else d.short_note
             ax.annotate(tag, (d.mean_diff, ypos[v]), xytext=(0, 7), textcoords="offset points", ha="center",
                         fontsize=7.5, color=color)
         ax.set_yticks(list(ypos.values()), ["" for _ in ypos])

@@ -1,6 +1,8 @@
 """The report's "Synthetic probes" section, for a probe sweep (``kind: probe``): per task setting, each
 variant's test accuracy at each width with its 95% interval over seeds and the grid point chosen on
-validation accuracy; the MAD score table; accuracy against width; every run.
+validation accuracy; the MAD score table; accuracy against width; the paired comparison of every variant
+with the baseline variant (difference over seeds, Holm-corrected p) and its overview heat map beside
+throughput and state memory, as the zero-shot and code sections have them; every run.
 
 Numbers come from :mod:`archifactory.sweep.probe_results` (the grid choice and the MAD score), computed
 from the ``probe_runs`` table that :class:`~archifactory.eval.probes.store.ProbeStore` keeps.
@@ -10,10 +12,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from archifactory.sweep.probe_results import ProbeChoice, choose, mad_scores
+import numpy as np
+
+from archifactory.sweep.probe_results import ProbeChoice, ProbeComparison, choose, compare_choices, mad_scores
 from archifactory.sweep.report import figures
 from archifactory.sweep.report.data import VARIANT_COLORS, SweepData
 from archifactory.sweep.report.document import Block, Details, Paragraph, Section, Table
+from archifactory.sweep.report.evals import (
+    CostColumn,
+    MetricComparison,
+    MetricKey,
+    StageEvaluation,
+    VariantMetric,
+    heat_map,
+    heat_map_figure,
+    metric_table,
+)
 from archifactory.sweep.report.format import fmt_ci
 
 PROTOCOL = (
@@ -32,7 +46,106 @@ def _choices(data: SweepData) -> list[ProbeChoice]:
 
 
 def _variants(data: SweepData) -> list[str]:
-    return list(dict.fromkeys(r.variant for r in data.probe_runs))
+    listed = list(data.probe_spec.variants) if data.probe_spec is not None else []
+    return list(dict.fromkeys(listed + [r.variant for r in data.probe_runs]))
+
+
+def _baseline(data: SweepData) -> str:
+    """The spec's baseline variant; the first variant when the stored spec no longer validates."""
+    return data.probe_spec.baseline_variant if data.probe_spec is not None else _variants(data)[0]
+
+
+def _costs(data: SweepData) -> list[CostColumn]:
+    """Per width: training tokens/s (mean over the variant's finished runs: examples x row length / wall
+    time, evaluations included) and, when the spec validates, the state bytes per sequence at the first task
+    setting's row length (the model built on the meta device: no memory, no compute)."""
+    from archifactory.eval.probes.spec import model_for, task_settings
+
+    spec = data.probe_spec
+    settings = {(t.task_name, t.setting): t.task for t in task_settings(spec)} if spec is not None else {}
+    widths = sorted({r.width for r in data.probe_runs})
+    columns = []
+    for width in widths:
+        rates: dict[str, list[float]] = defaultdict(list)
+        for r in data.probe_runs:
+            task = settings.get((r.task, r.setting))
+            if r.width == width and r.status == "done" and task is not None and r.examples and r.elapsed_s:
+                rates[r.variant].append(r.examples * task.model_seq_len() / r.elapsed_s)
+        columns.append(CostColumn(f"train tokens/s d={width}", {v: float(np.mean(x)) for v, x in rates.items()},
+                                  True, "count"))
+    if settings:
+        import torch
+
+        task = next(iter(settings.values()))
+        for width in widths:
+            state = {}
+            for variant in _variants(data):
+                try:
+                    with torch.device("meta"):
+                        model = model_for(spec, variant, width if spec.widths else None, task).build()
+                    state[variant] = float(model.state_bytes(task.model_seq_len()))
+                except Exception:  # a variant that no longer builds: no cost cell, not a failed report
+                    continue
+            columns.append(CostColumn(f"state memory d={width} (T={task.model_seq_len()})", state, False, "bytes"))
+    return columns
+
+
+def probe_evaluation(data: SweepData, choices: list[ProbeChoice]) -> StageEvaluation:
+    """The probe results as the evaluation sections hold theirs: one metric per (task setting, width) and
+    per width's MAD score, each variant paired with the baseline, and the cost columns."""
+    baseline = _baseline(data)
+    sizes = {(r.variant, r.width, r.task, r.setting): r.test_examples for r in data.probe_runs
+             if r.test_examples is not None}
+    metrics = []
+    for comparison in compare_choices(choices, baseline, sizes):
+        if comparison.setting:
+            task = comparison.task if comparison.setting == "baseline" else f"{comparison.task} · {comparison.setting}"
+            key = MetricKey(task, None, f"test acc d={comparison.width}")
+        else:
+            key = MetricKey(comparison.task, None, f"d={comparison.width}")
+        metrics.append(MetricComparison(key, True, [], {
+            v: VariantMetric(v, ci, comparison.diffs.get(v), None, None, comparison.n_items.get(v), [])
+            for v in _variants(data) if (ci := comparison.values.get(v)) is not None}))
+    return StageEvaluation("probe", baseline, _variants(data), metrics, _costs(data))
+
+
+COMPARISON_LEGEND = (
+    "Δ is variant − baseline in test accuracy at each one's chosen grid point (or in MAD score), paired by seed; "
+    "p from a two-sided paired t-test, Holm-corrected over the variants compared on the same task setting and "
+    "width (as the validation-loss and zero-shot comparisons are); significant when the corrected p is below "
+    "α = 0.05. A test needs two seeds or more: with one seed (MAD's and Zoology's protocol) the difference stands "
+    "alone (n<2). Items: test examples."
+)
+
+
+def _comparison_blocks(evaluation: StageEvaluation) -> list[Block]:
+    if len(evaluation.order) < 2 or not evaluation.metrics:
+        return []
+    by_task: dict[str, list[MetricComparison]] = defaultdict(list)
+    for c in evaluation.metrics:
+        by_task[c.key.task].append(c)
+    blocks: list[Block] = [Paragraph(f"Baseline: {evaluation.baseline}. {COMPARISON_LEGEND}", "legend")]
+    for task, comparisons in by_task.items():
+        table = metric_table(evaluation, comparisons)
+        for i in (9, 8):  # no chance level or null model for generated probes
+            table.header.pop(i)
+            for row in table.rows:
+                row.pop(i)
+        table.numeric = {2, 3, 4, 5, 6, 8}
+        blocks.append(Section(task, [table]))
+    hm = heat_map(evaluation)
+    if hm is not None:
+        fig = figures.figure_block(
+            "probe_overview", "Probe overview",
+            "Each column is a probe metric's difference from the baseline (test accuracy or MAD score, mean over "
+            "seeds; blue better, red worse), divided by the column's largest absolute difference; the cells show "
+            "the raw difference (* where the Holm-corrected paired p is below 0.05); grey: no value. On the right: "
+            "training tokens/s per width (whole runs, evaluations included, with the sweep's parallel runs "
+            "sharing the machine) and the state (KV cache or recurrent state) per sequence.",
+            lambda: heat_map_figure(hm, evaluation.baseline))
+        if fig is not None:
+            blocks.append(fig)
+    return [Section("Paired comparison with the baseline", blocks)]
 
 
 def _setting_table(data: SweepData, choices: list[ProbeChoice], task: str, setting: str) -> Table:
@@ -117,6 +230,7 @@ def probes_section(data: SweepData) -> list[Block] | None:
                       "point's test accuracy (mean over seeds); the last column is the mean over tasks (MAD-lab's "
                       "MAD score, with the grid point chosen on validation instead of test accuracy).", "legend"),
         ]))
+    blocks += _comparison_blocks(probe_evaluation(data, choices))
     rows = [[r.run_id, f"{r.lr:g}", f"{r.weight_decay:g}", str(r.seed), r.status,
              "—" if r.valid_acc is None else f"{r.valid_acc:.3f}", "—" if r.test_acc is None else f"{r.test_acc:.3f}",
              "—" if r.steps is None else str(r.steps), "yes" if r.stopped_early else "no",
