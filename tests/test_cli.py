@@ -93,6 +93,9 @@ def assert_one_line_error(result, *expected: str) -> None:
         ("", [], ["gave no training text"]),
         (None, ["data.corpus.val_fraction=0"], ["validation split has 0 tokens", "data.corpus.val_fraction"]),
         (None, ["model.position.kind=learned", "train.seq_len=65"], ["train.seq_len=65 exceeds model.max_seq_len=64"]),
+        # RoPE trained past max_seq_len would give a model that generate and eval refuse at its own length
+        (None, ["model.position.kind=rope", "train.seq_len=65"],
+         ["train.seq_len=65 exceeds model.max_seq_len=64: the model's rope positions", "raise model.max_seq_len"]),
         (None, ["data.seed=-1"], ["data.seed: Input should be greater than or equal to 0"]),
         (None, ["train.seed=18446744073709551616"], ["train.seed: Input should be less than or equal to"]),
         (None, ["name=../escape"], ["name: '../escape' contains a path separator"]),
@@ -103,6 +106,21 @@ def test_train_user_errors_are_one_line(tmp_path, corpus, overrides, expected):
     for override in overrides:
         args += ["--set", override]
     assert_one_line_error(runner.invoke(app, args), *expected)
+
+
+def test_longer_training_rows_than_max_seq_len_where_positions_extrapolate():
+    from archifactory.config import validate
+    from archifactory.train.config import RunConfig
+
+    cfg = {"name": "r", "model": {"vocab_size": 257, "d_model": 32, "n_layers": 1, "max_seq_len": 64,
+                                  "mixer": {"kind": "attention", "n_heads": 2}},
+           "train": {"seq_len": 128, "batch_size": 2, "max_steps": 2}}
+    # as generation allows (and warns): ALiBi and NoPE extrapolate by design, recurrent mixers use no positions
+    for position in ("alibi", "none"):
+        validate(RunConfig, {**cfg, "model": {**cfg["model"], "position": {"kind": position}}})
+    validate(RunConfig, {**cfg, "model": {**cfg["model"], "mixer": {"kind": "gla"}, "position": {"kind": "rope"}}})
+    with pytest.raises(ConfigError, match="positions past max_seq_len do not extrapolate"):
+        validate(RunConfig, {**cfg, "model": {**cfg["model"], "position": {"kind": "rope"}}})
 
 
 def test_fla_backend_without_cuda_is_one_line(tmp_path):
