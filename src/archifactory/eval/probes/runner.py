@@ -62,7 +62,8 @@ def run_job(job: ProbeJob, spec: ProbeSweepSpec) -> dict:
         optimizer["weight_decay"] = job.weight_decay
     # the schedule through the run config's registry field, so any registered schedule is accepted
     schedule = validate(RunConfig, with_default_kinds(RunConfig, {
-        "model": job.model.model_dump(), "schedule": spec.schedule, "train": {"max_steps": 1}})).schedule
+        "model": job.model.model_dump(), "schedule": spec.schedule,
+        "train": {"max_steps": 1, "seq_len": job.model.max_seq_len}})).schedule
     device = spec.train.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
