@@ -267,6 +267,10 @@ def test_run_dir_results_stored_and_rerun_skips(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_runner, "score_requests", fail)
     again = evaluate(run, ["piqa", "lambada"], limit=4, progress=False)
     assert {m.metric: m.value for m in again[0].metrics} == {k: m.value for k, m in piqa.items()}
+    # the run's model/ folder is the run (as on the command line): same run id, same store, skipped
+    via_model = evaluate(run / "model", ["piqa"], limit=4, progress=False)
+    assert via_model[0].run_id == run.name and not (run / "model" / "eval.sqlite").exists()
+    assert {m.metric: m.value for m in via_model[0].metrics} == {k: m.value for k, m in piqa.items()}
     monkeypatch.undo()
     # a different limit, or new weights, is a new evaluation
     evaluate(run, "piqa", limit=2, progress=False)

@@ -489,6 +489,11 @@ def test_probe_sweep_records_resumes_and_locks(tmp_path):
         assert len(paths) == 1 and paths != {"—"}
         line = next(x for x in env_table.splitlines() if x.startswith(f"| {variant} |"))
         assert line == f"| {variant} | {md_cell(device)} ×1 | fp32 | {md_cell(paths.pop())} |", line
+    # a failed run's error is in the report, not only in results.sqlite
+    store.probe_failed("deltanet-d8-mqar-lr0.01-wd0-s0", "Traceback (most recent call last):\n  File x\nValueError: boom")
+    _, md = write_report(sweep)
+    failed = md.read_text().split("### Failed probe runs")[1]
+    assert "deltanet-d8-mqar-lr0.01-wd0-s0 (failed)" in failed and "ValueError: boom" in failed
 
 
 def test_probe_store_written_before_env_json_opens_and_migrates(tmp_path):

@@ -236,6 +236,7 @@ def test_runner_chains_the_stages_evaluates_each_and_restarts_where_it_stopped(t
     out = capsys.readouterr().out  # each evaluation shows on the console, not only in its log
     assert f"evaluating mqa-s0: piqa (limit 2); log {sweep_dir / 'runs' / 'mqa-s0' / 'eval.log'}" in out
     assert "evaluated mqa-s0 in " in out and "evaluated mqa-s0-sft-grpo in " in out
+    assert "mqa-s0 piqa: acc=" in out  # and its scores
     store = Store(sweep_dir / "results.sqlite")
     runs = {r["run_id"]: r for r in store.runs(stage=None)}
     assert {r: (v["stage"], v["parent_run_id"]) for r, v in runs.items()} == {

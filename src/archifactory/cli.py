@@ -353,12 +353,7 @@ def eval_(
         _fail(f"--include-path {include_path}: no such folder; give the folder that holds the lm-eval task YAMLs")
     if tokenizer is not None and not tokenizer.is_file():
         _fail(f"--tokenizer {tokenizer}: no such file; give a tokenizer.json (or leave it out to use the run's)")
-    located = _locate(target, checkpoints=False)
-    if located.checkpoint is not None:
-        _fail(f"{target} is a checkpoint; eval scores a finished run or a saved model (give {located.run_dir} once "
-              "it has finished)")
-    target = located.run_dir if located.run_dir is not None and located.model_dir == located.run_dir / "model" \
-        else located.model_dir
+    located = _locate(target, checkpoints=False)  # evaluate() resolves the path the same way
     try:
         evaluate(target, tasks, limit, tokenizer=tokenizer, device=device, batch_size=batch_size, force=force,
                  include_path=include_path, samples=samples, temperature=temperature, share_prefix=share_prefix,

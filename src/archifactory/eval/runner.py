@@ -80,16 +80,19 @@ def _unigram_from_run(run_dir: Path, vocab_size: int) -> UnigramScorer | None:
 def load_target(path: str | Path, tokenizer: str | Path | Tokenizer | None = None,
                 device: str | torch.device = "cpu") -> EvalTarget:
     """A run directory or a saved model directory as an :class:`EvalTarget` (see the module docstring)."""
+    from archifactory.errors import InputError
+    from archifactory.train.locate import locate_model
+
     path = Path(path)
-    if (path / "model" / "config.yaml").is_file():
-        run_dir, model_dir = path, path / "model"
-    elif (path / "config.yaml").is_file() and (path / "model.safetensors").is_file():
-        run_dir, model_dir = None, path
-    else:
-        raise FileNotFoundError(
-            f"{path} is neither a run directory (with model/) nor a saved model (config.yaml + model.safetensors); "
-            "train it first (archifactory train CONFIG) or point at the run's directory"
-        )
+    try:  # the resolver the CLI uses: a run's model/ folder is that run, not a separate saved model
+        located = locate_model(path, checkpoints=False)
+    except InputError as err:
+        raise FileNotFoundError(str(err)) from None
+    if located.checkpoint is not None:
+        raise ValueError(f"{path} is a checkpoint; evaluation scores a finished run or a saved model: give "
+                         f"{located.run_dir} once it has finished")
+    model_dir = located.model_dir
+    run_dir = located.run_dir if located.run_dir is not None and model_dir == located.run_dir / "model" else None
     if tokenizer is None:
         candidates = [model_dir / "tokenizer.json", model_dir.parent / "tokenizer.json"]
         found = next((c for c in candidates if c.is_file()), None)
@@ -155,7 +158,7 @@ def _task_names(tasks: str | Sequence[str]) -> list[str]:
     names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
     names = list(dict.fromkeys(n for n in names if n))  # a task named twice is evaluated once
     if not names:
-        raise ValueError("no tasks given: pass e.g. --tasks piqa,arc_easy")
+        raise ValueError("no tasks given: name at least one (tasks='piqa,arc_easy', or --tasks piqa,arc_easy)")
     for name in names:
         if not name.startswith("lm_eval:"):
             get_task(name)  # an unknown name fails before any model is loaded

@@ -182,13 +182,17 @@ class SweepRunner:
             cmd += ["--limit", str(section.limit)]
         limit = "" if section.limit is None else f" (limit {section.limit})"
         self._print(f"evaluating {run.run_id}: {', '.join(section.tasks)}{limit}; log {log}")
-        start = time.time()
+        start, offset = time.time(), log.stat().st_size if log.is_file() else 0
         code = train_subprocess(cmd, env, str(log))
         if code != 0:
             tail = log.read_text(errors="replace")[-1000:] if log.is_file() else ""
             self._print(f"warning: evaluating {run.run_id} failed (exit code {code}; {log}):\n{tail}")
         else:
-            self._print(f"evaluated {run.run_id} in {time.time() - start:.0f} s")
+            with open(log, "rb") as f:  # the subprocess prints one line of scores per task: show them here too
+                f.seek(offset)
+                scores = [line for line in f.read().decode(errors="replace").splitlines()
+                          if line.startswith(f"{run.run_id} ")]
+            self._print("\n".join([f"evaluated {run.run_id} in {time.time() - start:.0f} s", *scores]))
 
     def run(self) -> dict[str, int]:
         """Train every pending run; holds the sweep directory's lock throughout, so a second

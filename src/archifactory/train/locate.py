@@ -121,6 +121,6 @@ def locate_model(path: str | Path, checkpoints: bool = True) -> ModelSource:
     if saved:
         raise InputError(f"run {path} has not finished (no model/ yet); finish it with `{train_command(path)}`"
                          + (f", or give a checkpoint such as {saved[-1]}" if checkpoints else ""))
-    raise InputError(f"{path} is neither a run directory (with model/), a saved model (config.yaml + "
-                     "model.safetensors)" + (" nor a checkpoint" if checkpoints else "")
-                     + "; train the run first (archifactory train CONFIG)")
+    kinds = ("a run directory (with model/), a saved model (config.yaml + model.safetensors) nor a checkpoint"
+             if checkpoints else "a run directory (with model/) nor a saved model (config.yaml + model.safetensors)")
+    raise InputError(f"{path} is neither {kinds}; train the run first (archifactory train CONFIG)")

@@ -17,7 +17,7 @@ import numpy as np
 from archifactory.sweep.probe_results import ProbeChoice, ProbeComparison, choose, compare_choices, mad_scores
 from archifactory.sweep.report import figures
 from archifactory.sweep.report.data import VARIANT_COLORS, SweepData
-from archifactory.sweep.report.document import Block, Details, Paragraph, Section, Table
+from archifactory.sweep.report.document import Block, CodeBlock, Details, Paragraph, Section, Table
 from archifactory.sweep.report.evals import (
     CostColumn,
     MetricComparison,
@@ -196,6 +196,13 @@ def accuracy_width_figure(data: SweepData, choices: list[ProbeChoice]) -> bytes 
     return figures.to_png(fig)
 
 
+def _error_tail(error: str | None, lines: int = 6) -> str:
+    """The last lines of a stored traceback (its exception line last), or a note when none was stored."""
+    if not error:
+        return "(no error text recorded)"
+    return "\n".join(error.strip().splitlines()[-lines:])
+
+
 def probes_section(data: SweepData) -> list[Block] | None:
     if not data.probe_runs:
         return None
@@ -231,6 +238,11 @@ def probes_section(data: SweepData) -> list[Block] | None:
                       "MAD score, with the grid point chosen on validation instead of test accuracy).", "legend"),
         ]))
     blocks += _comparison_blocks(probe_evaluation(data, choices))
+    if failed:
+        blocks.append(Section("Failed probe runs", [
+            Paragraph("Each failed run's error (the end of its traceback); re-running the sweep retries them and "
+                      "keeps the finished ones.", "legend"),
+            *[Section(r.run_id, [CodeBlock(_error_tail(r.error))], badge="failed") for r in failed]]))
     rows = [[r.run_id, f"{r.lr:g}", f"{r.weight_decay:g}", str(r.seed), r.status,
              "—" if r.valid_acc is None else f"{r.valid_acc:.3f}", "—" if r.test_acc is None else f"{r.test_acc:.3f}",
              "—" if r.steps is None else str(r.steps), "yes" if r.stopped_early else "no",
