@@ -171,12 +171,40 @@ def test_hymba_fuses_normalised_attention_and_ssm_heads():
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_hymba_attention_widths_are_the_released_blocks():
+    """As in the released HymbaBlock: queries and keys d_model wide, values d_inner = expand * d_model wide
+    (so the attention output matches the SSM's), keys/values grouped. The attention branch is checked
+    against softmax(q k^T / sqrt(d_qk) + causal mask) v written out here, with the key/value heads
+    repeated per group and no positional encoding."""
+    d, T = 32, 11
+    hymba = HymbaConfig(attn_heads=4, attn_kv_heads=2, head_dim=8, d_state=8, chunk_size=4).build(context(d))
+    attn = hymba.attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features) == (32, 16, 32)
+    assert (attn.head_dim, attn.v_head_dim) == (8, 16)
+    x = torch.randn(2, T, d)
+    with torch.no_grad():
+        q = attn.q_proj(x).view(2, T, 4, 8).transpose(1, 2)
+        k = attn.k_proj(x).view(2, T, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
+        v = attn.v_proj(x).view(2, T, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
+        logits = (q @ k.transpose(-1, -2)) / 8**0.5
+        logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        expected = (torch.softmax(logits, -1) @ v).transpose(1, 2).reshape(2, T, 64)  # (B, T, d_inner)
+        torch.testing.assert_close(attn(x)[0], expected, rtol=1e-5, atol=1e-5)
+    # FLOPs and the cache follow the widths: QK^T over 8 channels and PV over 16 per head
+    mean_keys = (T + 1) / 2
+    assert attn.score_flops(T) == 2 * 4 * (8 + 16) * mean_keys
+    assert attn.state_bytes(T, torch.float32) == 2 * (8 + 16) * T * 4
+    # the defaults: Hymba-1.5B's 64 query/key channels per head at d_model 256, GQA
+    default = HymbaConfig().build(context(256)).attn
+    assert (default.n_heads, default.n_kv_heads, default.head_dim, default.v_head_dim) == (4, 1, 64, 128)
+
+
 def test_hymba_state_is_kv_cache_plus_ssm_state():
     ctx = context(32, RoPEConfig(theta=100.0))
     hymba = HymbaConfig(window=8).build(ctx)
     ssm_only = Mamba2Config(d_state=16).build(ctx).state_bytes(1000, torch.float32)
-    attn = hymba.attn
-    kv = 2 * attn.n_kv_heads * attn.head_dim * 4
+    # per token: 1 key/value head (the default), keys of d_model / 4 = 8 and values of d_inner / 4 = 16 channels
+    kv = 1 * (8 + 16) * 4
     assert hymba.state_bytes(5, torch.float32) == ssm_only + 5 * kv
     assert hymba.state_bytes(1000, torch.float32) == ssm_only + 8 * kv  # the window bounds the KV cache
 

@@ -106,8 +106,10 @@ class KVCache:
 
 
 class Attention(Mixer):
-    """With ``output_projection=False`` the module returns the concatenated heads ``(B, T, H * hd)``
+    """With ``output_projection=False`` the module returns the concatenated heads ``(B, T, H * hd_v)``
     without ``o_proj``, for mixers that fuse attention with other heads before one projection (Hymba).
+    ``v_head_dim`` (default: ``head_dim``) sets the value heads' width apart from the query/key heads'
+    (Hymba's values are ``expand`` times wider than its queries and keys).
 
     Packed documents (``forward(x, documents=ids)``) are kept apart by masking attention across them
     (document masking). RoPE and ALiBi depend only on the distance between query and key, so positions
@@ -115,17 +117,20 @@ class Attention(Mixer):
 
     supports_documents = True
 
-    def __init__(self, cfg: AttentionConfig, ctx: BuildContext, output_projection: bool = True) -> None:
+    def __init__(
+        self, cfg: AttentionConfig, ctx: BuildContext, output_projection: bool = True, v_head_dim: int | None = None
+    ) -> None:
         super().__init__(ctx)
         d = ctx.d_model
         self.n_heads, self.n_kv_heads = cfg.n_heads, cfg.kv_heads
         self.head_dim = cfg.resolved_head_dim(d)
+        self.v_head_dim = v_head_dim or self.head_dim
         self.window, self.softcap = cfg.window, cfg.logit_softcap
         self.scale = cfg.scale if cfg.scale is not None else self.head_dim**-0.5
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=cfg.out_bias) if output_projection else None
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.v_head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.v_head_dim, d, bias=cfg.out_bias) if output_projection else None
         self.q_norm = ctx.norm.build_for(self.head_dim) if cfg.qk_norm else None
         self.k_norm = ctx.norm.build_for(self.head_dim) if cfg.qk_norm else None
         self.rotary, self.alibi = relative_position_parts(ctx.position, self.head_dim, self.n_heads)
@@ -154,7 +159,7 @@ class Attention(Mixer):
             raise ValueError("documents (packed sequences) are for training forwards; decode one sequence per row")
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.v_head_dim).transpose(1, 2)  # (B, Hkv, T, hd_v)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         k, v = self.transform_kv(k, v, cache)
@@ -166,7 +171,7 @@ class Attention(Mixer):
             k, v, k_pos = cache.update(k, v)
         else:
             k_pos = q_pos
-        y = self.attend(q, k, v, q_pos, k_pos, documents).transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        y = self.attend(q, k, v, q_pos, k_pos, documents).transpose(1, 2).reshape(B, T, self.n_heads * self.v_head_dim)
         return (y if self.o_proj is None else self.o_proj(y)), cache
 
     def transform_kv(self, k: torch.Tensor, v: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,15 +221,16 @@ class Attention(Mixer):
         return probs @ v
 
     def score_flops(self, seq_len: int) -> float:
-        """QK^T and PV per token, 2 FLOPs per multiply-add each, over every head's channels. Through SDPA
+        """QK^T and PV per token, 2 FLOPs per multiply-add each, over every head's query/key and value
+        channels. Through SDPA
         query position t counts the min(t + 1, window) keys it attends to (useful work: fused kernels skip
         masked blocks, and the count must not depend on which backend ran); the explicit soft-capping path
         multiplies every (query, key) pair of the sequence before masking, and is counted as computed."""
         if self.softcap is not None:
-            return 4 * self.n_heads * self.head_dim * seq_len
+            return 2 * self.n_heads * (self.head_dim + self.v_head_dim) * seq_len
         w = seq_len if self.window is None else min(self.window, seq_len)
         mean_keys = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len  # sum_t min(t + 1, w) / T
-        return 4 * self.n_heads * self.head_dim * mean_keys
+        return 2 * self.n_heads * (self.head_dim + self.v_head_dim) * mean_keys
 
     def flops_per_token(self, seq_len: int) -> int:
         projections = [self.q_proj, self.k_proj, self.v_proj] + ([self.o_proj] if self.o_proj is not None else [])
@@ -232,7 +238,7 @@ class Attention(Mixer):
 
     def state_bytes(self, seq_len: int, dtype: torch.dtype = torch.bfloat16) -> int:
         kept = seq_len if self.window is None else min(seq_len, self.window)
-        return 2 * self.n_kv_heads * self.head_dim * kept * torch.finfo(dtype).bits // 8
+        return self.n_kv_heads * (self.head_dim + self.v_head_dim) * kept * torch.finfo(dtype).bits // 8
 
     def kernel_path(self) -> str:
         return "torch.sdpa" if self.softcap is None else "torch.explicit"

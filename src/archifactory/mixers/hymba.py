@@ -9,11 +9,17 @@ stream; as in the released code, the combination is the average of the two norma
 
     y = out_proj( (β1 ⊙ norm(attn_heads(x)) + β2 ⊙ norm(ssm_heads(x))) / 2 )
 
-Both branches have width ``d_inner = expand * d_model``: the attention heads (``attn_heads`` of
-``d_inner / attn_heads`` channels, any of the model's positional encodings) come from
-:mod:`archifactory.mixers.attention` without their output projection, and the SSM heads are Mamba-2's
-(:class:`archifactory.mixers.mamba2.Mamba2Heads`, the SSD layer's gated RMSNorm supplying β2). The cache
-is the attention KV cache plus the SSM's conv and recurrent state.
+Both branches output ``d_inner = expand * d_model`` channels. The widths follow the released Hymba block
+(``HymbaBlock`` in ``modeling_hymba.py`` of nvidia/Hymba-1.5B-Base: hidden 1600, 25 attention heads, 5
+key/value heads, ``mamba_expand`` 2): queries and keys are ``d_model`` wide (``attn_heads`` heads of
+``d_model / attn_heads`` channels: 64 in Hymba-1.5B), values ``d_inner`` wide (``d_inner / attn_heads``
+channels per head: 128), so that the attention output matches the SSM's width; keys and values are
+grouped (GQA, ``attn_kv_heads``). The attention heads (any of the model's positional encodings) come
+from :mod:`archifactory.mixers.attention` without their output projection, and the SSM heads are
+Mamba-2's (:class:`archifactory.mixers.mamba2.Mamba2Heads`, the SSD layer's gated RMSNorm supplying β2).
+The cache is the attention KV cache plus the SSM's conv and recurrent state. (The release computes q, k,
+v and the SSM inputs with one fused ``in_proj``; here they are separate projections of the same input,
+the same function: on CPU one fused matmul measured no faster than the four.)
 
 Left out of this mixer:
 
@@ -49,37 +55,45 @@ from archifactory.registry import register_mixer
 @register_mixer
 class HymbaConfig(SSDSettings):
     """SSM fields as in ``mamba2`` (``head_dim`` is the SSM heads' width); ``attn_*`` fields configure
-    the attention heads, whose width is ``d_inner / attn_heads``."""
+    the attention heads: queries and keys ``d_model / attn_heads`` channels per head, values
+    ``d_inner / attn_heads`` (as released: Hymba-1.5B has 25 heads of 64 q/k and 128 value channels)."""
 
     kind: Literal["hymba"] = "hymba"
     uses_positions: ClassVar[bool] = True
     d_state: int = Field(16, ge=1)
     """Hymba's SSM heads use a state of 16 (``mamba_d_state``)."""
     attn_heads: int = Field(4, ge=1, le=MAX_COUNT)
-    attn_kv_heads: int | None = Field(None, ge=1, le=MAX_COUNT)
-    """Key/value heads of the attention branch (GQA when fewer than ``attn_heads``)."""
+    """Query heads; the default 4 gives Hymba-1.5B's 64 query/key channels per head at d_model 256."""
+    attn_kv_heads: int | None = Field(1, ge=1, le=MAX_COUNT)
+    """Key/value heads of the attention branch (GQA when fewer than ``attn_heads``; ``None``: one per query
+    head). Hymba-1.5B groups 5 query heads per key/value head (25 / 5); the default 1 (4 query heads per
+    key/value head, as the benchmarks' GQA baseline groups them) is the nearest group size for 4 heads."""
     window: int | None = Field(None, ge=1)
     """Sliding-window attention (Hymba uses it in all but the first, middle and last layers)."""
     qk_norm: bool = False
 
     def attention_config(self, d_model: int) -> AttentionConfig:
+        """The attention heads' config (queries and keys ``d_model / attn_heads`` wide); the value width
+        is :meth:`v_head_dim`."""
         return AttentionConfig(
             n_heads=self.attn_heads,
             n_kv_heads=self.attn_kv_heads,
-            head_dim=self.d_inner(d_model) // self.attn_heads,
+            head_dim=d_model // self.attn_heads,
             window=self.window,
             qk_norm=self.qk_norm,
         )
 
+    def v_head_dim(self, d_model: int) -> int:
+        return self.d_inner(d_model) // self.attn_heads
+
     def check(self, ctx: BuildContext) -> None:
         super().check(ctx)
-        d_inner = self.d_inner(ctx.d_model)
-        if d_inner % self.attn_heads:
-            valid = [h for h in range(1, 33) if d_inner % h == 0]
+        if ctx.d_model % self.attn_heads:  # then d_inner = expand * d_model is divisible too
+            valid = [h for h in range(1, 33) if ctx.d_model % h == 0]
             raise FieldError(
                 "attn_heads",
-                f"attn_heads={self.attn_heads} does not divide d_inner = expand * d_model = {d_inner}; "
-                f"choose one of {valid}",
+                f"attn_heads={self.attn_heads} does not divide d_model={ctx.d_model} (the attention's query/key "
+                f"width); choose one of {valid}",
             )
         try:
             self.attention_config(ctx.d_model).check(ctx)
@@ -112,7 +126,9 @@ class Hymba(Mixer):
         d_inner = cfg.d_inner(ctx.d_model)
         # The attention heads: Attention with its output projection removed, so that it returns the
         # heads' output (B, T, d_inner); the one projection after the fusion is ``out_proj`` below.
-        self.attn = Attention(cfg.attention_config(ctx.d_model), ctx, output_projection=False)
+        self.attn = Attention(
+            cfg.attention_config(ctx.d_model), ctx, output_projection=False, v_head_dim=cfg.v_head_dim(ctx.d_model)
+        )
         self.ssm = Mamba2Heads(cfg, ctx)
         # β1 ⊙ norm(.) of the attention branch; the SSM branch's gated RMSNorm carries β2.
         self.attn_norm = ctx.norm.build_for(d_inner)
