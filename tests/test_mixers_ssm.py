@@ -144,6 +144,42 @@ def test_ssd_core_is_simple_gla(chunk_size):
     torch.testing.assert_close(torch.stack(steps, 1), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("chunk_size,rate", [(4, 1.0), (64, 1.0), (8, 60.0)])
+def test_ssd_core_gradients_match_simple_gla(chunk_size, rate):
+    """Every input's gradient (x, dt, A, B, C, the initial state) equals the naive simple-GLA
+    recurrence's; rate 60 makes each token's decay exp(-dt * 60) tiny, so that the segment sums above a
+    chunk's diagonal would overflow exp if they were not masked (the gradients must stay finite)."""
+    from fla.ops.simple_gla.naive import naive_recurrent_simple_gla
+
+    b, T, H, P, G, N = 2, 19, 4, 3, 2, 5
+    torch.manual_seed(1)
+    leaves = {
+        "x": torch.randn(b, T, H, P), "dt": torch.nn.functional.softplus(torch.randn(b, T, H)),
+        "A": -(torch.rand(H) + 0.1) * rate, "B": torch.randn(b, T, G, N), "C": torch.randn(b, T, G, N),
+        "state": torch.randn(b, H, N, P),
+    }
+    weights = torch.randn(b, T, H, P), torch.randn(b, H, N, P)  # a loss that weights every output
+
+    def grads(fn):
+        inputs = {k: v.clone().requires_grad_() for k, v in leaves.items()}
+        y, final = fn(**inputs)
+        ((y * weights[0]).sum() + (final * weights[1]).sum()).backward()
+        return {k: v.grad for k, v in inputs.items()}
+
+    def reference(x, dt, A, B, C, state):
+        R = H // G
+        return naive_recurrent_simple_gla(
+            C.repeat_interleave(R, dim=2), B.repeat_interleave(R, dim=2), x * dt[..., None], dt * A, scale=1.0,
+            initial_state=state, output_final_state=True,
+        )
+
+    ours = grads(lambda x, dt, A, B, C, state: ssd_chunked(x, dt, A, B, C, chunk_size, state))
+    expected = grads(reference)
+    for name in leaves:
+        assert torch.isfinite(ours[name]).all(), name
+        torch.testing.assert_close(ours[name], expected[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
 # ----------------------------------------------------------------------------------------------- Hymba
 
 
