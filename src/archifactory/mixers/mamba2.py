@@ -147,6 +147,32 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+class _DecayedScores(torch.autograd.Function):
+    """``M = scores[..., None, :, :] * exp(clamp(a_i - a_j, max=0))``: the within-chunk matrix of step 1 of
+    :func:`ssd_chunked`, ``(b, G, c, R, L, L)`` from ``scores`` (b, G, c, L, L), lower-triangular, and
+    ``a_heads`` (b, G, c, R, L), each chunk's running log-decay (non-increasing: ``dt >= 0``, ``A <= 0``).
+
+    The backward is written out because autograd's (through sub, clamp, exp and the broadcast product)
+    makes about twice as many passes over the six-dimensional tensor, the largest of the layer:
+    ``dM/d(a_i - a_j) = M`` (zero above the diagonal, where the clamp is active and ``scores`` is zero),
+    so ``grad_a = (g * M).sum(-1) - (g * M).sum(-2)`` and ``grad_scores = (g * decay).sum(over heads)``."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, a_heads: torch.Tensor) -> torch.Tensor:
+        decay = (a_heads[..., :, None] - a_heads[..., None, :]).clamp_(max=0).exp_()  # (b, G, c, R, L, L)
+        decayed = scores[:, :, :, None] * decay
+        ctx.save_for_backward(decay, decayed)
+        return decayed
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        decay, decayed = ctx.saved_tensors
+        grad_scores = (grad * decay).sum(3)  # (b, G, c, L, L)
+        grad_segsum = grad * decayed  # (b, G, c, R, L, L)
+        grad_a = grad_segsum.sum(-1) - grad_segsum.sum(-2)  # a_i enters with +, a_j with -
+        return grad_scores, grad_a
+
+
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -190,10 +216,10 @@ def ssd_chunked(
     # the diagonal (where C B^T is zeroed) they are clamped to 0 so that exp never overflows (on CPU this
     # measured faster than masking them to -inf and dropping the tril).
     a_heads = a_cum.permute(0, 3, 1, 4, 2)  # (b, G, c, R, L)
-    decay = torch.exp((a_heads[..., :, None] - a_heads[..., None, :]).clamp(max=0))  # (b, G, c, R, L, L)
     scores = (C @ B.transpose(-1, -2)).tril()  # (b, G, c, L, L): one per group
+    decayed = _DecayedScores.apply(scores, a_heads)  # (b, G, c, R, L, L): scores * exp(segment sums)
     x_heads = xdt.permute(0, 3, 1, 4, 2, 5).contiguous()  # (b, G, c, R, L, P)
-    y_diag = _ContiguousGrad.apply((scores[:, :, :, None] * decay) @ x_heads)  # (b, G, c, R, L, P)
+    y_diag = _ContiguousGrad.apply(decayed @ x_heads)  # (b, G, c, R, L, P)
 
     # 2. Each chunk's own contribution to the state at its end: sum_j exp(a_{j+1} + ... + a_L) B_j^T dt_j x_j.
     to_end = torch.exp(a_cum[:, :, -1:] - a_cum)  # (b, c, L, G, R)
@@ -208,9 +234,10 @@ def ssd_chunked(
     else:
         S = state.view(b, G, R, N, P).transpose(2, 3).to(xdt.dtype)  # (b, G, N, R, P)
     starts = []
-    for k in range(c):
+    # unbind, not indexing per chunk: its backward is one stack, not a zero-filled full-size gradient per chunk
+    for decay_k, states_k in zip(chunk_decay.unbind(2), chunk_states.unbind(2)):
         starts.append(S)
-        S = chunk_decay[:, :, k] * S + chunk_states[:, :, k].view(b, G, N, R, P)
+        S = decay_k * S + states_k.view(b, G, N, R, P)
     start_states = torch.stack(starts, dim=2).view(b, G, c, N, R * P)
 
     # 4. The entering state read out at each token, decayed from the chunk start: C_i exp(a_1 + ... + a_i) S.
