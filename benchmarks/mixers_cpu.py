@@ -23,9 +23,9 @@ does more work, not slower work.
 Every row puts its mixer on every layer (``layout: every layer``). A hybrid-layer kind, one that its
 architecture places only on some layers of another mixer's stack (``LAYOUTS``), gets a second row laid
 out that way: ``zamba2`` on every 3rd layer of a Mamba-2 stack (layer 2 of 0..3), the period of the
-``zamba2-tiny`` preset. Zamba2 itself places its hybrid layer on every 6th layer (Zamba2-2.7B: 9 of 54
-layers, ``layers_block_type`` in transformers' ``Zamba2Config``; Zamba2-1.2B likewise), which at 4 layers
-would leave none; one hybrid layer in 4 is therefore a heavier hybrid than the paper's.
+``zamba2-tiny`` preset. Zamba2 itself places its hybrid layer on about every 6th layer (Zamba2-2.7B: 9 of
+54 layers, the default ``layers_block_type`` of transformers' ``Zamba2Config``), which at 4 layers would
+leave none; one hybrid layer in 4 is therefore a heavier hybrid than the paper's.
 
 ``--compile`` runs every model, the baseline included, through ``torch.compile`` (the same as
 ``train.compile: true``); its first steps compile (tens of seconds per mixer on 2 cores), so ``--warmup``
