@@ -348,6 +348,18 @@ def test_grpo_config_errors(sft_run, tmp_path):
         load_grpo_config(grpo_config(sft_run, tmp_path, micro_batch_size=6, batch_size=6))
     with pytest.raises(ConfigError, match="finished SFT run"):
         load_grpo_config(grpo_config(tmp_path, tmp_path))
+    # a prompt + completion the model cannot generate (RoPE, max_seq_len 256) is refused at setup, not mid-run
+    from archifactory.posttrain.grpo import GRPOTrainer
+
+    cfg = grpo_config(sft_run, tmp_path, "long")
+    cfg["grpo"]["max_completion_length"] = 250
+    with pytest.raises(ConfigError, match=r"grpo.max_completion_length=250: the longest prompt \((train|test) "
+                                          r"problem \d+, chat template included\) does not fit: prompt \(\d+ tokens\)"):
+        GRPOTrainer(load_grpo_config(cfg), resume=False).setup()
+    cfg["grpo"]["max_completion_length"] = 200  # fits: no error at setup
+    trainer = GRPOTrainer(load_grpo_config(cfg), resume=False)
+    trainer.setup()
+    trainer.metrics.close()
 
 
 def test_cli_grpo(sft_run, tmp_path):

@@ -51,6 +51,7 @@ from archifactory.config import (
     validate,
 )
 from archifactory.data.tokenizer import Tokenizer
+from archifactory.errors import InputError
 from archifactory.model.lm import IGNORE_INDEX, CausalLM
 from archifactory.posttrain.chat import IM_END, TEMPLATE_FILE, ChatTemplate
 from archifactory.posttrain.sft import stage_data
@@ -175,10 +176,38 @@ class GRPOTrainer(Trainer):
         model = CausalLM.from_pretrained(Path(self.cfg.base) / "model")
         if model.config != self.cfg.model:
             raise ConfigError(f"model: differs from the SFT run's ({self.cfg.base}/model/config.yaml); leave it out")
+        self._check_lengths(model)
         self.ref_model = None
         if self.cfg.grpo.beta:
             self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         return model
+
+    LENGTH_CHECK_PROMPTS = 512
+    """Training prompts whose length is checked at setup (all of them for a task with fewer)."""
+
+    def _check_lengths(self, model: CausalLM) -> None:
+        """Refuse at setup, not at the step that meets it, a prompt + ``max_completion_length`` that the
+        model cannot generate (past ``max_seq_len`` with positions that do not extrapolate): the longest
+        prompt of a record task, or of a generated task's first :attr:`LENGTH_CHECK_PROMPTS` training
+        problems and its held-out evaluation problems."""
+        opts = self.cfg.grpo
+        splits = getattr(self.task, "splits", None)  # a record task: every record of both splits
+        problems = ([(f"{split} record {i}", p) for split, rows in splits.items() for i, p in enumerate(rows)]
+                    if splits else
+                    [(f"{split} problem {i}", self.task.problem(i, split))
+                     for split, n in (("train", self.LENGTH_CHECK_PROMPTS), ("test", opts.eval_problems))
+                     for i in range(n)])
+        longest, where = 0, ""
+        for name, problem in problems:
+            n_tokens = len(self.template.generation_prompt([{"role": "user", "content": problem.prompt}],
+                                                           self.tokenizer))
+            if n_tokens > longest:
+                longest, where = n_tokens, name
+        try:
+            model.check_generation_length(longest, opts.max_completion_length)
+        except InputError as err:
+            raise ConfigError(f"grpo.max_completion_length={opts.max_completion_length}: the longest prompt "
+                              f"({where}, chat template included) does not fit: {err}") from None
 
     # ------------------------------------------------------------------------------------------ rollouts
 
