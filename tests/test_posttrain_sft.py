@@ -328,6 +328,36 @@ def test_task_examples_join_the_records_and_never_hold_a_test_problem(base_run, 
             load_sft_config(cfg)
 
 
+@pytest.mark.parametrize("name,digits", [("addition", 1), ("addition", 2), ("multiplication", 2)])
+def test_task_sft_targets_are_what_grpo_prompts_for_and_its_checker_accepts(chat_tokenizer, name, digits):
+    """The SFT conversation of a task problem starts with exactly the token ids GRPO and the held-out exact
+    match prompt with (ChatTemplate.generation_prompt), its trained tokens are the reference answer then
+    <|im_end|>, and the task's checker accepts that answer, which is the operands' sum / product as Python
+    computes it: a model that reproduces its SFT targets scores on the GRPO checker (no format mismatch)."""
+    import re
+
+    from archifactory.posttrain.tasks import TaskConfig
+
+    tokenizer, ids, _ = chat_tokenizer
+    template, task = ChatTemplate(), TaskConfig(name=name, digits=digits, test_fraction=0.2)
+    built = task.build()
+    records = task_records(task, 40)
+    for i, messages in enumerate(conversations(records)):
+        problem = built.problem(i)
+        a, op, b = re.fullmatch(r"What is (\d+) ([+*]) (\d+)\?", problem.prompt).groups()
+        assert int(problem.answer) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+        assert len(a) == len(b) == digits, problem.prompt
+        prompt = template.generation_prompt([{"role": "user", "content": problem.prompt}], tokenizer)
+        encoded = template.encode(messages, tokenizer)
+        assert encoded.ids[: len(prompt)] == prompt, (problem.prompt, encoded.ids, prompt)
+        trained = [t for t, m in zip(encoded.ids, encoded.assistant) if m]
+        assert trained == encoded.ids[len(prompt):], "only the answer turn is trained"
+        end = trained.index(ids[IM_END])
+        answer = tokenizer.decode(trained[:end])
+        assert answer == problem.answer and built.correct(answer, problem)
+        assert not built.correct(str(int(problem.answer) + 1), problem)
+
+
 def test_accumulation_gives_the_full_batch_gradient(base_run, tmp_path):
     """Micro-batches are weighted by their trained tokens: four micro-batches of 1 row give the gradient
     of one batch of 4 rows, which is the gradient of (summed loss over trained tokens / their number)."""
