@@ -174,8 +174,11 @@ def test_shipped_sweeps_plan(tmp_path):
             continue
         spec_, where = load_sweep(path)
         runs = plan(spec_, where, tmp_path / path.stem)
-        assert len({r.variant for r in runs}) >= 3, path
-        assert len(spec_.seeds) >= 2, path
+        # the post-training demo compares two variants (issue 11: "two or three") over three seeds, so the
+        # paired GRPO - SFT interval has two degrees of freedom within its 25-minute budget
+        variants, seeds = (2, 3) if path.stem == "posttrain-demo" else (3, 2)
+        assert len({r.variant for r in runs}) >= variants, path
+        assert len(spec_.seeds) >= seeds, path
 
 
 def test_submitit_executor_hands_runs_to_a_scheduler(tmp_path):
