@@ -278,11 +278,22 @@ def test_runner_chains_the_stages_evaluates_each_and_restarts_where_it_stopped(t
 def test_a_failed_stage_stops_its_chain(tmp_path):
     from archifactory.sweep.runner import SweepRunner
 
-    s = spec(tmp_path, seeds=[0], variants={}, sft={**SFT, "data": {"source": str(tmp_path / "missing.jsonl")}})
+    (tmp_path / "broken.jsonl").write_text('{"instruction": "a", "output": "b"}\n{not json\n')
+    s = spec(tmp_path, seeds=[0], variants={}, sft={**SFT, "data": {"source": str(tmp_path / "broken.jsonl")}})
     assert SweepRunner(s, tmp_path, tmp_path / "sweep").run() == {"done": 1, "failed": 2}
     runs = {r["run_id"]: r for r in Store(tmp_path / "sweep" / "results.sqlite").runs(stage=None)}
-    assert "missing.jsonl" in runs["baseline-s0-sft"]["error"]
+    assert "broken.jsonl" in runs["baseline-s0-sft"]["error"]
     assert runs["baseline-s0-sft-grpo"]["error"] == "not run: its sft run baseline-s0-sft failed"
+
+
+def test_a_missing_data_file_is_refused_when_the_sweep_is_planned(tmp_path):
+    from archifactory.sweep.runner import SweepRunner
+
+    s = spec(tmp_path, seeds=[0], variants={}, sft={**SFT, "data": {"source": "../shared/nowhere.jsonl"}})
+    with pytest.raises(ConfigError, match=r"sft.data.source: ../shared/nowhere.jsonl is not a file, relative to the "
+                                          r"spec's directory .* or to the working directory"):
+        SweepRunner(s, tmp_path, tmp_path / "sweep").run()
+    assert not (tmp_path / "sweep" / "runs").exists()  # nothing trained before the refusal
 
 
 def test_stage_fairness_names_the_run_that_got_another_recipe():

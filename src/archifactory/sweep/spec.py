@@ -324,14 +324,24 @@ def plan(spec: SweepSpec, root: Path, sweep_dir: Path,
     return runs
 
 
+DATA_FILE_SUFFIXES = (".json", ".jsonl", ".parquet", ".arrow", ".csv")
+"""Suffixes that make a recipe's data value a local file (checked at planning) rather than a hub name."""
+
+
 def resolve_recipe_paths(recipe: dict, root: Path) -> dict:
     """A recipe with its local data files (``data.source``, ``task.data``) resolved against the spec's
     directory when they exist there (as ``base`` is); other values (cwd-relative paths, hub names) kept."""
     recipe = copy.deepcopy(recipe)
     for section, key in (("data", "source"), ("task", "data")):
         value = (recipe.get(section) or {}).get(key)
-        if isinstance(value, str) and not Path(value).is_absolute() and (root / value).exists():
+        if not isinstance(value, str):
+            continue
+        if not Path(value).is_absolute() and (root / value).exists():
             recipe[section][key] = str((root / value).resolve())
+        elif Path(value).suffix.lower() in DATA_FILE_SUFFIXES and not Path(value).exists():
+            # a file name (a hub name has no such suffix): refuse at planning, not in every stage run
+            raise ConfigError(f"{section}.{key}: {value} is not a file, relative to the spec's directory {root} "
+                              "or to the working directory; give the path of an existing file (or a hub name)")
     return recipe
 
 
@@ -345,7 +355,10 @@ def _stage_runs(spec: SweepSpec, root: Path, sweep_dir: Path, pretrain: PlannedR
         raise ConfigError(f"variant {pretrain.variant!r}: data.tokenizer.kind=bytes cannot take the chat template's "
                           "tokens; pretrain with data.tokenizer.kind=bpe (or hf) for the sft stage")
     for stage in spec.stages[1:]:
-        recipe = resolve_recipe_paths(getattr(spec, stage), root)
+        try:
+            recipe = resolve_recipe_paths(getattr(spec, stage), root)
+        except ConfigError as err:
+            raise ConfigError(f"{stage}.{err}") from None
         scale = recipe.pop(LR_SCALE, None)
         run_id = f"{parent.run_id}-{stage}"
         out_dir = sweep_dir / "runs" / run_id
