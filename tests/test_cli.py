@@ -108,6 +108,15 @@ def test_train_user_errors_are_one_line(tmp_path, corpus, overrides, expected):
     assert_one_line_error(runner.invoke(app, args), *expected)
 
 
+def test_set_model_to_a_preset_as_the_file_allows(tmp_path):
+    from archifactory.train.config import load_run_config
+
+    cfg = load_run_config(run_yaml(tmp_path), ["model=hymba-tiny", "model.n_layers=5"])
+    assert cfg.model.mixer.kind == "hymba" and cfg.model.n_layers == 5 and cfg.model.d_model == 128
+    result = runner.invoke(app, ["train", str(run_yaml(tmp_path)), "--set", "model=nosuch-preset"])
+    assert result.exit_code == 2 and "nosuch-preset" in result.output and "Traceback" not in result.output
+
+
 def test_longer_training_rows_than_max_seq_len_where_positions_extrapolate():
     from archifactory.config import validate
     from archifactory.train.config import RunConfig

@@ -253,8 +253,12 @@ def test_mamba2_config_errors_name_the_field():
         af.load_model_config("mamba2-hybrid-tiny", ["mixer.head_dim=24"])
     with pytest.raises(ConfigError, match=r"mixer\.n_groups: .*choose one of \[1, 2, 4, 8\]"):
         af.load_model_config("mamba2-hybrid-tiny", ["mixer.n_groups=3"])
-    with pytest.raises(ConfigError, match=r"mixer\.attn_heads"):
+    # Hymba's messages use its own field names and list every head count that divides d_model (128)
+    with pytest.raises(ConfigError, match=r"mixer\.attn_heads: attn_heads=3 does not divide d_model=128 .*"
+                                          r"choose one of \[1, 2, 4, 8, 16, 32, 64, 128\]"):
         af.load_model_config("hymba-tiny", ["mixer.attn_heads=3"])
+    with pytest.raises(ConfigError, match=r"mixer\.attn_kv_heads: attn_kv_heads=3 does not divide attn_heads=4"):
+        af.load_model_config("hymba-tiny", ["mixer.attn_kv_heads=3"])
 
 
 def test_mamba2_costs_and_kernel_path():

@@ -38,6 +38,7 @@ plain config: ``window`` on the default mixer and a layer override without it
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import ClassVar, Literal
 
 import torch
@@ -89,7 +90,7 @@ class HymbaConfig(SSDSettings):
     def check(self, ctx: BuildContext) -> None:
         super().check(ctx)
         if ctx.d_model % self.attn_heads:  # then d_inner = expand * d_model is divisible too
-            valid = [h for h in range(1, 33) if ctx.d_model % h == 0]
+            valid = [h for h in range(1, min(ctx.d_model, MAX_COUNT) + 1) if ctx.d_model % h == 0]
             raise FieldError(
                 "attn_heads",
                 f"attn_heads={self.attn_heads} does not divide d_model={ctx.d_model} (the attention's query/key "
@@ -97,11 +98,10 @@ class HymbaConfig(SSDSettings):
             )
         try:
             self.attention_config(ctx.d_model).check(ctx)
-        except FieldError as err:
-            field = {"n_kv_heads": "attn_kv_heads", "n_heads": "attn_heads", "head_dim": "attn_heads"}.get(
-                err.field, err.field
-            )
-            raise FieldError(field, err.message) from None
+        except FieldError as err:  # the attention's names, as this config spells them
+            names = {"n_kv_heads": "attn_kv_heads", "n_heads": "attn_heads", "head_dim": "attn_heads"}
+            message = re.sub(r"\b(n_kv_heads|n_heads)\b", lambda m: names[m.group(1)], err.message)
+            raise FieldError(names.get(err.field, err.field), message) from None
 
     def build(self, ctx: BuildContext) -> "Hymba":
         return Hymba(self, ctx)

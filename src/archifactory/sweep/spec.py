@@ -50,7 +50,7 @@ from archifactory.config import (
     validate,
 )
 from archifactory.sweep.stats import COMPARE, LR_SELECTION
-from archifactory.train.config import RunConfig, expand_run_data
+from archifactory.train.config import RunConfig, apply_run_overrides, expand_run_data
 
 BASELINE = "baseline"
 MAX_LR_GRID = 64
@@ -290,7 +290,7 @@ def plan(spec: SweepSpec, root: Path, sweep_dir: Path,
     an lr grid, (variant, lr, seed) for each lr-selection seed, then its compared runs at the lr in
     ``chosen_lrs`` once chosen (absent until then). Raises ConfigError naming the variant."""
     chosen_lrs = chosen_lrs or {}
-    base = apply_overrides(expand_run_data(base_data(spec, root)), spec.base_overrides)
+    base = apply_run_overrides(expand_run_data(base_data(spec, root)), spec.base_overrides)
     base_cfg = _resolve(base, [], f"{spec.name}/baseline")
     base_params = _params(base_cfg) if spec.match_params else None
     runs: list[PlannedRun] = []
@@ -377,7 +377,7 @@ def _stage_runs(spec: SweepSpec, root: Path, sweep_dir: Path, pretrain: PlannedR
 
 def _resolve(base: dict, overrides: list[str], variant: str) -> RunConfig:
     try:
-        return validate(RunConfig, apply_overrides(base, overrides))
+        return validate(RunConfig, apply_run_overrides(base, overrides))
     except ConfigError as err:
         raise ConfigError(f"variant {variant!r}: {err}") from None
 

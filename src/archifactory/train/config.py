@@ -177,8 +177,18 @@ def expand_run_data(data: dict) -> dict:
     return data
 
 
+def apply_run_overrides(data: dict, overrides: Iterable[str]) -> dict:
+    """``overrides`` applied in order to expanded run data; ``model=NAME`` (a preset name or a YAML path,
+    as ``model:`` takes in a file) is expanded where it is set, so later ``model.*`` overrides refine it."""
+    for override in overrides:
+        data = apply_overrides(data, [override])
+        if isinstance(data.get("model"), (str, Path)):
+            data = expand_run_data(data)
+    return data
+
+
 def load_run_config(source: str | Path | dict, overrides: Iterable[str] = ()) -> RunConfig:
     overrides = list(overrides)
     data = source if isinstance(source, dict) else load_yaml(source)
-    return validate(RunConfig, apply_overrides(expand_run_data(data), overrides),
+    return validate(RunConfig, apply_run_overrides(expand_run_data(data), overrides),
                     source=None if isinstance(source, dict) else source, overrides=overrides)
