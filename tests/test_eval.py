@@ -267,6 +267,7 @@ def test_run_dir_results_stored_and_rerun_skips(tmp_path, monkeypatch):
     monkeypatch.setattr(eval_runner, "score_requests", fail)
     again = evaluate(run, ["piqa", "lambada"], limit=4, progress=False)
     assert {m.metric: m.value for m in again[0].metrics} == {k: m.value for k, m in piqa.items()}
+    assert [m.metric for m in again[0].metrics] == [m.metric for m in records[1].metrics]  # same order as fresh
     # the run's model/ folder is the run (as on the command line): same run id, same store, skipped
     via_model = evaluate(run / "model", ["piqa"], limit=4, progress=False)
     assert via_model[0].run_id == run.name and not (run / "model" / "eval.sqlite").exists()

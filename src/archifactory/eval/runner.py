@@ -278,7 +278,7 @@ def evaluate(
                                  chance=chance.get(metric), null_value=null_values.get(metric),
                                  higher_is_better=M.HIGHER_IS_BETTER.get(metric, True if metric.startswith("pass@")
                                                                          else None), n_items=len(items))
-                    for metric, value in values.items()
+                    for metric, value in sorted(values.items())  # the order the store returns them in
                 ],
             )
             if store is not None:
