@@ -91,8 +91,7 @@ def load_target(path: str | Path, tokenizer: str | Path | Tokenizer | None = Non
     if located.checkpoint is not None:
         raise ValueError(f"{path} is a checkpoint; evaluation scores a finished run or a saved model: give "
                          f"{located.run_dir} once it has finished")
-    model_dir = located.model_dir
-    run_dir = located.run_dir if located.run_dir is not None and model_dir == located.run_dir / "model" else None
+    model_dir, run_dir = located.model_dir, located.run_dir  # run_dir: the run whose model/ this is, or None
     if tokenizer is None:
         candidates = [model_dir / "tokenizer.json", model_dir.parent / "tokenizer.json"]
         found = next((c for c in candidates if c.is_file()), None)

@@ -159,6 +159,11 @@ class ModelConfig(Strict):
                 )
         return layers
 
+    def mixers_use_positions(self) -> bool:
+        """Whether any layer's mixer applies the relative position encoding (RoPE, ALiBi): recurrent
+        mixers do not, so a model of them has no position limit from ``position``."""
+        return any(layer.mixer.uses_positions for layer in self.layer_configs())
+
     def build_context(self, layer_idx: int, shared: dict | None = None) -> BuildContext:
         """``shared``: the dict of cross-layer shared modules of the model being built (see BuildContext)."""
         return BuildContext(

@@ -753,9 +753,7 @@ def _architecture(config: ModelConfig) -> dict[str, Any]:
     top["embedding_scale"] = config.resolved_embedding_scale()
     put("", top)
     position = config.position.model_dump()
-    if config.position.kind in ("rope", "alibi", "none") and not any(
-        layer.mixer.uses_positions for layer in config.layer_configs()
-    ):
+    if config.position.kind in ("rope", "alibi", "none") and not config.mixers_use_positions():
         position = {}  # a relative encoding no layer applies changes nothing
     scaling = position.get("scaling")
     for i, layer in enumerate(config.layer_configs()):

@@ -283,7 +283,7 @@ class CausalLM(nn.Module):
         head = f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds max_seq_len={limit}"
         if self.pos_embed is not None or position.limits_length:
             raise InputError(f"{head}, the length of the model's {position.kind} position table; {fix}")
-        uses = any(layer.mixer.uses_positions for layer in self.config.layer_configs())
+        uses = self.config.mixers_use_positions()
         if uses and not position.extrapolates():
             raise InputError(
                 f"{head}: the model's {position.kind} positions past it were never trained and do not extrapolate; "

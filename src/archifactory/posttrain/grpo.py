@@ -199,8 +199,7 @@ class GRPOTrainer(Trainer):
                      for i in range(n)])
         longest, where = 0, ""
         for name, problem in problems:
-            n_tokens = len(self.template.generation_prompt([{"role": "user", "content": problem.prompt}],
-                                                           self.tokenizer))
+            n_tokens = len(prompt_ids(self.template, self.tokenizer, problem))
             if n_tokens > longest:
                 longest, where = n_tokens, name
         try:
@@ -240,7 +239,7 @@ class GRPOTrainer(Trainer):
         for k in range(self.prompts_per_micro // self.dist.world_size):
             index = self.prompt_index(micro_index, k)
             problem = self.task.problem(index)
-            prompt = self.template.generation_prompt([{"role": "user", "content": problem.prompt}], self.tokenizer)
+            prompt = prompt_ids(self.template, self.tokenizer, problem)
             seed = int.from_bytes(hashlib.sha256(f"{self.cfg.task.seed}:{index}".encode()).digest()[:4], "little")
             out = self.model.generate(torch.tensor([prompt] * G), opts.max_completion_length,
                                       temperature=opts.temperature, top_k=opts.top_k, seed=seed,
@@ -341,6 +340,12 @@ class GRPOTrainer(Trainer):
                 "task": self.cfg.task.name}
 
 
+def prompt_ids(template: ChatTemplate, tokenizer: Tokenizer, problem: Problem) -> list[int]:
+    """A problem as the model is asked it, in rollouts and in exact-match evaluation: one user turn in the
+    chat template, ending where the assistant's answer begins."""
+    return template.generation_prompt([{"role": "user", "content": problem.prompt}], tokenizer)
+
+
 @torch.no_grad()
 def exact_match(model: CausalLM, tokenizer: Tokenizer, template: ChatTemplate, task: Task, n: int,
                 max_new_tokens: int, split: str = "test") -> float:
@@ -350,7 +355,7 @@ def exact_match(model: CausalLM, tokenizer: Tokenizer, template: ChatTemplate, t
     right = 0
     for i in range(n):
         problem = task.problem(i, split)
-        prompt = template.generation_prompt([{"role": "user", "content": problem.prompt}], tokenizer)
+        prompt = prompt_ids(template, tokenizer, problem)
         out = model.generate(prompt, max_new_tokens, temperature=0, eos_token_id=end)[len(prompt):].tolist()
         out = out[: out.index(end)] if end in out else out
         right += task.correct(tokenizer.decode(out), problem)

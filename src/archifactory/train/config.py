@@ -130,9 +130,8 @@ class RunConfig(Strict):
                 f"train.seq_len={seq_len} exceeds model.max_seq_len={model.max_seq_len}, the length of the "
                 f"{model.position.kind} position table; raise model.max_seq_len or lower train.seq_len"
             )
-        layers = model.layer_configs() if hasattr(model, "layer_configs") else []
-        if (seq_len > model.max_seq_len and not model.position.extrapolates()
-                and any(layer.mixer.uses_positions for layer in layers)):
+        uses_positions = getattr(model, "mixers_use_positions", lambda: False)  # byte-level kinds: no such check
+        if seq_len > model.max_seq_len and not model.position.extrapolates() and uses_positions():
             # generation and evaluation refuse positions past max_seq_len for these encodings
             # (CausalLM.check_generation_length): a model trained on them could not be used at its length
             raise ValueError(

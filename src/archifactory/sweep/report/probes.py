@@ -50,6 +50,11 @@ def _variants(data: SweepData) -> list[str]:
     return list(dict.fromkeys(listed + [r.variant for r in data.probe_runs]))
 
 
+def setting_title(task: str, setting: str) -> str:
+    """A task setting as the report names it: the task, then any harder setting (``mqar · num_kv_pairs=16``)."""
+    return task if setting == "baseline" else f"{task} · {setting}"
+
+
 def _baseline(data: SweepData) -> str:
     """The spec's baseline variant; the first variant when the stored spec no longer validates."""
     return data.probe_spec.baseline_variant if data.probe_spec is not None else _variants(data)[0]
@@ -99,8 +104,7 @@ def probe_evaluation(data: SweepData, choices: list[ProbeChoice]) -> StageEvalua
     metrics = []
     for comparison in compare_choices(choices, baseline, sizes):
         if comparison.setting:
-            task = comparison.task if comparison.setting == "baseline" else f"{comparison.task} · {comparison.setting}"
-            key = MetricKey(task, None, f"test acc d={comparison.width}")
+            key = MetricKey(setting_title(comparison.task, comparison.setting), None, f"test acc d={comparison.width}")
         else:
             key = MetricKey(comparison.task, None, f"d={comparison.width}")
         metrics.append(MetricComparison(key, True, [], {
@@ -212,8 +216,7 @@ def probes_section(data: SweepData) -> list[Block] | None:
     failed = [r for r in runs if r.status == "failed"]
     blocks: list[Block] = [Paragraph(f"{done} of {len(runs)} probe runs finished, {len(failed)} failed. {PROTOCOL}")]
     for task, setting in sorted({(c.task, c.setting) for c in choices}):
-        title = task if setting == "baseline" else f"{task} · {setting}"
-        blocks.append(Section(title, [_setting_table(data, choices, task, setting)]))
+        blocks.append(Section(setting_title(task, setting), [_setting_table(data, choices, task, setting)]))
     if any(not c.complete for c in choices):
         blocks.append(Paragraph("* chosen among the grid points finished on every seed so far (the sweep is "
                                 "incomplete).", "legend"))
