@@ -309,6 +309,77 @@ def test_grpo_run_logs_its_metrics_and_resumes_exactly(sft_run, tmp_path):
     assert again[-2:] == steps[-2:]  # the resumed steps sample the same completions and rewards
 
 
+class FirstCharTask:
+    """A task whose answer is right when the completion starts with one of ``chars``: its probability under
+    a model is the softmax mass of the tokens that decode to such a start, a closed form from one forward."""
+
+    name, chars = "first-char", set("abcdefghijklmnopqrstuvwxyzW")
+
+    def problem(self, index, split="train"):
+        from archifactory.posttrain.tasks import Problem
+
+        return Problem(f"What is {index} + {2 * index}?", "")
+
+    def correct(self, completion, problem):
+        return completion[:1] in self.chars
+
+
+@pytest.mark.parametrize("temperature, top_k", [(1.0, None), (0.7, 40)])
+def test_sampled_exact_match_is_the_probability_of_a_right_answer(sft_run, temperature, top_k):
+    """pass@1 from n samples converges to the model's probability of answering right (closed form: the
+    temperature- and top-k-adjusted softmax mass of the right first tokens); top-k 1 sampling is greedy."""
+    from archifactory.data.tokenizer import Tokenizer
+    from archifactory.model.lm import CausalLM
+    from archifactory.posttrain.chat import ChatTemplate
+    from archifactory.posttrain.grpo import exact_match, prompt_ids
+
+    tokenizer, template = Tokenizer.load(sft_run / "tokenizer.json"), ChatTemplate.load(sft_run)
+    model, task = CausalLM.from_pretrained(sft_run / "model").eval(), FirstCharTask()
+    right = torch.tensor([tokenizer.decode([t])[:1] in task.chars for t in range(tokenizer.vocab_size)])
+    assert 0 < right.sum() < len(right) - 10
+    n_problems, samples = 3, 600
+    expected = []
+    for i in range(n_problems):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids(template, tokenizer, task.problem(i, "test"))])).logits[0, -1]
+        logits = logits.double() / temperature
+        if top_k:
+            logits[logits < logits.topk(top_k).values[-1]] = -math.inf
+        expected.append(float(logits.softmax(-1)[right].sum()))
+    mean = statistics.mean(expected)
+    se = math.sqrt(sum(p * (1 - p) for p in expected) / samples) / n_problems
+    got = exact_match(model, tokenizer, template, task, n_problems, 2, samples=samples, temperature=temperature,
+                      top_k=top_k)
+    assert abs(got - mean) < 4 * se, (got, mean, se)
+    greedy = exact_match(model, tokenizer, template, task, 8, 2)
+    assert exact_match(model, tokenizer, template, task, 8, 2, samples=3, top_k=1) == greedy
+    def em(n, start=0):
+        return exact_match(model, tokenizer, template, task, n, 2, start=start)
+
+    assert 12 * em(12) == pytest.approx(4 * em(4) + 8 * em(8, start=4))  # start: problems start .. start + n - 1
+
+
+def test_grpo_evaluations_sample_pass_at_1_with_eval_samples(sft_run, tmp_path):
+    from archifactory.data.tokenizer import Tokenizer
+    from archifactory.model.lm import CausalLM
+    from archifactory.posttrain.chat import ChatTemplate
+    from archifactory.posttrain.grpo import exact_match, grpo
+    from archifactory.posttrain.tasks import build_task
+    from archifactory.train.metrics import read_metrics
+
+    cfg = grpo_config(sft_run, tmp_path, max_steps=2)
+    cfg["grpo"].update(eval_samples=5, temperature=0.8, top_k=20)
+    summary = grpo(cfg)
+    evals = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 2] and all(0 <= r["eval_pass_at_1"] <= 1 for r in evals)
+    assert summary["eval_pass_at_1"] == evals[-1]["eval_pass_at_1"]
+    # step 0 is the SFT model's pass@1 on the same problems with the same samples
+    tokenizer, template = Tokenizer.load(sft_run / "tokenizer.json"), ChatTemplate.load(sft_run)
+    start = exact_match(CausalLM.from_pretrained(sft_run / "model"), tokenizer, template,
+                        build_task("addition", digits=1), 4, 4, samples=5, temperature=0.8, top_k=20)
+    assert evals[0]["eval_pass_at_1"] == start
+
+
 def test_grpo_step_is_the_loss_of_its_rollouts(sft_run, tmp_path):
     """One micro-batch by hand: the trainer's loss equals grpo_loss on log-probabilities recomputed from
     its rollout, and its gradient is -(A * d logp) summed over completion tokens / their number."""

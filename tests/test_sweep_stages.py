@@ -197,7 +197,8 @@ def test_a_store_with_the_old_final_column_names_is_read_and_renamed_in_place(tm
     store = Store(path)
     with sqlite3.connect(path) as db:
         columns = {row[1] for row in db.execute("PRAGMA table_info(final)")}
-    assert {"flops_per_token_train", "eval_accuracy"} <= columns and not {"flops_per_token", "exact_match"} & columns
+    assert {"flops_per_token_train", "eval_accuracy", "eval_pass_at_1"} <= columns
+    assert not {"flops_per_token", "exact_match"} & columns
     (final,) = store.finals()
     assert (final.flops_per_token_train, final.eval_accuracy, final.val_loss) == (6e6, 0.25, 2.5)
     store.record_results("baseline-s0", [], {"flops_per_token_train": 5e6, "val_loss": 2.0})
@@ -210,13 +211,14 @@ def test_grpo_results_give_the_sft_run_its_starting_exact_match(tmp_path):
     store.add_run("b-s0-sft", "baseline", 0, None, True, {}, {}, "r1", stage="sft", parent_run_id="b-s0")
     store.add_run("b-s0-sft-grpo", "baseline", 0, None, True, {}, {}, "r2", stage="grpo", parent_run_id="b-s0-sft")
     store.record_results("b-s0-sft", [{"kind": "eval", "step": 4, "val_loss": 3.0}], {"val_loss": 3.0})
-    metrics = [{"kind": "eval", "step": 0, "eval_accuracy": 0.125},
+    metrics = [{"kind": "eval", "step": 0, "eval_accuracy": 0.125, "eval_pass_at_1": 0.0625},
                {"kind": "grpo", "step": 1, "reward": 0.5, "pass_rate": 0.25, "completion_length": 3.0, "kl": 0.0,
                 "clip_fraction": 0.0},
                {"kind": "eval", "step": 2, "eval_accuracy": 0.375}]
     store.record_results("b-s0-sft-grpo", metrics, {"eval_accuracy": 0.375})
     finals = {f["run_id"]: f for f in store.finals(stage=None)}
     assert finals["b-s0-sft"].eval_accuracy == 0.125 and finals["b-s0-sft-grpo"].eval_accuracy == 0.375
+    assert finals["b-s0-sft"].eval_pass_at_1 == 0.0625 and finals["b-s0-sft-grpo"].eval_pass_at_1 is None
     curve = store.metrics("b-s0-sft-grpo", "grpo")
     assert [(m["step"], m["reward"], m["pass_rate"]) for m in curve] == [(1, 0.5, 0.25)]
     assert [m["eval_accuracy"] for m in store.metrics("b-s0-sft-grpo", "eval")] == [0.125, 0.375]
@@ -351,7 +353,7 @@ def test_gpu_recipe_plans_and_builds_30m_models(tmp_path):
 # --------------------------------------------------------------------------------------------- report
 
 
-def build_stage_store(sweep_dir: Path) -> dict:
+def build_stage_store(sweep_dir: Path, pass_at_1: bool = False) -> dict:
     """A store with two variants x three seeds through pretrain, SFT and GRPO (figures made up, not trained)."""
     store = Store(sweep_dir / "results.sqlite")
     spec = {"name": "pt", "base": "x.yaml", "seeds": [0, 1, 2], "budget": {"tokens": 1000},
@@ -373,7 +375,8 @@ def build_stage_store(sweep_dir: Path) -> dict:
                        "train": {"seed": seed, "max_steps": 4 if stage == "sft" else 3, "batch_size": 8, "seq_len": 64}}
                 cfg |= ({"data": {"source": "/data/chat.jsonl", "format": "auto"}, "sft": {}} if stage == "sft" else
                         {"task": {"name": "addition", "digits": 1, "seed": 0},
-                         "grpo": {"num_generations": 4, "loss_type": "dapo", "eval_problems": 64}})
+                         "grpo": {"num_generations": 4, "loss_type": "dapo", "eval_problems": 64,
+                                  **({"eval_samples": 8, "temperature": 0.7} if pass_at_1 else {})}})
                 store.add_run(run_id, variant, seed, None, variant == "baseline", cfg, {}, run_id, stage=stage,
                               parent_run_id=parent)
             val = round(4.0 + rng.random(), 4)
@@ -381,12 +384,16 @@ def build_stage_store(sweep_dir: Path) -> dict:
                                  {"val_loss": val, "corpus_fingerprint": "d", "tokenizer_hash": "t", "steps": 4,
                                   "stream_hash": "s"})
             start, end = rng.randrange(0, 10) / 100, rng.randrange(10, 40) / 100
-            metrics = [{"kind": "eval", "step": 0, "eval_accuracy": start}, {"kind": "eval", "step": 3, "eval_accuracy": end}]
+            sampled = (rng.randrange(0, 20) / 160, rng.randrange(10, 60) / 160) if pass_at_1 else (None, None)
+            metrics = [{"kind": "eval", "step": 0, "eval_accuracy": start, "eval_pass_at_1": sampled[0]},
+                       {"kind": "eval", "step": 3, "eval_accuracy": end, "eval_pass_at_1": sampled[1]}]
             metrics += [{"kind": "grpo", "step": s, "reward": 0.1 * s, "pass_rate": 0.05 * s, "completion_length": 3,
                          "kl": 0.0, "clip_fraction": 0.0} for s in (1, 2, 3)]
-            store.record_results(grpo, metrics, {"eval_accuracy": end, "corpus_fingerprint": "task", "tokenizer_hash": "t",
+            store.record_results(grpo, metrics, {"eval_accuracy": end, "eval_pass_at_1": sampled[1],
+                                                 "corpus_fingerprint": "task", "tokenizer_hash": "t",
                                                  "steps": 3, "stream_hash": "g"})
-            figures[(variant, seed)] = {"val_loss": val, "sft_em": start, "grpo_em": end}
+            figures[(variant, seed)] = {"val_loss": val, "sft_em": start, "grpo_em": end, "sft_p1": sampled[0],
+                                        "grpo_p1": sampled[1]}
     return figures
 
 
@@ -418,6 +425,7 @@ def test_report_shows_each_stage_with_intervals_over_seeds(tmp_path):
         low, high = scipy_stats.t.interval(0.95, 2, loc=np.mean(gain), scale=scipy_stats.sem(gain))
         assert row["GRPO − SFT (paired, 95% CI)"] == f"{100 * np.mean(gain):+.1f} % [{100 * low:+.1f}, {100 * high:+.1f}]"
         assert row["final GRPO reward (mean)"] == "0.300" and row["seeds SFT / GRPO"] == "3 / 3"
+    assert "pass@1" not in text  # runs without grpo.eval_samples: greedy exact match only
     assert "(report_files/grpo_curves.png)" in text and "(report_files/sft_val_loss.png)" in text
     assert "SFT: chat.jsonl (auto format), 4 steps of 8 rows" in text
     assert "GRPO: addition (1 digits, task seed 0), 3 steps of 8 completions" in text
@@ -436,3 +444,28 @@ def test_report_shows_each_stage_with_intervals_over_seeds(tmp_path):
     # the pretraining sections still see only the pretraining runs
     results = table_with(md_tables(text), "variant", "val loss (95% CI)")
     assert [r[3] for r in results[1:]] == ["3 / 3", "3 / 3"] or all("3 / 3" in r for r in results[1:])
+
+
+def test_report_shows_sampled_pass_at_1_beside_greedy_exact_match(tmp_path):
+    import numpy as np
+    from scipy import stats as scipy_stats
+
+    from archifactory.sweep.report import write_report
+    from test_report import md_tables, table_with
+
+    figures = build_stage_store(tmp_path, pass_at_1=True)
+    text = write_report(tmp_path)[1].read_text()
+    table = table_with(md_tables(text), "variant", "pass@1 after GRPO (sampled, 95% CI)")
+    rows = {r[0].rstrip(" ★"): dict(zip(table[0], r)) for r in table[1:]}
+    for variant, row in rows.items():
+        got = [figures[(variant, s)] for s in (0, 1, 2)]
+        for column, key in (("pass@1 after SFT (sampled, 95% CI)", "sft_p1"), ("pass@1 after GRPO (sampled, 95% CI)", "grpo_p1")):
+            x = 100 * np.array([g[key] for g in got])
+            low, high = scipy_stats.t.interval(0.95, 2, loc=x.mean(), scale=scipy_stats.sem(x))
+            assert row[column] == f"{x.mean():.1f} ± {(high - low) / 2:.1f} %"
+        gain = 100 * np.array([g["grpo_p1"] - g["sft_p1"] for g in got])
+        low, high = scipy_stats.t.interval(0.95, 2, loc=gain.mean(), scale=scipy_stats.sem(gain))
+        assert row["GRPO − SFT pass@1 (paired, 95% CI)"] == f"{gain.mean():+.1f} % [{low:+.1f}, {high:+.1f}]"
+        assert row["exact match after SFT (95% CI)"].endswith("%")  # the greedy columns stay
+    assert "pass@1: the share of correct answers among 8 completions per held-out problem sampled as in the " \
+           "rollouts (temperature 0.7)" in text

@@ -186,6 +186,9 @@ class FinalFigures(Record):
     eval_accuracy: float | None = None
     """Held-out greedy exact match on a GRPO task: a GRPO run's final evaluation; in the store, an SFT
     run's is its GRPO run's step-0 evaluation (the same problems decoded before any update); else ``None``."""
+    eval_pass_at_1: float | None = None
+    """Held-out sampled pass@1 on a GRPO task (``grpo.eval_samples`` completions per problem at the
+    rollout temperature), taken as ``eval_accuracy`` is; ``None`` without ``eval_samples``."""
 
 
 FINAL_FIGURES: tuple[str, ...] = tuple(FinalFigures.model_fields)
@@ -255,9 +258,10 @@ class MetricRecord(Record):
     val_bpb: float | None = None
     reward: float | None = None
     """GRPO records: mean reward, pass rate, completion length, KL, clip fraction; ``eval_accuracy``: the
-    held-out greedy exact match."""
+    held-out greedy exact match; ``eval_pass_at_1``: the held-out sampled pass@1 (``grpo.eval_samples``)."""
     pass_rate: float | None = None
     completion_length: float | None = None
     kl: float | None = None
     clip_fraction: float | None = None
     eval_accuracy: float | None = None
+    eval_pass_at_1: float | None = None

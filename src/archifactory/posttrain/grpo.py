@@ -16,14 +16,16 @@ boundaries (``train.checkpoint_every`` a multiple of mu), so a resumed run sampl
 one would have.
 
 Differences from TRL's ``GRPOTrainer``: the validation metric is greedy exact-match accuracy on held-out
-problems (``eval_accuracy``), not a loss; TRL's ``steps_per_generation`` (one generation batch split over
+problems (``eval_accuracy``), and with ``grpo.eval_samples`` also their sampled pass@1 (``eval_pass_at_1``),
+not a loss; TRL's ``steps_per_generation`` (one generation batch split over
 several steps) is not offered: a generation batch is one step's ``train.batch_size`` completions.
 
 ```
 grpo_run_dir/  config.yaml, tokenizer.json, chat_template.jinja (copied from the SFT run), metrics.jsonl
                (kind "grpo": reward, reward_std, frac_reward_zero_std, pass_rate, completion_length, kl,
                clip_fraction per step;
-               kind "eval": eval_accuracy), checkpoints/, model/, summary.json
+               kind "eval": eval_accuracy, and eval_pass_at_1 with grpo.eval_samples > 0),
+               checkpoints/, model/, summary.json
 ```
 """
 
@@ -90,6 +92,11 @@ class GRPOOptions(Strict):
     correct answer (1), so that form never outweighs correctness."""
     eval_problems: int = Field(64, ge=1, le=10**6)
     """Held-out problems answered greedily for ``eval_accuracy``."""
+    eval_samples: int = Field(0, ge=0, le=MAX_COUNT)
+    """Completions sampled per held-out problem, at ``temperature`` and ``top_k`` as in the rollouts, for
+    ``eval_pass_at_1``: the share of correct samples averaged over problems, i.e. pass@1 estimated from
+    n samples (DeepSeek-R1's pass@1; HumanEval's unbiased estimator at k=1). It measures the policy GRPO
+    optimises, which greedy exact match need not follow. 0 (default): greedy exact match only."""
     num_iterations: int = Field(1, ge=1, le=MAX_COUNT)
     """Optimizer steps per generation batch (TRL's ``num_iterations``, the paper's mu); > 1 makes the
     clipped ratio bind."""
@@ -331,9 +338,15 @@ class GRPOTrainer(Trainer):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Greedy exact-match accuracy on ``eval_problems`` held-out problems."""
-        return {"eval_accuracy": exact_match(self.model, self.tokenizer, self.template, self.task,
-                                             self.cfg.grpo.eval_problems, self.cfg.grpo.max_completion_length)}
+        """Greedy exact-match accuracy on ``eval_problems`` held-out problems and, with ``eval_samples``,
+        their sampled pass@1."""
+        opts = self.cfg.grpo
+        args = (self.model, self.tokenizer, self.template, self.task, opts.eval_problems, opts.max_completion_length)
+        figures = {"eval_accuracy": exact_match(*args)}
+        if opts.eval_samples:
+            figures["eval_pass_at_1"] = exact_match(*args, samples=opts.eval_samples, temperature=opts.temperature,
+                                                    top_k=opts.top_k)
+        return figures
 
     def _summary(self, elapsed: float, last_eval: dict) -> dict:
         return {**super()._summary(elapsed, last_eval), "stage": "grpo", "base": self.cfg.base,
@@ -348,17 +361,27 @@ def prompt_ids(template: ChatTemplate, tokenizer: Tokenizer, problem: Problem) -
 
 @torch.no_grad()
 def exact_match(model: CausalLM, tokenizer: Tokenizer, template: ChatTemplate, task: Task, n: int,
-                max_new_tokens: int, split: str = "test") -> float:
-    """Share of the first ``n`` problems of ``split`` answered correctly by greedy decoding."""
+                max_new_tokens: int, split: str = "test", samples: int = 0, temperature: float = 1.0,
+                top_k: int | None = None, start: int = 0) -> float:
+    """Exact match on problems ``start .. start + n - 1`` of ``split``, in [0, 1].
+
+    ``samples`` 0: the share answered correctly by greedy decoding. ``samples`` n > 0: pass@1 estimated
+    from n completions per problem sampled at ``temperature`` / ``top_k`` (the mean over problems of
+    correct / n: DeepSeek-R1's pass@1, HumanEval's unbiased pass@k estimator at k = 1). Problem ``i`` is
+    sampled with seed ``i``, so two models are compared on the same random numbers."""
     end = tokenizer.backend.token_to_id(IM_END)
     was_training = model.training
-    right = 0
-    for i in range(n):
+    right = 0.0
+    for i in range(start, start + n):
         problem = task.problem(i, split)
         prompt = prompt_ids(template, tokenizer, problem)
-        out = model.generate(prompt, max_new_tokens, temperature=0, eos_token_id=end)[len(prompt):].tolist()
-        out = out[: out.index(end)] if end in out else out
-        right += task.correct(tokenizer.decode(out), problem)
+        if samples:
+            rows = model.generate(torch.tensor([prompt] * samples), max_new_tokens, temperature=temperature,
+                                  top_k=top_k, seed=i, eos_token_id=end)[:, len(prompt):].tolist()
+        else:
+            rows = [model.generate(prompt, max_new_tokens, temperature=0, eos_token_id=end)[len(prompt):].tolist()]
+        correct = [task.correct(tokenizer.decode(row[: row.index(end)] if end in row else row), problem) for row in rows]
+        right += sum(correct) / len(correct)
     model.train(was_training)
     return right / n
 

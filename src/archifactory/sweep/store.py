@@ -10,13 +10,14 @@ Tables:
   it starts from (an SFT run's pretraining run, a GRPO run's SFT run), with the same variant and seed.
 - ``metrics``: per-step training and evaluation records of every run (kinds ``train``, ``eval`` and, for
   GRPO, ``grpo``: mean reward, pass rate, completion length, KL, clip fraction; GRPO's ``eval`` records
-  hold ``eval_accuracy``, the held-out greedy exact match).
+  hold ``eval_accuracy``, the held-out greedy exact match, and ``eval_pass_at_1``, the held-out sampled
+  pass@1, when the run sampled any).
 - ``final``: one row per finished run: the figures of its :class:`~archifactory.results.RunSummary` under
   the summary's own names (:data:`~archifactory.results.FINAL_FIGURES`: final validation loss / bits per
   byte / perplexity, parameters, ``flops_per_token_train``, tokens/s, peak memory, cache bytes, tokens, wall
   time, the token-stream hash, and ``eval_accuracy``: held-out greedy exact match on the GRPO task, a GRPO
   run's final evaluation; an SFT run's is its GRPO run's step-0 evaluation, the same problems decoded the
-  same way before any update) and the whole summary (``summary_json``).
+  same way before any update; ``eval_pass_at_1`` likewise) and the whole summary (``summary_json``).
 - ``evaluations`` / ``eval_metrics``: the sweep's ``eval:`` tasks per run (:class:`archifactory.eval.store.EvalStore`).
 
 Reads return the typed records of :mod:`archifactory.results`, which the report reads as they are.
@@ -85,6 +86,7 @@ CREATE TABLE IF NOT EXISTS metrics (
     kl REAL,
     clip_fraction REAL,
     eval_accuracy REAL,
+    eval_pass_at_1 REAL,
     PRIMARY KEY (run_id, kind, step)
 );
 CREATE TABLE IF NOT EXISTS final (
@@ -102,7 +104,8 @@ CREATE TABLE IF NOT EXISTS final (
     elapsed_s REAL,
     stream_hash TEXT,
     summary_json TEXT,
-    eval_accuracy REAL
+    eval_accuracy REAL,
+    eval_pass_at_1 REAL
 );
 """
 
@@ -110,8 +113,8 @@ MIGRATIONS = {  # table -> columns added since the first release, with their def
     "runs": {"purpose": "TEXT NOT NULL DEFAULT 'compare'", "stage": "TEXT NOT NULL DEFAULT 'pretrain'",
              "parent_run_id": "TEXT"},
     "metrics": {k: "REAL" for k in ("reward", "pass_rate", "completion_length", "kl", "clip_fraction",
-                                    "eval_accuracy")},
-    "final": {"eval_accuracy": "REAL"},
+                                    "eval_accuracy", "eval_pass_at_1")},
+    "final": {"eval_accuracy": "REAL", "eval_pass_at_1": "REAL"},
 }
 RENAMED = {"final": {"flops_per_token": "flops_per_token_train", "exact_match": "eval_accuracy"}}
 """table -> old column name -> its name now (the key the trainer's summary and the records use)."""
@@ -259,8 +262,8 @@ class Store:
             start = [r for (kind, step), r in rows.items() if kind == "eval" and step == 0 and "eval_accuracy" in r]
             if parent is not None and parent["stage"] == "grpo" and start:
                 # the SFT model's held-out exact match: this GRPO run's evaluation before its first update
-                db.execute("UPDATE final SET eval_accuracy=? WHERE run_id=?",
-                           (start[0]["eval_accuracy"], parent["parent_run_id"]))
+                db.execute("UPDATE final SET eval_accuracy=?, eval_pass_at_1=? WHERE run_id=?",
+                           (start[0]["eval_accuracy"], start[0].get("eval_pass_at_1"), parent["parent_run_id"]))
             db.execute("UPDATE runs SET status='done', error=NULL, finished_at=?, env_json=? WHERE run_id=?",
                        (time.time(), summary.env().model_dump_json(), run_id))
 

@@ -1,6 +1,6 @@
 """The report's post-training section: per variant and stage, the SFT validation loss, the held-out
-exact match after SFT and after GRPO (with 95% intervals over seeds and the paired GRPO - SFT
-difference), GRPO's reward and exact-match curves, and the stage fairness checks
+exact match after SFT and after GRPO (greedy, and sampled pass@1 where the runs measured it; with 95%
+intervals over seeds and the paired GRPO - SFT difference), GRPO's reward and exact-match curves, and the stage fairness checks
 (:mod:`archifactory.sweep.stages`). Left out when the sweep ran no post-training stage."""
 
 from __future__ import annotations
@@ -35,11 +35,11 @@ def _values(rows: list[dict[str, Any]], key: str) -> list[float]:
     return [float(r[key]) for r in rows if r.get(key) is not None and math.isfinite(float(r[key]))]
 
 
-def _paired_gain(post: PosttrainData, variant: str) -> st.MeanCI:
-    """GRPO exact match minus SFT exact match, paired by seed."""
-    sft = {f.seed: f.eval_accuracy for f in post.final("sft", variant)}
-    gains = [f.eval_accuracy - sft[f.seed] for f in post.final("grpo", variant)
-             if f.eval_accuracy is not None and sft.get(f.seed) is not None]
+def _paired_gain(post: PosttrainData, variant: str, key: str = "eval_accuracy") -> st.MeanCI:
+    """GRPO minus SFT of ``key`` (held-out exact match, greedy or sampled pass@1), paired by seed."""
+    sft = {f.seed: getattr(f, key) for f in post.final("sft", variant)}
+    gains = [getattr(f, key) - sft[f.seed] for f in post.final("grpo", variant)
+             if getattr(f, key) is not None and sft.get(f.seed) is not None]
     return st.mean_ci(gains)
 
 
@@ -51,10 +51,26 @@ def _pct(ci: st.MeanCI) -> str:
     return fmt_ci(scaled, 1) + " %"
 
 
+def _gain_text(gain: st.MeanCI) -> str:
+    if gain.n == 0:
+        return "—"
+    return f"{100 * gain.mean:+.1f} %" + (f"\n{fmt_interval(100 * gain.low, 100 * gain.high, 1)}"
+                                         if gain.low is not None else "")
+
+
+def has_pass_at_1(post: PosttrainData) -> bool:
+    """Whether any finished post-training run has a sampled pass@1 (``grpo.eval_samples`` > 0)."""
+    return any(f.eval_pass_at_1 is not None for stage in post.finals.values() for f in stage)
+
+
 def stage_table(data: SweepData, post: PosttrainData) -> Table:
+    sampled = has_pass_at_1(post)
     header = ["variant", "SFT val loss\n(95% CI)", "exact match after SFT\n(95% CI)",
-              "exact match after GRPO\n(95% CI)", "GRPO − SFT\n(paired, 95% CI)", "final GRPO reward\n(mean)",
-              "seeds\nSFT / GRPO"]
+              "exact match after GRPO\n(95% CI)", "GRPO − SFT\n(paired, 95% CI)"]
+    if sampled:
+        header += ["pass@1 after SFT\n(sampled, 95% CI)", "pass@1 after GRPO\n(sampled, 95% CI)",
+                   "GRPO − SFT pass@1\n(paired, 95% CI)"]
+    header += ["final GRPO reward\n(mean)", "seeds\nSFT / GRPO"]
     rows, classes = [], []
     for variant in data.order:
         sft, grpo = post.final("sft", variant), post.final("grpo", variant)
@@ -63,15 +79,17 @@ def stage_table(data: SweepData, post: PosttrainData) -> Table:
         gain = _paired_gain(post, variant)
         rewards = [curve[-1]["reward"] for f in grpo
                    if (curve := post.curves["grpo"].get(f["run_id"])) and curve[-1].get("reward") is not None]
-        gain_text = "—" if gain.n == 0 else (f"{100 * gain.mean:+.1f} %" + (
-            f"\n{fmt_interval(100 * gain.low, 100 * gain.high, 1)}" if gain.low is not None else ""))
-        rows.append([variant + (" ★" if variant == data.baseline else ""), fmt_ci(st.mean_ci(_values(sft, "val_loss"))),
-                     _pct(st.mean_ci(_values(sft, "eval_accuracy"))), _pct(st.mean_ci(_values(grpo, "eval_accuracy"))),
-                     gain_text, fmt_signed(float(np.mean(rewards)), 3).lstrip("+") if rewards else "—",
-                     f"{len(sft)} / {len(grpo)}"])
+        row = [variant + (" ★" if variant == data.baseline else ""), fmt_ci(st.mean_ci(_values(sft, "val_loss"))),
+               _pct(st.mean_ci(_values(sft, "eval_accuracy"))), _pct(st.mean_ci(_values(grpo, "eval_accuracy"))),
+               _gain_text(gain)]
+        if sampled:
+            row += [_pct(st.mean_ci(_values(sft, "eval_pass_at_1"))), _pct(st.mean_ci(_values(grpo, "eval_pass_at_1"))),
+                    _gain_text(_paired_gain(post, variant, "eval_pass_at_1"))]
+        rows.append(row + [fmt_signed(float(np.mean(rewards)), 3).lstrip("+") if rewards else "—",
+                           f"{len(sft)} / {len(grpo)}"])
         better = gain.low is not None and gain.low > 0
         classes.append("baseline" if variant == data.baseline else ("better" if better else ""))
-    return Table(header, rows, numeric={1, 2, 3, 4, 5, 6}, row_classes=classes)
+    return Table(header, rows, numeric=set(range(1, len(header))), row_classes=classes)
 
 
 def _config(post: PosttrainData, stage: str) -> dict[str, Any]:
@@ -114,6 +132,10 @@ def recipe_text(post: PosttrainData) -> list[str]:
                      f"loss {opts.get('loss_type')}), " + _lr_text(post, "grpo", grpo)
                      + f"; exact match: greedy answers to {opts.get('eval_problems')} held-out problems "
                      f"(drawn from the {task.get('test_fraction', 0.1):g} share of problems that training never draws)"
+                     + (f"; pass@1: the share of correct answers among {opts['eval_samples']} completions per "
+                        f"held-out problem sampled as in the rollouts (temperature {opts.get('temperature', 1.0):g}"
+                        + (f", top-k {opts['top_k']}" if opts.get("top_k") else "") + ")"
+                        if opts.get("eval_samples") else "")
                      + constant_answer_text(task, opts.get("eval_problems")))
     return lines
 
@@ -211,17 +233,22 @@ def posttrain_section(data: SweepData) -> list[Block] | None:
     blocks += [stage_table(data, post), Paragraph(
         "Mean ± half width of the 95% Student-t interval over seeds. Exact match after SFT is the GRPO run's "
         "evaluation before its first update (the same held-out problems, greedy decoding); GRPO − SFT is "
-        "paired by seed. Final GRPO reward: the last step's mean reward (correctness plus any format reward). "
-        "A green left edge: the paired gain's interval is above 0.", "legend")]
+        "paired by seed." + (" pass@1 likewise, from sampled completions: the policy GRPO optimises, which "
+                             "greedy decoding need not follow." if has_pass_at_1(post) else "")
+        + " Final GRPO reward: the last step's mean reward (correctness plus any format reward). "
+        "A green left edge: the greedy exact match's paired gain has its interval above 0.", "legend")]
     grpo_fig = figures.figure_block(
         "grpo_curves", "GRPO: reward and held-out exact match",
         f"Mean reward per step (smoothed over {REWARD_SMOOTHING:.0%} of the steps), pass rate of the sampled "
         "completions, and greedy exact match on the held-out problems at each evaluation (step 0: the SFT "
-        "model); the line is the mean over seeds, the band spans the seeds' minimum to maximum.",
+        "model)" + (", and their sampled pass@1" if has_pass_at_1(post) else "")
+        + "; the line is the mean over seeds, the band spans the seeds' minimum to maximum.",
         lambda: curves_figure(data, post, [
             ("grpo", "grpo", "reward", "mean reward", "reward", REWARD_SMOOTHING),
             ("grpo", "grpo", "pass_rate", "pass rate", "pass rate of the samples", REWARD_SMOOTHING),
-            ("grpo", "grpo_eval", "eval_accuracy", "exact match", "held-out exact match (greedy)", None)]))
+            ("grpo", "grpo_eval", "eval_accuracy", "exact match", "held-out exact match (greedy)", None),
+            *([("grpo", "grpo_eval", "eval_pass_at_1", "pass@1", "held-out pass@1 (sampled)", None)]
+              if has_pass_at_1(post) else [])]))
     sft_fig = figures.figure_block(
         "sft_val_loss", "SFT: validation loss",
         "Cross-entropy per trained (assistant) token on the held-out conversations; mean over seeds, band "
