@@ -4,13 +4,13 @@ posttrain-demo entry of docs/results/README.md).
 GRPO maximises the expected reward of completions sampled at ``grpo.temperature``; the sweep reports greedy
 exact match. This script measures both, for every ``*-sft`` run and the ``*-sft-grpo`` run that continues it,
 on the first ``--problems`` held-out problems (``split test``, the problems the report's exact match uses)
-and on as many training-split problems that GRPO's prompts do not start from (indices from 10**6):
+and on as many training-split problems (operand pairs that SFT and GRPO train on, drawn from index 10**6 on):
 
     python docs/results/posttrain-demo/decoding.py SWEEP_DIR [--problems 200] [--samples 8] [--out FILE.json]
 
-Sampled accuracy is the mean over problems of (correct samples / ``--samples``), i.e. pass@1 estimated from
-n samples (DeepSeek-R1's pass@1), at the GRPO run's temperature and top-k. Prints a Markdown table; ``--out``
-also writes the figures as JSON.
+Sampled accuracy is :func:`archifactory.posttrain.grpo.exact_match` with ``samples``: pass@1 estimated from
+n samples at the GRPO run's temperature and top-k (what ``grpo.eval_samples`` reports on the held-out
+problems). Prints a Markdown table; ``--out`` also writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -24,34 +24,21 @@ import torch
 
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.model.lm import CausalLM
-from archifactory.posttrain.chat import IM_END, ChatTemplate
-from archifactory.posttrain.grpo import load_grpo_config, prompt_ids
+from archifactory.posttrain.chat import ChatTemplate
+from archifactory.posttrain.grpo import exact_match, load_grpo_config
 
-TRAIN_OFFSET = 10**6
+TRAIN_START = 10**6
+"""Training-split problems from this index on (GRPO's prompts start at 0)."""
 
 
-def accuracy(run: Path, task, split: str, problems: int, samples: int, temperature: float, top_k: int | None,
-             max_new_tokens: int) -> tuple[float, float]:
-    """(greedy exact match, sampled exact match) of the model in ``run`` on ``problems`` problems of ``split``."""
-    tokenizer, template = Tokenizer.load(run / "tokenizer.json"), ChatTemplate.load(run)
+def accuracy(run: Path, task, split: str, problems: int, samples: int, opts) -> tuple[float, float]:
+    """(greedy exact match, sampled pass@1) of the model in ``run`` on ``problems`` problems of ``split``."""
     model = CausalLM.from_pretrained(run / "model").eval()
-    end = tokenizer.backend.token_to_id(IM_END)
-    offset = TRAIN_OFFSET if split == "train" else 0
-    greedy = sampled = 0
-    for i in range(problems):
-        problem = task.problem(offset + i, split)
-        prompt = prompt_ids(template, tokenizer, problem)
-        rows = [model.generate(prompt, max_new_tokens, temperature=0, eos_token_id=end).tolist()]
-        rows += model.generate(torch.tensor([prompt] * samples), max_new_tokens, temperature=temperature,
-                               top_k=top_k, seed=i, eos_token_id=end).tolist()
-        right = []
-        for row in rows:
-            completion = row[len(prompt):]
-            completion = completion[: completion.index(end)] if end in completion else completion
-            right.append(task.correct(tokenizer.decode(completion), problem))
-        greedy += right[0]
-        sampled += sum(right[1:]) / samples
-    return greedy / problems, sampled / problems
+    args = (model, Tokenizer.load(run / "tokenizer.json"), ChatTemplate.load(run), task, problems,
+            opts.max_completion_length, split)
+    start = TRAIN_START if split == "train" else 0
+    return (exact_match(*args, start=start),
+            exact_match(*args, samples=samples, temperature=opts.temperature, top_k=opts.top_k, start=start))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -67,21 +54,18 @@ def main(argv: list[str] | None = None) -> None:
     if not grpo_runs:
         sys.exit(f"{args.sweep_dir}/runs holds no *-sft-grpo run: give the directory of a finished post-training sweep")
     records = []
-    print("| run | split | greedy SFT -> GRPO | sampled SFT -> GRPO |\n|---|---|---|---|")
+    print("| run | split | greedy SFT -> GRPO | sampled pass@1 SFT -> GRPO |\n|---|---|---|---|")
     for grpo_run in grpo_runs:
         cfg = load_grpo_config(grpo_run / "config.yaml")
-        task, opts = cfg.task.build(), cfg.grpo
+        task = cfg.task.build()
         for split in ("test", "train"):
-            figures = {stage: accuracy(run, task, split, args.problems, args.samples, opts.temperature, opts.top_k,
-                                       opts.max_completion_length)
-                       for stage, run in (("sft", Path(cfg.base)), ("grpo", grpo_run))}
-            records.append({"run": grpo_run.name, "split": split, "temperature": opts.temperature,
-                            "samples": args.samples, "problems": args.problems,
-                            **{f"{stage}_{kind}": value for stage, pair in figures.items()
-                               for kind, value in zip(("greedy", "sampled"), pair)}})
-            r = records[-1]
-            print(f"| {grpo_run.name} | {split} | {100 * r['sft_greedy']:.1f} -> {100 * r['grpo_greedy']:.1f} "
-                  f"| {100 * r['sft_sampled']:.1f} -> {100 * r['grpo_sampled']:.1f} |", flush=True)
+            (sft_greedy, sft_sampled), (grpo_greedy, grpo_sampled) = (
+                accuracy(run, task, split, args.problems, args.samples, cfg.grpo) for run in (Path(cfg.base), grpo_run))
+            records.append({"run": grpo_run.name, "split": split, "problems": args.problems, "samples": args.samples,
+                            "temperature": cfg.grpo.temperature, "sft_greedy": sft_greedy, "grpo_greedy": grpo_greedy,
+                            "sft_sampled": sft_sampled, "grpo_sampled": grpo_sampled})
+            print(f"| {grpo_run.name} | {split} | {100 * sft_greedy:.1f} -> {100 * grpo_greedy:.1f} "
+                  f"| {100 * sft_sampled:.1f} -> {100 * grpo_sampled:.1f} |", flush=True)
     if args.out:
         args.out.write_text(json.dumps(records, indent=1) + "\n")
 
