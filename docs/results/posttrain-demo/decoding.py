@@ -7,6 +7,7 @@ on the first ``--problems`` held-out problems (``split test``, the problems the 
 and on as many training-split problems (operand pairs that SFT and GRPO train on, drawn from index 10**6 on):
 
     python docs/results/posttrain-demo/decoding.py SWEEP_DIR [--problems 200] [--samples 8] [--out FILE.json]
+    python docs/results/posttrain-demo/decoding.py GRPO_RUN_DIR [GRPO_RUN_DIR ...] [...]   # runs of `archifactory grpo`
 
 Sampled accuracy is :func:`archifactory.posttrain.grpo.exact_match` with ``samples``: pass@1 estimated from
 n samples at the GRPO run's temperature and top-k (what ``grpo.eval_samples`` reports on the held-out
@@ -43,16 +44,19 @@ def accuracy(run: Path, task, split: str, problems: int, samples: int, opts) -> 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path)
+    parser.add_argument("dirs", type=Path, nargs="+", help="a sweep directory, or GRPO run directories")
     parser.add_argument("--problems", type=int, default=200)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    grpo_runs = sorted((args.sweep_dir / "runs").glob("*-sft-grpo"))
-    if not grpo_runs:
-        sys.exit(f"{args.sweep_dir}/runs holds no *-sft-grpo run: give the directory of a finished post-training sweep")
+    grpo_runs = [run for d in args.dirs
+                 for run in ([d] if (d / "config.yaml").is_file() else sorted((d / "runs").glob("*-sft-grpo")))]
+    missing = [d for d in args.dirs if not (d / "model").is_dir() and not any((d / "runs").glob("*-sft-grpo"))]
+    if missing or not grpo_runs:
+        sys.exit(f"{missing[0] if missing else args.dirs[0]}: neither a finished GRPO run (model/, config.yaml) nor a "
+                 "sweep directory with *-sft-grpo runs; give one of those")
     records = []
     print("| run | split | greedy SFT -> GRPO | sampled pass@1 SFT -> GRPO |\n|---|---|---|---|")
     for grpo_run in grpo_runs:
