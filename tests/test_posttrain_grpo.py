@@ -445,6 +445,7 @@ def test_cli_grpo(sft_run, tmp_path):
                                       "--set", "grpo.max_completion_length=3", "--set", "train.progress=false"])
     assert result.exit_code == 0, result.output
     assert (out / "model" / "model.safetensors").is_file() and "stage: grpo" in (out / "config.yaml").read_text()
+    assert "tokens, eval_accuracy 0." in result.output and "nan" not in result.output  # its figure, not val loss
     # resuming the finished run trains nothing and says so; a changed setup needs --allow-config-change
     args = ["grpo", str(out / "config.yaml")]
     result = CliRunner().invoke(app, args)

@@ -13,7 +13,7 @@ from archifactory.config import ConfigError, validate
 from archifactory.results import FINAL_FIGURES, MetricRecord
 from archifactory.sweep.report.data import read_sweep_results
 from archifactory.sweep.runner import SweepRunner
-from archifactory.sweep.spec import SweepSpec, load_sweep, plan
+from archifactory.sweep.spec import SweepSpec, load_sweep, plan, spec_yaml
 from archifactory.sweep.store import Store
 
 TINYSTORIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinystories" / "train.txt"
@@ -142,6 +142,33 @@ def test_runner_records_results_failures_and_skips_finished_runs(tmp_path):
             model = af.CausalLM(af.ModelConfig.model_validate(config["model"]))
         assert final.flops_per_token_train == model.flops_per_token(32, training=True)
         assert runs[final.run_id].env.kernel_paths == {str(k): v for k, v in model.kernel_paths().items()}
+    # run again with another recipe for a finished run: refused before anything is stored, since the run would
+    # be skipped as done and reported under the new recipe; where runs live and how fast they ran may change
+    changed = spec(tmp_path, variants={"mqa": ["model.mixer.n_kv_heads=1", "train.grad_clip=0.5"],
+                                       "broken": ["model.vocab_size=100"]})
+    stored = store.runs()
+    with pytest.raises(ConfigError, match=r"run mqa-s0 finished under another recipe \(train.grad_clip: 1.0 -> 0.5\)"
+                                          r".*new --dir"):
+        SweepRunner(changed, tmp_path, sweep_dir).plan()
+    assert store.runs() == stored and store.sweep().spec_yaml == spec_yaml(s)
+    faster = spec(tmp_path, variants={"mqa": ["model.mixer.n_kv_heads=1"], "broken": ["model.vocab_size=100"]},
+                  threads_per_run=2, parallel=1)
+    assert len(SweepRunner(faster, tmp_path, sweep_dir).plan()) == 6
+
+
+def test_recipe_changes_leave_out_where_and_how_fast_a_run_ran():
+    from archifactory.sweep.runner import recipe_changes
+
+    old = {"name": "a", "out_dir": "/old/sweep/runs/a", "base": "/old/sweep/runs/p",
+           "data": {"source": "/old/checkout/data.jsonl", "cache_dir": "c1"}, "optimizer": {"lr": 1e-3},
+           "train": {"threads": 1, "progress": True, "seq_len": 64}}
+    new = {"name": "a", "out_dir": "/new/runs/a", "base": "/new/runs/p",
+           "data": {"source": "/new/checkout/data.jsonl", "cache_dir": "c2"}, "optimizer": {"lr": 3e-3},
+           "train": {"threads": 2, "progress": False, "seq_len": 128, "eval_samples_added_since": 0}}
+    assert recipe_changes(old, new) == ["optimizer.lr: 0.001 -> 0.003", "train.seq_len: 64 -> 128"]
+    assert recipe_changes(old, old) == []
+    assert recipe_changes({"data": {"source": "data.jsonl"}}, {"data": {"source": "other.jsonl"}}) == [
+        "data.source: 'data.jsonl' -> 'other.jsonl'"]
 
 
 def test_runner_chooses_the_lr_on_selection_seeds_then_runs_it_on_the_compared_seeds(tmp_path):

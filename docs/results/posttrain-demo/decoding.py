@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from archifactory.config import ConfigError, load_yaml
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.model.lm import CausalLM
 from archifactory.posttrain.chat import ChatTemplate
@@ -40,6 +41,19 @@ def accuracy(run: Path, task, split: str, problems: int, samples: int, opts) -> 
     start = TRAIN_START if split == "train" else 0
     return (exact_match(*args, start=start),
             exact_match(*args, samples=samples, temperature=opts.temperature, top_k=opts.top_k, start=start))
+
+
+def grpo_config(run: Path):
+    """The GRPO run's config, its SFT run (``base``) read beside it when there (a copied or moved sweep keeps
+    its runs together), else where the config says."""
+    data = load_yaml(run / "config.yaml")
+    sibling = run.parent / Path(str(data.get("base", ""))).name
+    if (sibling / "model").is_dir():
+        data["base"] = str(sibling)
+    try:
+        return load_grpo_config(data)
+    except ConfigError as err:
+        sys.exit(f"{run}: {err}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     print("| run | split | greedy SFT -> GRPO | sampled pass@1 SFT -> GRPO |\n|---|---|---|---|")
     for grpo_run in grpo_runs:
-        cfg = load_grpo_config(grpo_run / "config.yaml")
+        cfg = grpo_config(grpo_run)
         task = cfg.task.build()
         for split in ("test", "train"):
             (sft_greedy, sft_sampled), (grpo_greedy, grpo_sampled) = (

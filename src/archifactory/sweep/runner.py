@@ -26,12 +26,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
 from pydantic import ValidationError
 
-from archifactory.config import dump_config
+from archifactory.config import ConfigError, dump_config
 from archifactory.errors import MissingDependencyError
 from archifactory.locking import hold_directory
 from archifactory.results import RunSummary
@@ -39,6 +40,25 @@ from archifactory.sweep.spec import BASELINE, PlannedRun, SweepSpec, plan, spec_
 from archifactory.sweep.stats import COMPARE, LR_SELECTION, choose_lrs, is_selection_run
 from archifactory.sweep.store import Store, StoreDamagedError
 from archifactory.train.metrics import read_metrics
+
+RERUN_FREE = ("name", "out_dir", "base", "data.cache_dir", "train.threads", "train.progress", "train.log_every")
+"""Run-config fields in which a finished run may differ from its plan when a sweep runs again: where it lives
+and how it was watched, not what it computed."""
+
+
+def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``field: old -> new`` for each difference between two run-config dumps that changes what a run
+    computes: not :data:`RERUN_FREE`, nor one absolute path for another (a moved checkout or sweep), nor a
+    field one of them lacks (added to the code since: its default keeps the behaviour it had)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [line for key in sorted(set(old) & set(new))
+                for line in recipe_changes(old[key], new[key], f"{prefix}{key}.")]
+    field = prefix.rstrip(".")
+    if old == new or any(field == f or field.startswith(f + ".") for f in RERUN_FREE):
+        return []
+    if isinstance(old, str) and isinstance(new, str) and old.startswith("/") and new.startswith("/"):
+        return []
+    return [f"{field}: {old!r} -> {new!r}"]
 
 
 def environment() -> dict:
@@ -123,12 +143,30 @@ class SweepRunner:
 
     def plan(self) -> list[PlannedRun]:
         runs = plan(self.spec, self.root, self.sweep_dir, self.chosen_lrs())
+        self.refuse_recipe_changes(runs)
         self.store.set_sweep(self.spec.name, spec_yaml(self.spec), environment())
         for run in runs:
             self.store.add_run(run.run_id, run.variant, run.seed, run.lr, run.variant == BASELINE,
                                run.config.model_dump(mode="json"), run.changes, run.config.out_dir, run.purpose,
                                run.stage, run.parent)
         return runs
+
+    def refuse_recipe_changes(self, runs: list[PlannedRun]) -> None:
+        """Refuse to run a sweep again when a run it finished would now be planned differently: it is skipped
+        as done, so the store and report would describe a recipe it never ran. Where the runs live and how
+        fast they ran may differ (:data:`RERUN_FREE`, and absolute paths: a moved checkout or sweep)."""
+        stored = {r.run_id: r for r in self.store.runs(stage=None) if r.status == "done"}
+        for run in runs:
+            if run.run_id not in stored:
+                continue
+            changes = recipe_changes(stored[run.run_id].config, run.config.model_dump(mode="json"))
+            if changes:
+                raise ConfigError(
+                    f"sweep {self.sweep_dir}: run {run.run_id} finished under another recipe ({'; '.join(changes[:3])}"
+                    + (f"; and {len(changes) - 3} more" if len(changes) > 3 else "") + "); it would be skipped "
+                    "and reported under the new one. Give the changed sweep a new --dir, or delete "
+                    f"{run.config.out_dir} (and the runs that continue it) to run it again"
+                )
 
     def pending(self, runs: list[PlannedRun]) -> list[PlannedRun]:
         """Runs not done, and done runs whose ``eval:`` tasks are not all stored yet."""

@@ -662,10 +662,10 @@ class Trainer:
                 final.save_pretrained(self.run_dir / "model")
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(summary.to_json())
-            self.log(
-                f"done: step {self.step}, {self.tokens_seen:,} tokens, val loss {last_eval.get('val_loss', float('nan')):.4f}, "
-                f"{last_eval.get('val_bpb', float('nan')):.4f} bits/byte, {elapsed:.0f}s -> {self.run_dir}"
-            )
+            figures = (f"val loss {last_eval.get('val_loss', float('nan')):.4f}, "
+                       f"{last_eval.get('val_bpb', float('nan')):.4f} bits/byte" if "val_loss" in last_eval or not last_eval
+                       else ", ".join(f"{name} {value:.4f}" for name, value in last_eval.items()))  # GRPO: exact match
+            self.log(f"done: step {self.step}, {self.tokens_seen:,} tokens, {figures}, {elapsed:.0f}s -> {self.run_dir}")
         return summary
 
     def _summary(self, elapsed: float, last_eval: dict) -> dict:
