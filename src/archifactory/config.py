@@ -409,6 +409,16 @@ def _field_model(annotation: Any) -> type[BaseModel] | None:
 # ---------------------------------------------------------------------------------------------- YAML
 
 
+def leaf_changes(old: Any, new: Any, common_only: bool = False, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(field, old, new)`` for every leaf that differs between two config dumps (nested dicts), the
+    field as a dotted path. ``common_only``: only keys both dumps have (else a missing key reads as None)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = set(old) & set(new) if common_only else set(old) | set(new)
+        return [change for key in sorted(keys)
+                for change in leaf_changes(old.get(key), new.get(key), common_only, f"{prefix}{key}.")]
+    return [] if old == new else [(prefix.rstrip("."), old, new)]
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():

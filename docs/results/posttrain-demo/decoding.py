@@ -33,14 +33,17 @@ TRAIN_START = 10**6
 """Training-split problems from this index on (GRPO's prompts start at 0)."""
 
 
-def accuracy(run: Path, task, split: str, problems: int, samples: int, opts) -> tuple[float, float]:
-    """(greedy exact match, sampled pass@1) of the model in ``run`` on ``problems`` problems of ``split``."""
+def accuracy(run: Path, task, problems: int, samples: int, opts) -> dict[str, tuple[float, float]]:
+    """split -> (greedy exact match, sampled pass@1) of the model in ``run`` on ``problems`` problems."""
     model = CausalLM.from_pretrained(run / "model").eval()
     args = (model, Tokenizer.load(run / "tokenizer.json"), ChatTemplate.load(run), task, problems,
-            opts.max_completion_length, split)
-    start = TRAIN_START if split == "train" else 0
-    return (exact_match(*args, start=start),
-            exact_match(*args, samples=samples, temperature=opts.temperature, top_k=opts.top_k, start=start))
+            opts.max_completion_length)
+    figures = {}
+    for split, start in (("test", 0), ("train", TRAIN_START)):
+        figures[split] = (exact_match(*args, split, start=start),
+                          exact_match(*args, split, samples=samples, temperature=opts.temperature, top_k=opts.top_k,
+                                      start=start))
+    return figures
 
 
 def grpo_config(run: Path):
@@ -76,9 +79,9 @@ def main(argv: list[str] | None = None) -> None:
     for grpo_run in grpo_runs:
         cfg = grpo_config(grpo_run)
         task = cfg.task.build()
+        sft, grpo = (accuracy(run, task, args.problems, args.samples, cfg.grpo) for run in (Path(cfg.base), grpo_run))
         for split in ("test", "train"):
-            (sft_greedy, sft_sampled), (grpo_greedy, grpo_sampled) = (
-                accuracy(run, task, split, args.problems, args.samples, cfg.grpo) for run in (Path(cfg.base), grpo_run))
+            (sft_greedy, sft_sampled), (grpo_greedy, grpo_sampled) = sft[split], grpo[split]
             records.append({"run": grpo_run.name, "split": split, "problems": args.problems, "samples": args.samples,
                             "temperature": cfg.grpo.temperature, "sft_greedy": sft_greedy, "grpo_greedy": grpo_greedy,
                             "sft_sampled": sft_sampled, "grpo_sampled": grpo_sampled})

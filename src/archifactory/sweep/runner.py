@@ -26,13 +26,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 from pydantic import ValidationError
 
-from archifactory.config import ConfigError, dump_config
+from archifactory.config import ConfigError, dump_config, leaf_changes
 from archifactory.errors import MissingDependencyError
 from archifactory.locking import hold_directory
 from archifactory.results import RunSummary
@@ -46,19 +45,14 @@ RERUN_FREE = ("name", "out_dir", "base", "data.cache_dir", "train.threads", "tra
 and how it was watched, not what it computed."""
 
 
-def recipe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+def recipe_changes(old: dict, new: dict) -> list[str]:
     """``field: old -> new`` for each difference between two run-config dumps that changes what a run
     computes: not :data:`RERUN_FREE`, nor one absolute path for another (a moved checkout or sweep), nor a
     field one of them lacks (added to the code since: its default keeps the behaviour it had)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [line for key in sorted(set(old) & set(new))
-                for line in recipe_changes(old[key], new[key], f"{prefix}{key}.")]
-    field = prefix.rstrip(".")
-    if old == new or any(field == f or field.startswith(f + ".") for f in RERUN_FREE):
-        return []
-    if isinstance(old, str) and isinstance(new, str) and old.startswith("/") and new.startswith("/"):
-        return []
-    return [f"{field}: {old!r} -> {new!r}"]
+    return [f"{field}: {before!r} -> {after!r}" for field, before, after in leaf_changes(old, new, common_only=True)
+            if not any(field == f or field.startswith(f + ".") for f in RERUN_FREE)
+            and not (isinstance(before, str) and isinstance(after, str) and before.startswith("/")
+                     and after.startswith("/"))]
 
 
 def environment() -> dict:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from archifactory.config import ConfigError, dump_config
+from archifactory.config import ConfigError, dump_config, leaf_changes
 from archifactory.data.loader import PackedLoader, eval_batches
 from archifactory.data.shards import build_shards
 from archifactory.errors import UserError
@@ -712,14 +712,9 @@ class Trainer:
         )
 
 
-def _changed_fields(old, new, prefix: str = "") -> list[str]:
+def _changed_fields(old: dict, new: dict) -> list[str]:
     """``a.b: old -> new`` for every leaf that differs between two config dumps."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new)):
-            out += _changed_fields(old.get(key), new.get(key), f"{prefix}{key}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+    return [f"{field}: {before!r} -> {after!r}" for field, before, after in leaf_changes(old, new)]
 
 
 def train(cfg: RunConfig, resume: bool = True, console=None, allow_config_change: bool = False) -> RunSummary:

@@ -227,6 +227,7 @@ def posttrain_section(data: SweepData) -> list[Block] | None:
     if post is None or not post.stages:
         return None
     blocks: list[Block] = []
+    sampled = has_pass_at_1(post)
     recipe = recipe_text(post)
     if recipe:
         blocks += [Paragraph("Every compared run was continued with the same recipe:"), BulletList(recipe)]
@@ -234,21 +235,21 @@ def posttrain_section(data: SweepData) -> list[Block] | None:
         "Mean ± half width of the 95% Student-t interval over seeds. Exact match after SFT is the GRPO run's "
         "evaluation before its first update (the same held-out problems, greedy decoding); GRPO − SFT is "
         "paired by seed." + (" pass@1 likewise, from sampled completions: the policy GRPO optimises, which "
-                             "greedy decoding need not follow." if has_pass_at_1(post) else "")
+                             "greedy decoding need not follow." if sampled else "")
         + " Final GRPO reward: the last step's mean reward (correctness plus any format reward). "
         "A green left edge: the greedy exact match's paired gain has its interval above 0.", "legend")]
     grpo_fig = figures.figure_block(
         "grpo_curves", "GRPO: reward and held-out exact match",
         f"Mean reward per step (smoothed over {REWARD_SMOOTHING:.0%} of the steps), pass rate of the sampled "
         "completions, and greedy exact match on the held-out problems at each evaluation (step 0: the SFT "
-        "model)" + (", and their sampled pass@1" if has_pass_at_1(post) else "")
+        "model)" + (", and their sampled pass@1" if sampled else "")
         + "; the line is the mean over seeds, the band spans the seeds' minimum to maximum.",
         lambda: curves_figure(data, post, [
             ("grpo", "grpo", "reward", "mean reward", "reward", REWARD_SMOOTHING),
             ("grpo", "grpo", "pass_rate", "pass rate", "pass rate of the samples", REWARD_SMOOTHING),
             ("grpo", "grpo_eval", "eval_accuracy", "exact match", "held-out exact match (greedy)", None),
             *([("grpo", "grpo_eval", "eval_pass_at_1", "pass@1", "held-out pass@1 (sampled)", None)]
-              if has_pass_at_1(post) else [])]))
+              if sampled else [])]))
     sft_fig = figures.figure_block(
         "sft_val_loss", "SFT: validation loss",
         "Cross-entropy per trained (assistant) token on the held-out conversations; mean over seeds, band "
