@@ -6,12 +6,18 @@ exact match. This script measures both, for every ``*-sft`` run and the ``*-sft-
 on the first ``--problems`` held-out problems (``split test``, the problems the report's exact match uses)
 and on as many training-split problems (operand pairs that SFT and GRPO train on, drawn from index 10**6 on):
 
-    python docs/results/posttrain-demo/decoding.py SWEEP_DIR [--problems 200] [--samples 8] [--out FILE.json]
+    python docs/results/posttrain-demo/decoding.py SWEEP_DIR [--problems 200] [--samples 8] [--margins] [--out FILE.json]
     python docs/results/posttrain-demo/decoding.py GRPO_RUN_DIR [GRPO_RUN_DIR ...] [...]   # runs of `archifactory grpo`
 
 Sampled accuracy is :func:`archifactory.posttrain.grpo.exact_match` with ``samples``: pass@1 estimated from
 n samples at the GRPO run's temperature and top-k (what ``grpo.eval_samples`` reports on the held-out
 problems). Prints a Markdown table; ``--out`` also writes the figures as JSON.
+
+``--margins`` adds, for the held-out problems, where greedy answers were lost and gained. A problem's margin
+is the smallest, over the reference answer's tokens and the end-of-turn token (teacher-forced), of the
+probability of the reference token minus that of the likeliest other token: greedy decoding gives the
+reference answer exactly when it is positive. Problems the SFT model answered are binned by that margin,
+so it shows whether GRPO lost near-ties (noise) or answers the SFT model was sure of (interference).
 """
 
 from __future__ import annotations
@@ -26,8 +32,8 @@ import torch
 from archifactory.config import ConfigError, load_yaml
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.model.lm import CausalLM
-from archifactory.posttrain.chat import ChatTemplate
-from archifactory.posttrain.grpo import exact_match, load_grpo_config
+from archifactory.posttrain.chat import IM_END, ChatTemplate
+from archifactory.posttrain.grpo import exact_match, load_grpo_config, prompt_ids
 
 TRAIN_START = 10**6
 """Training-split problems from this index on (GRPO's prompts start at 0)."""
@@ -44,6 +50,37 @@ def accuracy(run: Path, task, problems: int, samples: int, opts) -> dict[str, tu
                           exact_match(*args, split, samples=samples, temperature=opts.temperature, top_k=opts.top_k,
                                       start=start))
     return figures
+
+
+MARGIN_BINS = (0.0, 0.1, 0.2, 0.4, 1.0)
+
+
+@torch.no_grad()
+def margins(run: Path, task, problems: int) -> list[float]:
+    """The teacher-forced margin (see the module docstring) of each of the first ``problems`` held-out problems."""
+    model = CausalLM.from_pretrained(run / "model").eval()
+    tokenizer, template = Tokenizer.load(run / "tokenizer.json"), ChatTemplate.load(run)
+    end = tokenizer.backend.token_to_id(IM_END)
+    out = []
+    for i in range(problems):
+        problem = task.problem(i, "test")
+        prompt, answer = prompt_ids(template, tokenizer, problem), tokenizer.encode(problem.answer) + [end]
+        probs = model(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1].float().softmax(-1)
+        right = probs.gather(-1, torch.tensor(answer)[:, None]).squeeze(-1)
+        other = probs.scatter(-1, torch.tensor(answer)[:, None], -1.0).amax(-1)
+        out.append(float((right - other).min()))
+    return out
+
+
+def margin_rows(name: str, sft: list[float], grpo: list[float]) -> list[dict]:
+    """Per SFT-margin bin: problems, and how many greedy answers GRPO lost (bins above 0) or gained (below)."""
+    rows = [{"run": name, "sft_margin": "< 0", "problems": sum(a <= 0 for a in sft),
+             "gained": sum(a <= 0 < b for a, b in zip(sft, grpo)), "lost": 0}]
+    for low, high in zip(MARGIN_BINS, MARGIN_BINS[1:]):
+        inside = [(a, b) for a, b in zip(sft, grpo) if low < a <= high]
+        rows.append({"run": name, "sft_margin": f"({low}, {high}]", "problems": len(inside), "gained": 0,
+                     "lost": sum(b <= 0 for _, b in inside)})
+    return rows
 
 
 def grpo_config(run: Path):
@@ -66,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--margins", action="store_true", help="also bin lost/gained held-out answers by SFT margin")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     grpo_runs = [run for d in args.dirs
@@ -87,6 +125,16 @@ def main(argv: list[str] | None = None) -> None:
                             "sft_sampled": sft_sampled, "grpo_sampled": grpo_sampled})
             print(f"| {grpo_run.name} | {split} | {100 * sft_greedy:.1f} -> {100 * grpo_greedy:.1f} "
                   f"| {100 * sft_sampled:.1f} -> {100 * grpo_sampled:.1f} |", flush=True)
+    if args.margins:
+        print("\n| run | SFT margin | held-out problems | greedy answers GRPO lost | gained |\n|---|---|---|---|---|")
+        for grpo_run in grpo_runs:
+            cfg = grpo_config(grpo_run)
+            task = cfg.task.build()
+            for row in margin_rows(grpo_run.name, *(margins(run, task, args.problems)
+                                                    for run in (Path(cfg.base), grpo_run))):
+                records.append({"kind": "margins", **row})
+                print(f"| {row['run']} | {row['sft_margin']} | {row['problems']} | {row['lost']} | {row['gained']} |",
+                      flush=True)
     if args.out:
         args.out.write_text(json.dumps(records, indent=1) + "\n")
 
