@@ -80,9 +80,9 @@ def test_damaged_checkpoint_is_passed_over_for_the_newest_intact_one(tmp_path, d
     train(load_run_config(data))
     out = capsys.readouterr().out
     assert "step_00000008 is damaged" in out and "step_00000006 at step 6" in out
-    # resuming from step 6 retrains steps 7-8 to exactly the uninterrupted run's losses
+    # resuming from step 6 retrains steps 7-8 to exactly the uninterrupted run's losses, logged once
     steps = [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "train"]
-    assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 7, 8]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8]
     assert _train_losses(tmp_path / "run") == uninterrupted
     assert not ckpt.verify_checkpoint(newest)  # rewritten whole
 
@@ -262,3 +262,24 @@ def test_damaged_metrics_lines_are_skipped_with_a_warning(tmp_path):
         records = read_metrics(path)
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 0.5), (3, 1 / 3), (4, 0.25)]
     assert all(math.isfinite(r["loss"]) for r in records)
+
+
+def test_a_restarted_run_drops_the_metrics_records_it_writes_again_and_keeps_damaged_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    writer = MetricsWriter(path, [], tmp_path, {})
+    for step in (0, 1, 2, 3):
+        writer.write({"kind": "train", "step": step, "loss": 1.0})
+        writer.write({"kind": "eval", "step": step, "val_loss": 2.0})
+    path.write_bytes(path.read_bytes() + b'{"kind": "tr\xff garbage\n')
+    assert writer.keep_through(2) == 2  # resumed from step 2: steps 3.. are trained again
+    assert [(r["kind"], r["step"]) for r in read_metrics(path, warn=lambda _: None)] == [
+        (kind, step) for step in (0, 1, 2) for kind in ("train", "eval")]
+    assert path.read_bytes().endswith(b"garbage\n")  # not a record: left as it was
+    writer.write({"kind": "eval", "step": 2, "val_loss": 1.5}, replace=True)  # step 2 evaluated again
+    records = read_metrics(path, warn=lambda _: None)
+    assert [(r["kind"], r["step"], r.get("val_loss")) for r in records if r["kind"] == "eval"] == [
+        ("eval", 0, 2.0), ("eval", 1, 2.0), ("eval", 2, 1.5)]
+    assert writer.keep_through(None) == 6 and read_metrics(path, warn=lambda _: None) == []  # starting over
+    assert not list(tmp_path.glob("*.tmp"))
+    disabled = MetricsWriter(tmp_path / "other.jsonl", [], tmp_path, {}, enabled=False)  # a non-main process
+    assert disabled.keep_through(None) == 0 and not (tmp_path / "other.jsonl").exists()

@@ -54,6 +54,9 @@ def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path):
     train_steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
                    if json.loads(line)["kind"] == "train"]
     assert train_steps == [1, 2]
+    eval_steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+                  if json.loads(line)["kind"] == "eval"]
+    assert eval_steps == sorted(set(eval_steps)), eval_steps  # the final evaluation, written again, once
 
 
 def test_a_resumed_run_shows_its_progress_from_the_checkpoint_without_nan(tmp_path):

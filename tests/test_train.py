@@ -375,6 +375,13 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     resumed, uninterrupted = _losses(metrics), _losses(tmp_path / "ref" / "metrics.jsonl")
     assert sorted(resumed) == list(range(1, steps + 1))
     assert resumed == uninterrupted  # bitwise: every step's loss is the same float
+    # one line per record: the killed run's records after its last checkpoint were dropped, not repeated
+    assert "dropped" in done.stdout and "after step" in done.stdout, done.stdout
+
+    def history(path):
+        return [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(path)]
+
+    assert history(metrics) == history(tmp_path / "ref" / "metrics.jsonl")
 
 
 # ----------------------------------------------------------------------------------------- distributed

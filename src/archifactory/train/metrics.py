@@ -65,13 +65,47 @@ class MetricsWriter:
                     f.write(b"\n")
         self.loggers = [_make_logger(name, run_dir, config) for name in loggers] if enabled else []
 
-    def write(self, record: dict[str, Any]) -> None:
+    def write(self, record: dict[str, Any], replace: bool = False) -> None:
+        """Append ``record``; with ``replace``, the file's earlier records of the same ``kind`` and ``step``
+        are dropped first (a run that evaluates a step again keeps one line for it)."""
         if not self.enabled:
             return
+        if replace:
+            key = (record.get("kind"), record.get("step"))
+            self._rewrite(lambda r: (r.get("kind"), r.get("step")) != key)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         for logger in self.loggers:
             logger(record)
+
+    def keep_through(self, step: int | None) -> int:
+        """Drop the records that a restarted run writes again: those of steps after ``step`` (the
+        checkpoint it resumes from), or every record when ``step`` is ``None`` (it starts over). Lines
+        that are not records (damaged) are kept. Returns the number dropped."""
+        if not self.enabled:
+            return 0
+        return self._rewrite(lambda r: step is not None and int(r["step"]) <= step)
+
+    def _rewrite(self, keep) -> int:
+        """Rewrite the file (atomically) without the records ``keep`` rejects; returns how many."""
+        if not self.path.is_file():
+            return 0
+        lines, dropped = [], 0
+        for line in self.path.read_bytes().splitlines(keepends=True):
+            try:
+                record = json.loads(line.decode("utf-8"))
+                is_record = isinstance(record, dict) and isinstance(record.get("step"), int)
+            except ValueError:
+                is_record = False
+            if is_record and not keep(record):
+                dropped += 1
+            else:
+                lines.append(line)
+        if dropped:
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_bytes(b"".join(lines))
+            os.replace(tmp, self.path)
+        return dropped
 
     def close(self) -> None:
         for logger in self.loggers:

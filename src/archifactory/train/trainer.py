@@ -179,6 +179,12 @@ class Trainer:
         self.resumed_from: tuple[Path, int] | None = None  # (checkpoint, its step) when resumed
         if self.resume:
             self._resume()
+        resumed_at = None if self.resumed_from is None else self.resumed_from[1]
+        dropped = self.metrics.keep_through(resumed_at)
+        if dropped:
+            self.log(f"metrics.jsonl: dropped {dropped} record(s) of the steps this run trains again "
+                     f"(after step {resumed_at})" if resumed_at is not None else
+                     f"metrics.jsonl: dropped {dropped} record(s) of an earlier start of this run (it starts over)")
 
     def setup_data(self, global_micro_batch: int) -> None:
         """Tokenizer, training loader and validation data (a hook: post-training stages read other data)."""
@@ -651,8 +657,9 @@ class Trainer:
         elapsed = self.elapsed_before + time.time() - start
         if self.step % tc.eval_every != 0 or not last_eval:
             last_eval = self.evaluate()
+            # a run resumed at its last step evaluates it again: one line per step in metrics.jsonl
             self.metrics.write({"kind": "eval", "step": self.step, "tokens": self.tokens_seen, "elapsed_s": elapsed,
-                                **last_eval})
+                                **last_eval}, replace=self.step == first_step)
         if self.step % tc.checkpoint_every != 0 and self.step > first_step:  # else it is the one resumed from
             self.save(elapsed)
         summary = RunSummary.model_validate(self._summary(elapsed, last_eval))
