@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from archifactory import cli
 from archifactory.cli import app
 from archifactory.config import ConfigError, MAX_STEPS, MAX_TOKENS, load_yaml
+from archifactory.data.tokenizer import Tokenizer
 from archifactory.errors import InputError, UserError
 
 runner = CliRunner()
@@ -305,6 +307,17 @@ def test_the_resolver_maps_every_form_to_its_run(trained, tmp_path):
     assert locate_model(alone).run_dir is None and locate_model(alone).tokenizer_path is None
     with pytest.raises(InputError, match="no tokenizer.json"):
         locate_model(alone).require_tokenizer()
+    # a saved model's tokenizer beside it or in the folder holding it, for every command alike (eval too)
+    from archifactory.eval.runner import load_target
+
+    with pytest.raises(FileNotFoundError, match=f"no tokenizer.json in {alone} or {tmp_path}: pass --tokenizer"):
+        load_target(alone)
+    shutil.copyfile(trained / "tokenizer.json", tmp_path / "tokenizer.json")
+    assert locate_model(alone).tokenizer_path == tmp_path / "tokenizer.json"
+    assert load_target(alone).tokenizer.fingerprint() == Tokenizer.load(tmp_path / "tokenizer.json").fingerprint()
+    shutil.copyfile(trained / "tokenizer.json", alone / "tokenizer.json")
+    assert locate_model(alone).tokenizer_path == alone / "tokenizer.json"  # beside the weights comes first
+    assert locate_model(last).tokenizer_path == trained / "tokenizer.json"
     a, b = locate_model(last).load(), locate_model(trained).load()
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name

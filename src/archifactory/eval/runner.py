@@ -92,12 +92,11 @@ def load_target(path: str | Path, tokenizer: str | Path | Tokenizer | None = Non
         raise ValueError(f"{path} is a checkpoint; evaluation scores a finished run or a saved model: give "
                          f"{located.run_dir} once it has finished")
     model_dir, run_dir = located.model_dir, located.run_dir  # run_dir: the run whose model/ this is, or None
-    if tokenizer is None:
-        candidates = [model_dir / "tokenizer.json", model_dir.parent / "tokenizer.json"]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            raise FileNotFoundError(f"no tokenizer.json in {model_dir} or {model_dir.parent}: pass --tokenizer FILE")
-        tokenizer = found
+    if tokenizer is None:  # where every command looks (train.locate.ModelSource.tokenizer_path)
+        tokenizer = located.tokenizer_path
+        if tokenizer is None:
+            raise FileNotFoundError(f"no tokenizer.json in {' or '.join(map(str, located.tokenizer_places))}: "
+                                    "pass --tokenizer FILE")
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.load(tokenizer)
     model = CausalLM.from_pretrained(model_dir, device=device)

@@ -35,14 +35,20 @@ class ModelSource:
 
     @property
     def tokenizer_path(self) -> Path | None:
-        """The model's ``tokenizer.json`` (beside the weights, else in the run directory), if any."""
-        places = [self.model_dir, self.run_dir]
-        return next((p / "tokenizer.json" for p in places if p is not None and (p / "tokenizer.json").is_file()), None)
+        """The model's ``tokenizer.json``, if any: beside the weights, else in the run directory (for a saved
+        model outside a run: in the folder holding it)."""
+        return next((p / "tokenizer.json" for p in self.tokenizer_places if (p / "tokenizer.json").is_file()), None)
+
+    @property
+    def tokenizer_places(self) -> list[Path]:
+        """Where :attr:`tokenizer_path` looks, in order."""
+        places = [p for p in (self.model_dir, self.run_dir) if p is not None]
+        return places if self.run_dir is not None else places + [self.model_dir.parent]
 
     def require_tokenizer(self) -> Path:
         found = self.tokenizer_path
         if found is None:
-            where = " or ".join(str(p) for p in (self.model_dir, self.run_dir) if p is not None)
+            where = " or ".join(map(str, self.tokenizer_places))
             raise InputError(f"no tokenizer.json in {where}; point at the run directory that trained the model")
         return found
 
