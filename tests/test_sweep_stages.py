@@ -446,15 +446,25 @@ def test_report_shows_each_stage_with_intervals_over_seeds(tmp_path):
     assert [r[3] for r in results[1:]] == ["3 / 3", "3 / 3"] or all("3 / 3" in r for r in results[1:])
 
 
-def test_report_shows_sampled_pass_at_1_beside_greedy_exact_match(tmp_path):
+def test_report_shows_sampled_pass_at_1_beside_greedy_exact_match(tmp_path, monkeypatch):
     import numpy as np
     from scipy import stats as scipy_stats
 
+    from archifactory.sweep.report import figures as report_figures
     from archifactory.sweep.report import write_report
     from test_report import md_tables, table_with
 
+    drawn = []  # every figure the report renders
+    to_png = report_figures.to_png
+    monkeypatch.setattr(report_figures, "to_png", lambda fig: drawn.append(fig) or to_png(fig))
     figures = build_stage_store(tmp_path, pass_at_1=True)
     text = write_report(tmp_path)[1].read_text()
+    # the GRPO curves plot shares in %, as the table gives them: the step-0 point is the seeds' mean x 100
+    panels = {ax.get_ylabel(): ax for fig in drawn for ax in fig.axes}
+    for label, key in (("exact match (%)", "sft_em"), ("pass@1 (%)", "sft_p1")):
+        line = next(line for line in panels[label].get_lines() if line.get_label().startswith("baseline"))
+        assert line.get_ydata()[0] == pytest.approx(100 * np.mean([figures[("baseline", s)][key] for s in (0, 1, 2)]))
+    assert "pass rate (%)" in panels
     table = table_with(md_tables(text), "variant", "pass@1 after GRPO (sampled, 95% CI)")
     rows = {r[0].rstrip(" ★"): dict(zip(table[0], r)) for r in table[1:]}
     for variant, row in rows.items():

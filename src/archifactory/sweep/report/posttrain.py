@@ -185,12 +185,18 @@ def fairness_rows(post: PosttrainData) -> list[list]:
     return items
 
 
-def _bands(data: SweepData, post: PosttrainData, stage: str, kind: str, key: str, window: float | None):
+PERCENT = 100.0
+"""Shares (pass rate, exact match, pass@1) are plotted in %, as the table gives them."""
+
+
+def _bands(data: SweepData, post: PosttrainData, stage: str, kind: str, key: str, window: float | None,
+           scale: float = 1.0):
     bands = {}
     for variant in data.order:
         seeds = []
         for f in post.final(stage, variant):
             x, y = figures._xy(post.curves[kind].get(f["run_id"], []), "step", key)
+            y = scale * y
             if window:
                 y = figures.smooth(y, max(1, round(window * len(y))))
             seeds.append((x, y))
@@ -201,14 +207,14 @@ def _bands(data: SweepData, post: PosttrainData, stage: str, kind: str, key: str
 
 
 def curves_figure(data: SweepData, post: PosttrainData, panels: list[tuple]) -> bytes | None:
-    """One panel per ``(stage, kind, key, ylabel, title, smoothing)``: the mean over seeds per variant
-    against the step, with the seeds' min-max band."""
-    drawn = [(p, _bands(data, post, *p[:3], p[5])) for p in panels]
+    """One panel per ``(stage, kind, key, ylabel, title, smoothing[, scale])``: the mean over seeds per
+    variant of ``scale`` x the value against the step, with the seeds' min-max band."""
+    drawn = [(p, _bands(data, post, *p[:3], *p[5:])) for p in panels]
     drawn = [(p, b) for p, b in drawn if b]
     if not drawn:
         return None
     fig, axes = figures.new_figure(5.5 * len(drawn), 3.8, len(drawn))
-    for ax, ((stage, kind, key, ylabel, title, _), bands) in zip(axes, drawn):
+    for ax, ((stage, kind, key, ylabel, title, *_), bands) in zip(axes, drawn):
         for variant, ((x, mean, low, high), n) in bands.items():
             color, is_base = data.color(variant), variant == data.baseline
             ax.plot(x, mean, color=color, linewidth=2.2 if is_base else 1.6, marker="." if len(x) < 30 else None,
@@ -246,9 +252,10 @@ def posttrain_section(data: SweepData) -> list[Block] | None:
         + "; the line is the mean over seeds, the band spans the seeds' minimum to maximum.",
         lambda: curves_figure(data, post, [
             ("grpo", "grpo", "reward", "mean reward", "reward", REWARD_SMOOTHING),
-            ("grpo", "grpo", "pass_rate", "pass rate", "pass rate of the samples", REWARD_SMOOTHING),
-            ("grpo", "grpo_eval", "eval_accuracy", "exact match", "held-out exact match (greedy)", None),
-            *([("grpo", "grpo_eval", "eval_pass_at_1", "pass@1", "held-out pass@1 (sampled)", None)]
+            ("grpo", "grpo", "pass_rate", "pass rate (%)", "pass rate of the samples", REWARD_SMOOTHING, PERCENT),
+            ("grpo", "grpo_eval", "eval_accuracy", "exact match (%)", "held-out exact match (greedy)", None,
+             PERCENT),
+            *([("grpo", "grpo_eval", "eval_pass_at_1", "pass@1 (%)", "held-out pass@1 (sampled)", None, PERCENT)]
               if sampled else [])]))
     sft_fig = figures.figure_block(
         "sft_val_loss", "SFT: validation loss",
