@@ -36,6 +36,13 @@ def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path):
     assert (run / "metrics.jsonl").read_bytes() == metrics
     assert (run / "model" / "model.safetensors").read_bytes() == weights
     assert json.loads((run / "summary.json").read_text()) == summary
+    # known finished before anything is prepared or written: the data cache is not rebuilt, no file touched
+    shutil.rmtree(tmp_path / "cache")
+    stamps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()}
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 0 and "nothing to train" in result.output, result.output
+    assert not (tmp_path / "cache").exists()
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in run.rglob("*") if p.is_file()} == stamps
 
     # a checkpoint past the budget: refused before anything is written (before: "done: step 2", exit 0)
     config = (run / "config.yaml").read_text()

@@ -123,8 +123,12 @@ class Trainer:
         if tc.threads:
             torch.set_num_threads(tc.threads)
         self.run_dir = cfg.run_dir()
+        self.finished: RunSummary | None = None
         if self.resume:
             self._check_resumable()
+            self.finished = self._already_finished()
+            if self.finished is not None:
+                return  # nothing to prepare, write or train
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(cfg, self.run_dir / "config.yaml")
@@ -254,9 +258,7 @@ class Trainer:
         from archifactory.config import load_yaml
 
         checkpoints = ckpt.checkpoint_dirs(self.run_dir)
-        tc = self.cfg.train
-        budget = tc.max_steps if tc.max_steps is not None else (
-            math.ceil(tc.max_tokens / tc.tokens_per_step()) if tc.max_tokens is not None else None)
+        budget = self._step_budget()
         if checkpoints and budget is not None and ckpt.checkpoint_step(checkpoints[-1]) > budget:
             self._refuse_past_budget(checkpoints[-1], ckpt.checkpoint_step(checkpoints[-1]), budget)
         path = self.run_dir / "config.yaml"
@@ -267,6 +269,40 @@ class Trainer:
         except ConfigError:
             return  # unreadable: the checkpoints' own record of their config decides in _load
         self._refuse_changes(old, f"run {self.run_dir}")
+
+    def _step_budget(self) -> int | None:
+        """The run's budget in steps (``None`` for a wall-time budget)."""
+        tc = self.cfg.train
+        if tc.max_steps is not None:
+            return tc.max_steps
+        return math.ceil(tc.max_tokens / tc.tokens_per_step()) if tc.max_tokens is not None else None
+
+    def _already_finished(self) -> RunSummary | None:
+        """The summary of a run that has nothing left to do, found before its data is prepared or any file
+        written: its newest checkpoint is at the step budget and its summary and final model are written
+        and intact, as is that checkpoint (a damaged one is trained again from the one before it). ``None``
+        otherwise (:meth:`_finished` then decides after the checkpoint is loaded)."""
+        budget, checkpoints = self._step_budget(), ckpt.checkpoint_dirs(self.run_dir)
+        if budget is None or not checkpoints or ckpt.checkpoint_step(checkpoints[-1]) != budget:
+            return None
+        if ckpt.verify_checkpoint(checkpoints[-1]):
+            return None
+        summary = self._final_summary(budget)
+        if summary is not None:
+            self.log(f"already at step {budget} of {self.budget_text(budget)}: nothing to train ({self.run_dir}; "
+                     "raise the budget to train further)")
+        return summary
+
+    def _final_summary(self, step: int) -> RunSummary | None:
+        """The run's summary when it is for ``step`` and the final model is intact, else ``None``."""
+        from archifactory.integrity import verify_checksums
+
+        try:
+            summary = RunSummary.model_validate_json((self.run_dir / "summary.json").read_bytes())
+        except (OSError, ValueError):  # missing, damaged or not a summary (pydantic's error is a ValueError)
+            return None
+        intact = verify_checksums(self.run_dir / "model", required=("config.yaml", "model.safetensors")) == []
+        return summary if summary.steps == step and intact else None
 
     def budget_text(self, total: int | None = None) -> str:
         """The run's step budget as the config states it: ``max_steps 8``, ``max_tokens 4,096 (8 steps)``."""
@@ -300,14 +336,8 @@ class Trainer:
             where = f"{self.elapsed_before:.0f}s of max_time_s {tc.max_time_s:g}"
         else:
             return None
-        from archifactory.integrity import verify_checksums
-
-        try:
-            summary = RunSummary.model_validate_json((self.run_dir / "summary.json").read_bytes())
-        except (OSError, ValueError):  # missing, damaged or not a summary (pydantic's error is a ValueError)
-            summary = None
-        intact = verify_checksums(self.run_dir / "model", required=("config.yaml", "model.safetensors")) == []
-        if summary is not None and summary.steps == self.step and intact:
+        summary = self._final_summary(self.step)
+        if summary is not None:
             self.log(f"already at {where}: nothing to train ({self.run_dir}; raise the budget to train further)")
             return summary
         self.log(f"already at {where}: nothing to train; writing the final evaluation and model the run had not "
@@ -592,9 +622,10 @@ class Trainer:
         with held:
             self.setup()
             try:
-                return self._loop()
+                return self.finished if self.finished is not None else self._loop()
             finally:
-                self.metrics.close()
+                if self.finished is None:
+                    self.metrics.close()
                 shutdown(self.dist)
 
     def _loop(self) -> RunSummary:
