@@ -384,6 +384,29 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path):
     assert history(metrics) == history(tmp_path / "ref" / "metrics.jsonl")
 
 
+def test_a_fresh_start_removes_the_earlier_checkpoints_so_a_resume_continues_it(tmp_path, capsys):
+    """--fresh over a run with checkpoints past the new start's progress: before, pruning kept the earlier
+    run's later checkpoints over the new one's, and a resume after a stop (a kill) continued, or called
+    finished, the earlier run."""
+    from archifactory.train import checkpoint as ckpt
+
+    data = run_config(tmp_path, max_steps=12, checkpoint_every=4, keep_checkpoints=2, eval_every=4)
+    data["schedule"] = {"kind": "constant", "warmup_steps": 0}  # the same rate whatever the budget
+    run = tmp_path / "run"
+    train(load_run_config(data))
+    uninterrupted = [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(run / "metrics.jsonl")]
+    capsys.readouterr()
+    # start over and stop at step 8 (a budget of 8 steps stands in for a kill there)
+    train(load_run_config({**data, "train": {**data["train"], "max_steps": 8}}), resume=False)
+    out = capsys.readouterr().out
+    assert "removed 2 of an earlier start of this run (step_00000008, step_00000012" in out, out
+    assert [p.name for p in ckpt.checkpoint_dirs(run)] == ["step_00000004", "step_00000008"]
+    train(load_run_config(data))
+    assert f"resumed from {run / 'checkpoints' / 'step_00000008'} at step 8" in capsys.readouterr().out
+    history = [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(run / "metrics.jsonl")]
+    assert history == uninterrupted  # the fresh start, continued: every step of the run, each once
+
+
 # ----------------------------------------------------------------------------------------- distributed
 
 

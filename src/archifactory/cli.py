@@ -241,7 +241,7 @@ def info(
 def train(
     config_path: Path = typer.Argument(..., metavar="CONFIG", help="Run config YAML (see configs/runs/)."),
     set_: Optional[List[str]] = SetOption,
-    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the run directory and start over."),
+    fresh: bool = typer.Option(False, "--fresh", help="Remove the run directory's checkpoints and start over."),
     allow_config_change: bool = AllowConfigChangeOption,
 ) -> None:
     """Train one run to its budget, resuming from the run directory's latest checkpoint."""
@@ -374,7 +374,7 @@ def sft(
                                     "alpaca | limo"),
     out: Optional[Path] = typer.Option(None, "--out", help="SFT run directory (default RUN_DIR/sft)."),
     set_: Optional[List[str]] = SetOption,
-    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the SFT run directory."),
+    fresh: bool = typer.Option(False, "--fresh", help="Remove the SFT run directory's checkpoints and start over."),
     allow_config_change: bool = AllowConfigChangeOption,
 ) -> None:
     """Supervised fine-tuning of a pretrained run on chat data, with the project's chat template."""
@@ -410,7 +410,7 @@ def grpo(
     task: str = typer.Option("addition", help="addition | multiplication | countdown | gsm8k (with --set task.data=...)."),
     out: Optional[Path] = typer.Option(None, "--out", help="GRPO run directory (default RUN_DIR/grpo)."),
     set_: Optional[List[str]] = SetOption,
-    fresh: bool = typer.Option(False, "--fresh", help="Ignore checkpoints in the GRPO run directory."),
+    fresh: bool = typer.Option(False, "--fresh", help="Remove the GRPO run directory's checkpoints and start over."),
     allow_config_change: bool = AllowConfigChangeOption,
 ) -> None:
     """Reinforcement on a verifiable task (GRPO) from an SFT run."""

@@ -183,12 +183,27 @@ class Trainer:
         self.resumed_from: tuple[Path, int] | None = None  # (checkpoint, its step) when resumed
         if self.resume:
             self._resume()
+        elif self.dist.is_main:
+            self._remove_earlier_checkpoints()
         resumed_at = None if self.resumed_from is None else self.resumed_from[1]
         dropped = self.metrics.keep_through(resumed_at)
         if dropped:
             self.log(f"metrics.jsonl: dropped {dropped} record(s) of the steps this run trains again "
                      f"(after step {resumed_at})" if resumed_at is not None else
                      f"metrics.jsonl: dropped {dropped} record(s) of an earlier start of this run (it starts over)")
+
+    def _remove_earlier_checkpoints(self) -> None:
+        """A run started over (``--fresh``) removes the checkpoints of its earlier start: left in place, those
+        past its new progress would be kept over its own when old checkpoints are pruned, and a later resume
+        would continue (or call finished) the earlier run instead of this one."""
+        import shutil
+
+        earlier = ckpt.checkpoint_dirs(self.run_dir)
+        for path in earlier:
+            shutil.rmtree(path)
+        if earlier:
+            self.log(f"checkpoints: removed {len(earlier)} of an earlier start of this run "
+                     f"({', '.join(p.name for p in earlier)}; it starts over)")
 
     def setup_data(self, global_micro_batch: int) -> None:
         """Tokenizer, training loader and validation data (a hook: post-training stages read other data)."""
