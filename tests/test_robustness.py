@@ -323,6 +323,29 @@ def test_the_resolver_maps_every_form_to_its_run(trained, tmp_path):
         assert torch.equal(x, y), name
 
 
+def test_the_resolver_reads_dot_and_dotdot_as_the_folders_they_stand_for(trained, tmp_path, monkeypatch):
+    """``.`` and ``..`` have no name and a lexical parent of ``.``: before, ``generate .`` inside a saved model
+    looked for its tokenizer in ``.`` twice, and inside RUN/model or a checkpoint did not see the run."""
+    from archifactory.train.locate import locate_model
+
+    alone = tmp_path / "saved"
+    locate_model(trained).load().save_pretrained(alone)
+    shutil.copyfile(trained / "tokenizer.json", tmp_path / "tokenizer.json")  # in the folder holding it
+    (alone / "sub").mkdir()
+    last = trained / "checkpoints" / "step_00000002"
+    for folder, given in ((alone, "."), (alone / "sub", ".."), (trained / "model", "."), (last, ".")):
+        monkeypatch.chdir(folder)
+        expected = locate_model(folder if given == "." else folder.parent)  # the same folder, named
+        found = locate_model(given)
+        for field in ("run_dir", "model_dir", "checkpoint", "tokenizer_path"):
+            a, b = getattr(found, field), getattr(expected, field)
+            assert (a and a.resolve()) == (b and b.resolve()), (folder, given, field, a, b)
+        assert found.tokenizer_path is not None
+    monkeypatch.chdir(alone)
+    result = runner.invoke(app, ["generate", ".", "--prompt", "a", "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
 def test_sampling_refuses_a_temperature_that_is_not_a_finite_non_negative_number(temperature):
     from archifactory.model.sampling import sample_next

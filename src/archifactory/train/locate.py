@@ -10,7 +10,8 @@ given                                     model weights and config read from
 any saved model (config.yaml + weights)   itself (``save_pretrained`` / ``hf import`` output)
 ========================================  =====================================================
 
-The tokenizer is the ``tokenizer.json`` in the model folder or in its run directory.
+The tokenizer is the ``tokenizer.json`` in the model folder, else in its run directory (for a saved model
+outside a run: in the folder holding it).
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ def locate_model(path: str | Path, checkpoints: bool = True) -> ModelSource:
     """Resolve ``path`` (see the module docstring) or raise :class:`InputError` saying what it is not;
     ``checkpoints=False``: for a command that takes no checkpoint, whose messages then offer none."""
     path = Path(path)
+    if path.name in ("", ".."):  # "." or "..": name and parent are read from the folder it stands for
+        path = path.resolve()
     give = ("give a run directory (runs/NAME), its model/ folder or one of its checkpoints/step_N folders"
             if checkpoints else "give a finished run directory (runs/NAME), its model/ folder or a saved model directory")
     if not path.exists():
