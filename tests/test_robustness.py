@@ -346,6 +346,29 @@ def test_the_resolver_reads_dot_and_dotdot_as_the_folders_they_stand_for(trained
     assert result.exit_code == 0, result.output
 
 
+def test_generate_and_eval_refuse_a_tokenizer_with_more_ids_than_the_model(trained, tmp_path):
+    """The tokenizer found beside a model may not be its own: one with more ids than the model's vocabulary
+    is refused by every command alike (before, generate raised IndexError on a prompt using them)."""
+    from archifactory.model.lm import CausalLM
+    from archifactory.train.locate import locate_model
+
+    tokenizer = Tokenizer.load(trained / "tokenizer.json")
+    model = locate_model(trained).load()
+    smaller = tokenizer.vocab_size - 1
+    config = model.config.model_copy(update={"vocab_size": smaller})
+    CausalLM(config).save_pretrained(tmp_path / "saved")
+    shutil.copyfile(trained / "tokenizer.json", tmp_path / "tokenizer.json")  # in the folder holding it
+    prompt = "a"  # generate starts it with the end-of-document id, here the tokenizer's last: past the model's
+    assert tokenizer.eos_id == smaller
+    message = f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {smaller}"
+    for command in (["generate", str(tmp_path / "saved"), "--prompt", prompt, "--max-new-tokens", "2"],
+                    ["eval", str(tmp_path / "saved"), "--tasks", "lambada", "--limit", "1"]):
+        one_error_line(runner.invoke(app, command), f"{tmp_path / 'tokenizer.json'}: {message}")
+    model.save_pretrained(tmp_path / "own")  # its own vocabulary: generates
+    result = runner.invoke(app, ["generate", str(tmp_path / "own"), "--prompt", prompt, "--max-new-tokens", "2"])
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
 def test_sampling_refuses_a_temperature_that_is_not_a_finite_non_negative_number(temperature):
     from archifactory.model.sampling import sample_next

@@ -451,6 +451,7 @@ def generate(
     from archifactory.data.tokenizer import Tokenizer
     from archifactory.integrity import CorruptFileError
     from archifactory.train.checkpoint import CheckpointError
+    from archifactory.train.locate import check_tokenizer_fits
 
     _check_float("--temperature", temperature, 0.0, MAX_TEMPERATURE, note=" (0: greedy)")
     _check_float("--top-p", top_p, 0.0, 1.0, low_open=True, note=" (1 keeps every token; leave it out to not truncate)")
@@ -460,6 +461,7 @@ def generate(
         tokenizer = Tokenizer.load(located.require_tokenizer())
     except (CorruptFileError, CheckpointError) as err:
         _fail(f"{err}; {located.repair_advice()}")
+    check_tokenizer_fits(tokenizer, model, located.tokenizer_path)
     if chat:
         from archifactory.posttrain.chat import ChatTemplate, chat_reply
 

@@ -81,7 +81,7 @@ def load_target(path: str | Path, tokenizer: str | Path | Tokenizer | None = Non
                 device: str | torch.device = "cpu") -> EvalTarget:
     """A run directory or a saved model directory as an :class:`EvalTarget` (see the module docstring)."""
     from archifactory.errors import InputError
-    from archifactory.train.locate import locate_model
+    from archifactory.train.locate import check_tokenizer_fits, locate_model
 
     path = Path(path)
     try:  # the resolver the CLI uses: a run's model/ folder is that run, not a separate saved model
@@ -97,12 +97,11 @@ def load_target(path: str | Path, tokenizer: str | Path | Tokenizer | None = Non
         if tokenizer is None:
             raise FileNotFoundError(f"no tokenizer.json in {' or '.join(map(str, located.tokenizer_places))}: "
                                     "pass --tokenizer FILE")
+    where = tokenizer if not isinstance(tokenizer, Tokenizer) else "the given tokenizer"
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.load(tokenizer)
     model = CausalLM.from_pretrained(model_dir, device=device)
-    if tokenizer.vocab_size > model.config.vocab_size:
-        raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}: pass the tokenizer the model was trained with")
+    check_tokenizer_fits(tokenizer, model, where)  # as generate checks the tokenizer it finds
     null = _unigram_from_run(run_dir, tokenizer.vocab_size) if run_dir is not None else None
     run_id = (run_dir or model_dir).resolve().name
     return EvalTarget(model, tokenizer, run_id, file_sha256(model_dir / "model.safetensors"),
