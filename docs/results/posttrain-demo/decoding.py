@@ -74,7 +74,7 @@ def margins(run: Path, task, problems: int) -> list[float]:
 
 def margin_rows(name: str, sft: list[float], grpo: list[float]) -> list[dict]:
     """Per SFT-margin bin: problems, and how many greedy answers GRPO lost (bins above 0) or gained (below)."""
-    rows = [{"run": name, "sft_margin": "< 0", "problems": sum(a <= 0 for a in sft),
+    rows = [{"run": name, "sft_margin": "<= 0", "problems": sum(a <= 0 for a in sft),
              "gained": sum(a <= 0 < b for a, b in zip(sft, grpo)), "lost": 0}]
     for low, high in zip(MARGIN_BINS, MARGIN_BINS[1:]):
         inside = [(a, b) for a, b in zip(sft, grpo) if low < a <= high]
@@ -96,12 +96,23 @@ def grpo_config(run: Path):
         sys.exit(f"{run}: {err}")
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dirs", type=Path, nargs="+", help="a sweep directory, or GRPO run directories")
-    parser.add_argument("--problems", type=int, default=200)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--problems", type=positive, default=200)
+    parser.add_argument("--samples", type=positive, default=8)
+    parser.add_argument("--threads", type=positive, default=1)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--margins", action="store_true", help="also bin lost/gained held-out answers by SFT margin")
     args = parser.parse_args(argv)
@@ -112,6 +123,10 @@ def main(argv: list[str] | None = None) -> None:
     if missing or not grpo_runs:
         sys.exit(f"{missing[0] if missing else args.dirs[0]}: neither a finished GRPO run (model/, config.yaml) nor a "
                  "sweep directory with *-sft-grpo runs; give one of those")
+    unfinished = [run for run in grpo_runs if not (run / "model").is_dir()]
+    if unfinished:
+        sys.exit(f"{unfinished[0]}: the GRPO run has not finished (no model/); finish the sweep (archifactory sweep "
+                 "SWEEP.yaml) or give finished GRPO run directories")
     records = []
     print("| run | split | greedy SFT -> GRPO | sampled pass@1 SFT -> GRPO |\n|---|---|---|---|")
     for grpo_run in grpo_runs:
@@ -127,11 +142,17 @@ def main(argv: list[str] | None = None) -> None:
                   f"| {100 * sft_sampled:.1f} -> {100 * grpo_sampled:.1f} |", flush=True)
     if args.margins:
         print("\n| run | SFT margin | held-out problems | greedy answers GRPO lost | gained |\n|---|---|---|---|---|")
+        greedy = {r["run"]: (r["sft_greedy"], r["grpo_greedy"]) for r in records if r["split"] == "test"}
         for grpo_run in grpo_runs:
             cfg = grpo_config(grpo_run)
             task = cfg.task.build()
-            for row in margin_rows(grpo_run.name, *(margins(run, task, args.problems)
-                                                    for run in (Path(cfg.base), grpo_run))):
+            both = [margins(run, task, args.problems) for run in (Path(cfg.base), grpo_run)]
+            for stage, values, share in zip(("SFT", "GRPO"), both, greedy[grpo_run.name]):
+                if sum(m > 0 for m in values) != round(share * args.problems):  # greedy is right iff margin > 0
+                    print(f"warning: {grpo_run.name}: {stage} margins > 0 on {sum(m > 0 for m in values)} of "
+                          f"{args.problems} problems, greedy exact match {round(share * args.problems)}: the "
+                          "margin table does not describe greedy decoding here", file=sys.stderr)
+            for row in margin_rows(grpo_run.name, *both):
                 records.append({"kind": "margins", **row})
                 print(f"| {row['run']} | {row['sft_margin']} | {row['problems']} | {row['lost']} | {row['gained']} |",
                       flush=True)
