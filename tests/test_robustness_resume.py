@@ -66,6 +66,37 @@ def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path):
     assert eval_steps == sorted(set(eval_steps)), eval_steps  # the final evaluation, written again, once
 
 
+@pytest.mark.parametrize("damage", ["garbled", "missing"])
+def test_a_finished_run_with_a_damaged_config_yaml_is_not_taken_as_finished_early(tmp_path, damage):
+    """The early "nothing to train" rests on config.yaml, the run's checked record of its setup: before, a
+    finished run whose config.yaml was damaged or missing took any config (a changed model too) as finished,
+    exit 0, and left config.yaml as it was (``generate RUN/checkpoints/...`` then fails on it)."""
+    path = write_run(tmp_path)
+    assert runner.invoke(app, ["train", str(path)]).exit_code == 0
+    run = tmp_path / "run"
+    config, weights = (run / "config.yaml").read_text(), (run / "model" / "model.safetensors").read_bytes()
+    if damage == "garbled":
+        (run / "config.yaml").write_text("name: [unclosed\n")
+    else:
+        (run / "config.yaml").unlink()
+    damaged = (run / "config.yaml").read_bytes() if damage == "garbled" else None
+    changed = runner.invoke(app, ["train", str(path), "--set", "model.d_model=48"])  # other weights' shapes
+    one_error_line(changed, f"checkpoint {run / 'checkpoints' / 'step_00000002'} was trained with another setup: "
+                   "model.d_model: 32 -> 48")
+    # refused before anything is written (before the early return: config.yaml was overwritten with
+    # d_model 48, and the run's own config was then refused as "48 -> 32")
+    if damage == "garbled":
+        assert (run / "config.yaml").read_bytes() == damaged
+    else:
+        assert not (run / "config.yaml").exists()
+    result = runner.invoke(app, ["train", str(path)])  # the run's own config: written again, nothing trained
+    assert result.exit_code == 0 and "nothing to train" in result.output, result.output
+    assert (run / "config.yaml").read_text() == config
+    assert (run / "model" / "model.safetensors").read_bytes() == weights
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train"] == [1, 2]
+
+
 def test_a_resumed_run_shows_its_progress_from_the_checkpoint_without_nan(tmp_path):
     path = write_run(tmp_path)
     assert runner.invoke(app, ["train", str(path)]).exit_code == 0

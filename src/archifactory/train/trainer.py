@@ -125,8 +125,9 @@ class Trainer:
         self.run_dir = cfg.run_dir()
         self.finished: RunSummary | None = None
         if self.resume:
-            self._check_resumable()
-            self.finished = self._already_finished()
+            # a finished run is known as such early only by its readable config.yaml; a missing or damaged
+            # one is written again below, and the checkpoint's own record of its config decides in _load
+            self.finished = self._already_finished() if self._check_resumable() else None
             if self.finished is not None:
                 return  # nothing to prepare, write or train
         if self.dist.is_main:
@@ -266,10 +267,10 @@ class Trainer:
             "--allow-config-change to mix the two setups on purpose"
         )
 
-    def _check_resumable(self) -> None:
+    def _check_resumable(self) -> bool:
         """Before anything is written: refuse to resume a run whose checkpoints were trained under other
         :data:`RESUME_FIXED` values (from the run's config.yaml; each checkpoint is checked again when
-        loaded)."""
+        loaded). Returns whether there are checkpoints and config.yaml was read (and agrees)."""
         from archifactory.config import load_yaml
 
         checkpoints = ckpt.checkpoint_dirs(self.run_dir)
@@ -277,13 +278,29 @@ class Trainer:
         if checkpoints and budget is not None and ckpt.checkpoint_step(checkpoints[-1]) > budget:
             self._refuse_past_budget(checkpoints[-1], ckpt.checkpoint_step(checkpoints[-1]), budget)
         path = self.run_dir / "config.yaml"
-        if not checkpoints or not path.is_file():
-            return
+        if not checkpoints:
+            return False
         try:
-            old = load_yaml(path)
+            old = load_yaml(path) if path.is_file() else None
         except ConfigError:
-            return  # unreadable: the checkpoints' own record of their config decides in _load
+            old = None
+        if old is None:  # missing or unreadable: the newest intact checkpoint's own record of its config
+            recorded = self._checkpoint_config(checkpoints)
+            if recorded is not None:
+                self._refuse_changes(recorded[1], f"checkpoint {recorded[0]}")
+            return False
         self._refuse_changes(old, f"run {self.run_dir}")
+        return True
+
+    @staticmethod
+    def _checkpoint_config(checkpoints: list[Path]) -> tuple[Path, dict] | None:
+        """The newest intact checkpoint and the config it records, if any does."""
+        for path in reversed(checkpoints):
+            if ckpt.verify_checkpoint(path):
+                continue
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+            return (path, json.loads(state["config_json"])) if "config_json" in state else None
+        return None
 
     def _step_budget(self) -> int | None:
         """The run's budget in steps (``None`` for a wall-time budget)."""
