@@ -66,6 +66,28 @@ def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path):
     assert eval_steps == sorted(set(eval_steps)), eval_steps  # the final evaluation, written again, once
 
 
+@pytest.mark.parametrize("damage", ["flip tokenizer.json", "drop tokenizer.json", "drop data.json"])
+def test_a_finished_runs_damaged_setup_files_are_written_again_by_the_command_the_advice_names(tmp_path, damage):
+    """A damaged tokenizer.json of a finished run: generate's advice names `archifactory train RUN/config.yaml`;
+    before, that command returned "nothing to train" at once and left the file damaged."""
+    path = write_run(tmp_path)
+    assert runner.invoke(app, ["train", str(path)]).exit_code == 0
+    run = tmp_path / "run"
+    name = damage.split()[1]
+    original, weights = (run / name).read_bytes(), (run / "model" / "model.safetensors").read_bytes()
+    if damage.startswith("flip"):
+        at = len(original) // 2
+        (run / name).write_bytes(original[:at] + bytes([original[at] ^ 1]) + original[at + 1:])
+        line = one_error_line(runner.invoke(app, ["generate", str(run), "--prompt", "a"]), "is damaged")
+        assert f"archifactory train {run / 'config.yaml'}" in line, line
+    else:
+        (run / name).unlink()
+    result = runner.invoke(app, ["train", str(run / "config.yaml")])
+    assert result.exit_code == 0 and "nothing to train" in result.output, result.output
+    assert (run / name).read_bytes() == original and (run / "model" / "model.safetensors").read_bytes() == weights
+    assert runner.invoke(app, ["generate", str(run), "--prompt", "a", "--max-new-tokens", "2"]).exit_code == 0
+
+
 @pytest.mark.parametrize("damage", ["garbled", "missing"])
 def test_a_finished_run_with_a_damaged_config_yaml_is_not_taken_as_finished_early(tmp_path, damage):
     """The early "nothing to train" rests on config.yaml, the run's checked record of its setup: before, a

@@ -154,6 +154,7 @@ class GRPOTrainer(Trainer):
     """The pretraining trainer with prompts from a task, rollouts and the GRPO loss as its micro-batch loss."""
 
     cfg: GRPORunConfig
+    SETUP_FILES = ("tokenizer.json", TEMPLATE_FILE)
 
     def setup_data(self, global_micro_batch: int) -> None:
         cfg = self.cfg

@@ -41,7 +41,7 @@ from pydantic import Field, model_validator
 from archifactory.config import ConfigError, Seed, Strict, apply_overrides, component_field, load_yaml, validate
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.model.lm import CausalLM
-from archifactory.posttrain.chat import IM_END, ChatTemplate, add_chat_tokens, resize_vocab
+from archifactory.posttrain.chat import IM_END, TEMPLATE_FILE, ChatTemplate, add_chat_tokens, resize_vocab
 from archifactory.posttrain.formats import Format, conversations, load_records
 from archifactory.posttrain.sft_data import SFTLoader, eval_batches, tokenize_conversations
 from archifactory.posttrain.tasks import TaskConfig
@@ -197,6 +197,7 @@ class SFTTrainer(Trainer):
     """The pretraining trainer with SFT data, a pretrained starting model and the token-weighted loss."""
 
     cfg: SFTRunConfig
+    SETUP_FILES = ("tokenizer.json", "data.json", TEMPLATE_FILE)
 
     def setup_data(self, global_micro_batch: int) -> None:
         cfg, tc = self.cfg, self.cfg.train

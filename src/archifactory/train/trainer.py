@@ -102,6 +102,10 @@ class PastBudgetError(ConfigError):
 
 
 class Trainer:
+    SETUP_FILES: tuple[str, ...] = ("tokenizer.json", "data.json")
+    """The files :meth:`setup` writes in the run directory: a finished run lacking one (or with a damaged
+    ``tokenizer.json``) is prepared again, which writes them, instead of returning at once."""
+
     def __init__(self, cfg: RunConfig, resume: bool = True, console=None, allow_config_change: bool = False) -> None:
         self.cfg = cfg
         self.resume = resume
@@ -314,9 +318,14 @@ class Trainer:
         written: its newest checkpoint is at the step budget and its summary and final model are written
         and intact, as is that checkpoint (a damaged one is trained again from the one before it). ``None``
         otherwise (:meth:`_finished` then decides after the checkpoint is loaded)."""
+        from archifactory.integrity import verify_sidecar
+
         budget, checkpoints = self._step_budget(), ckpt.checkpoint_dirs(self.run_dir)
         if budget is None or not checkpoints or ckpt.checkpoint_step(checkpoints[-1]) != budget:
             return None
+        if any(not (self.run_dir / name).is_file() for name in self.SETUP_FILES) or verify_sidecar(
+                self.run_dir / "tokenizer.json"):
+            return None  # setup writes them again (the advice for a damaged tokenizer.json names this command)
         if ckpt.verify_checkpoint(checkpoints[-1]):
             return None
         summary = self._final_summary(budget)
