@@ -270,16 +270,26 @@ def test_a_restarted_run_drops_the_metrics_records_it_writes_again_and_keeps_dam
     for step in (0, 1, 2, 3):
         writer.write({"kind": "train", "step": step, "loss": 1.0})
         writer.write({"kind": "eval", "step": step, "val_loss": 2.0})
-    path.write_bytes(path.read_bytes() + b'{"kind": "tr\xff garbage\n')
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + b'{"kind": "tr\xff garbage\n' + b"".join(lines[1:]))
     assert writer.keep_through(2) == 2  # resumed from step 2: steps 3.. are trained again
     assert [(r["kind"], r["step"]) for r in read_metrics(path, warn=lambda _: None)] == [
         (kind, step) for step in (0, 1, 2) for kind in ("train", "eval")]
-    assert path.read_bytes().endswith(b"garbage\n")  # not a record: left as it was
+    assert b"garbage\n" in path.read_bytes()  # a damaged line before the end: left as it was
     writer.write({"kind": "eval", "step": 2, "val_loss": 1.5}, replace=True)  # step 2 evaluated again
     records = read_metrics(path, warn=lambda _: None)
     assert [(r["kind"], r["step"], r.get("val_loss")) for r in records if r["kind"] == "eval"] == [
         ("eval", 0, 2.0), ("eval", 1, 2.0), ("eval", 2, 1.5)]
     assert writer.keep_through(None) == 6 and read_metrics(path, warn=lambda _: None) == []  # starting over
     assert not list(tmp_path.glob("*.tmp"))
+    # a torn last line (the kill came while it was written, after the last checkpoint) goes; a nonfinite
+    # record stays (why the run was restarted) and, met again, keeps one line
+    writer.write({"kind": "nonfinite", "step": 5, "loss": float("inf")})
+    writer.write({"kind": "train", "step": 6, "loss": 1.0})
+    path.write_bytes(path.read_bytes() + b'{"kind": "train", "st')
+    assert writer.keep_through(3) == 2
+    assert [(r["kind"], r["step"]) for r in read_metrics(path)] == [("nonfinite", 5)]
+    writer.write({"kind": "nonfinite", "step": 5, "loss": float("nan")}, replace=True)
+    assert len(read_metrics(path)) == 1
     disabled = MetricsWriter(tmp_path / "other.jsonl", [], tmp_path, {}, enabled=False)  # a non-main process
     assert disabled.keep_through(None) == 0 and not (tmp_path / "other.jsonl").exists()

@@ -431,6 +431,7 @@ def test_cli_sft_and_generate_chat(base_run, tmp_path):
                                  "--set", "train.seq_len=64", "--set", "train.batch_size=2",
                                  "--set", "train.progress=false"])
     assert result.exit_code == 0, result.output
+    assert "done: step 1" in result.output and "nan" not in result.output  # SFT has no bits/byte
     assert (out / "model" / "model.safetensors").is_file() and (out / "config.yaml").is_file()
     assert "stage: sft" in (out / "config.yaml").read_text()
     # resuming the finished run trains nothing and says so; a changed setup needs --allow-config-change

@@ -270,6 +270,10 @@ def test_infinite_gradient_is_never_applied_and_the_named_checkpoint_is_good(tmp
     out = capsys.readouterr().out
     assert "resumed from" in out and "step_00000006 at step 6" in out
     assert "with a changed config: optimizer.lr: 10.0 -> 0.001; train.max_steps: 20 -> 9" in out
+    # metrics.jsonl: the resumed steps once each, and the record of why the run was restarted kept
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == sorted({r["step"] for r in records if r["kind"] == "train"})
+    assert [(r["step"], r["grad_norm"]) for r in records if r["kind"] == "nonfinite"] == [(7, float("inf"))]
 
 
 def test_skip_drops_nonfinite_steps_and_stops_after_too_many_in_a_row(tmp_path, monkeypatch):

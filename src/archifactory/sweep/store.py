@@ -246,7 +246,7 @@ class Store:
         with self.transaction() as db:
             db.execute("DELETE FROM metrics WHERE run_id=?", (run_id,))
             rows = {}
-            for r in metrics:  # a resumed run repeats steps after its checkpoint: keep the last record
+            for r in metrics:  # one record per (kind, step); should a file hold two (older runs did), the last
                 rows[(r.get("kind", "train"), int(r["step"]))] = r
             db.executemany(
                 f"INSERT INTO metrics (run_id, kind, step, {', '.join(METRIC_COLUMNS)}) "

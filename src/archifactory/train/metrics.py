@@ -80,24 +80,30 @@ class MetricsWriter:
 
     def keep_through(self, step: int | None) -> int:
         """Drop the records that a restarted run writes again: those of steps after ``step`` (the
-        checkpoint it resumes from), or every record when ``step`` is ``None`` (it starts over). Lines
-        that are not records (damaged) are kept. Returns the number dropped."""
+        checkpoint it resumes from), or every record when ``step`` is ``None`` (it starts over), and a
+        damaged last line (torn by the kill: it was being written after the last checkpoint). ``nonfinite``
+        records stay: they tell why the run was restarted (a step meeting it again replaces its line).
+        Other damaged lines are kept. Returns the number dropped."""
         if not self.enabled:
             return 0
-        return self._rewrite(lambda r: step is not None and int(r["step"]) <= step)
+        return self._rewrite(lambda r: r.get("kind") == "nonfinite" or (step is not None and int(r["step"]) <= step),
+                             drop_torn_end=True)
 
-    def _rewrite(self, keep) -> int:
-        """Rewrite the file (atomically) without the records ``keep`` rejects; returns how many."""
+    def _rewrite(self, keep, drop_torn_end: bool = False) -> int:
+        """Rewrite the file (atomically) without the records ``keep`` rejects (and, with ``drop_torn_end``,
+        without a damaged last line); returns how many lines were dropped."""
         if not self.path.is_file():
             return 0
         lines, dropped = [], 0
-        for line in self.path.read_bytes().splitlines(keepends=True):
+        raw = self.path.read_bytes().splitlines(keepends=True)
+        for number, line in enumerate(raw, 1):
             try:
                 record = json.loads(line.decode("utf-8"))
                 is_record = isinstance(record, dict) and isinstance(record.get("step"), int)
             except ValueError:
                 is_record = False
-            if is_record and not keep(record):
+            torn_end = drop_torn_end and number == len(raw) and not is_record and line.strip()
+            if (is_record and not keep(record)) or torn_end:
                 dropped += 1
             else:
                 lines.append(line)

@@ -529,7 +529,8 @@ class Trainer:
                 stop = True
         self.metrics.write({"kind": "nonfinite", "step": self.step, "tokens": self.tokens_seen, "loss": loss,
                             "grad_norm": grad_norm, "lr": lr, "elapsed_s": elapsed,
-                            "action": "stopped" if stop else "skipped", "skipped_steps": self.skipped_steps})
+                            "action": "stopped" if stop else "skipped", "skipped_steps": self.skipped_steps},
+                           replace=True)  # kept over a resume (why it restarted): met again, one line
         if not stop:
             self.log(f"warning: step {self.step}: {what}; update skipped ({self.consecutive_skips} in a row, "
                      f"{self.skipped_steps} in all; the run stops after {tc.max_consecutive_skips} in a row)")
@@ -741,9 +742,11 @@ class Trainer:
                 final.save_pretrained(self.run_dir / "model")
         if self.dist.is_main:
             (self.run_dir / "summary.json").write_text(summary.to_json())
-            figures = (f"val loss {last_eval.get('val_loss', float('nan')):.4f}, "
-                       f"{last_eval.get('val_bpb', float('nan')):.4f} bits/byte" if "val_loss" in last_eval or not last_eval
-                       else ", ".join(f"{name} {value:.4f}" for name, value in last_eval.items()))  # GRPO: exact match
+            if "val_loss" in last_eval or not last_eval:  # SFT: per trained token, no bits/byte
+                figures = f"val loss {last_eval.get('val_loss', float('nan')):.4f}" + (
+                    f", {last_eval['val_bpb']:.4f} bits/byte" if "val_bpb" in last_eval else "")
+            else:  # GRPO: exact match
+                figures = ", ".join(f"{name} {value:.4f}" for name, value in last_eval.items())
             self.log(f"done: step {self.step}, {self.tokens_seen:,} tokens, {figures}, {elapsed:.0f}s -> {self.run_dir}")
         return summary
 
