@@ -305,7 +305,7 @@ def test_the_resolver_maps_every_form_to_its_run(trained, tmp_path):
     alone = tmp_path / "saved"
     locate_model(trained).load().save_pretrained(alone)
     assert locate_model(alone).run_dir is None and locate_model(alone).tokenizer_path is None
-    with pytest.raises(InputError, match="no tokenizer.json"):
+    with pytest.raises(InputError, match="no tokenizer.json .*; copy the model's tokenizer.json beside its weights"):
         locate_model(alone).require_tokenizer()
     # a saved model's tokenizer beside it or in the folder holding it, for every command alike (eval too)
     from archifactory.eval.runner import load_target

@@ -50,7 +50,10 @@ class ModelSource:
         found = self.tokenizer_path
         if found is None:
             where = " or ".join(map(str, self.tokenizer_places))
-            raise InputError(f"no tokenizer.json in {where}; point at the run directory that trained the model")
+            advice = ("point at the run directory that trained the model" if self.run_dir is not None else
+                      "copy the model's tokenizer.json beside its weights (or into the folder holding them), or "
+                      "point at the run directory that trained it")
+            raise InputError(f"no tokenizer.json in {where}; {advice}")
         return found
 
     def repair_advice(self) -> str:
