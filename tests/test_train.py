@@ -411,6 +411,37 @@ def test_a_fresh_start_removes_the_earlier_checkpoints_so_a_resume_continues_it(
     assert history == uninterrupted  # the fresh start, continued: every step of the run, each once
 
 
+def test_a_fresh_start_stopped_in_its_final_evaluation_is_not_finished_with_the_earlier_summary(tmp_path, monkeypatch):
+    """--fresh over a finished run, stopped after its last checkpoint (a kill during the final evaluation):
+    before, the resume found the earlier start's summary.json and model/ for the same step and called the run
+    finished with them, so model/ and the summary were not those of the checkpoints beside them."""
+    from safetensors.torch import load_file
+
+    data = run_config(tmp_path, max_steps=8, checkpoint_every=4, eval_every=3)  # step 8: final evaluation
+    run = tmp_path / "run"
+    train(load_run_config(data))
+    earlier = json.loads((run / "summary.json").read_text())
+    again = {**data, "train": {**data["train"], "seed": 1}}  # another start: other weights
+    evaluate = Trainer.evaluate
+
+    def killed_in_final_evaluation(self):
+        if self.step == 8:
+            raise KeyboardInterrupt
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", killed_in_final_evaluation)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_run_config(again), resume=False)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    summary = train(load_run_config(again))
+    assert summary.val_loss != earlier["val_loss"]
+    final = load_file(run / "model" / "model.safetensors")
+    trained = load_file(run / "checkpoints" / "step_00000008" / "model.safetensors")
+    assert final.keys() == trained.keys() and all(torch.equal(final[k], trained[k]) for k in final)
+    last_eval = [r for r in read_metrics(run / "metrics.jsonl") if r.get("kind") == "eval"][-1]
+    assert last_eval["step"] == 8 and last_eval["val_loss"] == summary.val_loss
+
+
 # ----------------------------------------------------------------------------------------- distributed
 
 

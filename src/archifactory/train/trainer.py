@@ -200,12 +200,17 @@ class Trainer:
     def _remove_earlier_checkpoints(self) -> None:
         """A run started over (``--fresh``) removes the checkpoints of its earlier start: left in place, those
         past its new progress would be kept over its own when old checkpoints are pruned, and a later resume
-        would continue (or call finished) the earlier run instead of this one."""
+        would continue (or call finished) the earlier run instead of this one. It removes the earlier start's
+        ``summary.json`` too: the new start stopped after its last checkpoint (a kill during its final
+        evaluation) would otherwise be called finished with the earlier start's summary and ``model/``."""
         import shutil
 
         earlier = ckpt.checkpoint_dirs(self.run_dir)
         for path in earlier:
             shutil.rmtree(path)
+        summary = self.run_dir / "summary.json"
+        if summary.is_file():
+            summary.unlink()
         if earlier:
             self.log(f"checkpoints: removed {len(earlier)} of an earlier start of this run "
                      f"({', '.join(p.name for p in earlier)}; it starts over)")
