@@ -329,7 +329,7 @@ class Trainer:
         if budget is None or not checkpoints or ckpt.checkpoint_step(checkpoints[-1]) != budget:
             return None
         if any(not (self.run_dir / name).is_file() for name in self.SETUP_FILES) or verify_sidecar(
-                self.run_dir / "tokenizer.json"):
+                self.run_dir / "tokenizer.json") or not self._readable_json(self.run_dir / "data.json"):
             return None  # setup writes them again (the advice for a damaged tokenizer.json names this command)
         if ckpt.verify_checkpoint(checkpoints[-1]):
             return None
@@ -338,6 +338,14 @@ class Trainer:
             self.log(f"already at step {budget} of {self.budget_text(budget)}: nothing to train ({self.run_dir}; "
                      "raise the budget to train further)")
         return summary
+
+    @staticmethod
+    def _readable_json(path: Path) -> bool:
+        """Whether ``path`` holds a JSON object (``data.json`` has no checksum: damage shows as unreadable)."""
+        try:
+            return isinstance(json.loads(path.read_bytes()), dict)
+        except (OSError, ValueError):  # missing, bad bytes or not JSON
+            return False
 
     def _final_summary(self, step: int) -> RunSummary | None:
         """The run's summary when it is for ``step`` and the final model is intact, else ``None``."""
