@@ -448,9 +448,13 @@ def test_cli_grpo(sft_run, tmp_path):
     assert "tokens, eval_accuracy 0." in result.output and "nan" not in result.output  # its figure, not val loss
     # resuming the finished run trains nothing and says so; a changed setup needs --allow-config-change
     args = ["grpo", str(out / "config.yaml")]
+    stamps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "already at step 1 of max_steps 1: nothing to train" in result.output, result.output
     assert "nan" not in result.output
+    # known finished early (a GRPO run writes no data.json): no setup file written again, no file touched
+    assert "resumed from" not in result.output, result.output
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == stamps
     result = CliRunner().invoke(app, [*args, "--set", "train.seq_len=128", "--set", "train.max_steps=2"])
     assert result.exit_code == 2 and "--allow-config-change" in result.output, result.output
     result = CliRunner().invoke(app, [*args, "--set", "train.seq_len=128", "--set", "train.max_steps=2",

@@ -329,7 +329,8 @@ class Trainer:
         if budget is None or not checkpoints or ckpt.checkpoint_step(checkpoints[-1]) != budget:
             return None
         if any(not (self.run_dir / name).is_file() for name in self.SETUP_FILES) or verify_sidecar(
-                self.run_dir / "tokenizer.json") or not self._readable_json(self.run_dir / "data.json"):
+                self.run_dir / "tokenizer.json") or ("data.json" in self.SETUP_FILES
+                                                and not self._readable_json(self.run_dir / "data.json")):
             return None  # setup writes them again (the advice for a damaged tokenizer.json names this command)
         if ckpt.verify_checkpoint(checkpoints[-1]):
             return None
