@@ -282,6 +282,26 @@ def grpo_config(base, tmp_path, name="grpo", **train):
     }
 
 
+def test_an_sft_run_whose_tokenizer_has_more_ids_than_its_model_is_refused(sft_run, tmp_path):
+    """Another model's tokenizer.json in the SFT run: before, a TypeError or IndexError deep in the rollout."""
+    import shutil
+
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from archifactory.errors import InputError
+    from archifactory.model.config import load_model_config
+    from archifactory.model.lm import CausalLM
+    from archifactory.posttrain.grpo import GRPOTrainer, load_grpo_config
+
+    other = tmp_path / "other"
+    shutil.copytree(sft_run, other)
+    ids = HFTokenizer.from_file(str(other / "tokenizer.json")).get_vocab_size()
+    CausalLM(load_model_config("tiny", [f"vocab_size={ids - 8}", "n_layers=2"])).save_pretrained(other / "model")
+    trainer = GRPOTrainer(load_grpo_config(grpo_config(other, tmp_path)), resume=False)
+    with pytest.raises(InputError, match=rf"tokenizer.json: the tokenizer has {ids} ids but the model's vocab_size is {ids - 8}"):
+        trainer.setup()
+
+
 def test_grpo_run_logs_its_metrics_and_resumes_exactly(sft_run, tmp_path):
     from archifactory.model.lm import CausalLM
     from archifactory.posttrain.grpo import grpo

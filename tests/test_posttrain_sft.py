@@ -421,6 +421,22 @@ def test_recurrent_base_pads_instead_of_packing(tmp_path, base_run):
         SFTTrainer(load_sft_config({**cfg, "sft": {"packing": "on"}}), resume=False).setup()
 
 
+def test_a_base_run_whose_tokenizer_has_more_ids_than_its_model_is_refused(base_run, tmp_path):
+    """Another model's tokenizer.json in the base run (more ids than its model): before, SFT grew the model to
+    the tokenizer's size and trained on ids the model never saw, silently (generate and eval refuse it)."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from archifactory.errors import InputError
+
+    other = tmp_path / "other"
+    shutil.copytree(base_run, other)
+    ids = HFTokenizer.from_file(str(other / "tokenizer.json")).get_vocab_size()
+    CausalLM(load_model_config("tiny", [f"vocab_size={ids - 256}"])).save_pretrained(other / "model")
+    with pytest.raises(InputError, match=rf"tokenizer.json: the tokenizer has {ids} ids but the model's "
+                                         rf"vocab_size is {ids - 256}: pass the tokenizer the model was trained with"):
+        load_sft_config({"base": str(other), "data": {"source": str(ALPACA)}})
+
+
 def test_cli_sft_and_generate_chat(base_run, tmp_path):
     from archifactory.cli import app
 

@@ -159,7 +159,9 @@ class GRPOTrainer(Trainer):
     def setup_data(self, global_micro_batch: int) -> None:
         cfg = self.cfg
         base = Path(cfg.base)
-        self.tokenizer = Tokenizer.load(base / "tokenizer.json")
+        from archifactory.posttrain.sft import base_tokenizer
+
+        self.tokenizer = base_tokenizer(base)  # refused when it has more ids than the SFT run's model
         self.template = ChatTemplate.load(base)
         self.end_id = self.tokenizer.backend.token_to_id(IM_END)
         self.task = cfg.task.build()

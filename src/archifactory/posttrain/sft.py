@@ -138,7 +138,16 @@ class SFTRunConfig(RunConfig):
 
 
 def base_tokenizer(base: Path) -> Tokenizer:
-    return Tokenizer.load(base / "tokenizer.json")
+    """The base run's ``tokenizer.json``; refused (:class:`InputError`) when it has more ids than the base
+    run's model (``model/config.yaml``): it is then another model's tokenizer, as generate and eval refuse."""
+    from archifactory.train.locate import check_tokenizer_fits
+
+    base = Path(base)
+    tokenizer = Tokenizer.load(base / "tokenizer.json")
+    model = types.SimpleNamespace(config=types.SimpleNamespace(
+        vocab_size=int(load_yaml(base / "model" / "config.yaml")["vocab_size"])))
+    check_tokenizer_fits(tokenizer, model, base / "tokenizer.json")
+    return tokenizer
 
 
 def _stage_defaults(cls, data: dict) -> dict:
