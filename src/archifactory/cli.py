@@ -461,7 +461,7 @@ def generate(
         tokenizer = Tokenizer.load(located.require_tokenizer())
     except (CorruptFileError, CheckpointError) as err:
         _fail(f"{err}; {located.repair_advice()}")
-    check_tokenizer_fits(tokenizer, model, located.tokenizer_path)
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, located.tokenizer_path)
     if chat:
         from archifactory.posttrain.chat import ChatTemplate, chat_reply
 

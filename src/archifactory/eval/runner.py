@@ -101,7 +101,7 @@ def load_target(path: str | Path, tokenizer: str | Path | Tokenizer | None = Non
     if not isinstance(tokenizer, Tokenizer):
         tokenizer = Tokenizer.load(tokenizer)
     model = CausalLM.from_pretrained(model_dir, device=device)
-    check_tokenizer_fits(tokenizer, model, where)  # as generate checks the tokenizer it finds
+    check_tokenizer_fits(tokenizer, model.config.vocab_size, where)  # as generate checks the tokenizer it finds
     null = _unigram_from_run(run_dir, tokenizer.vocab_size) if run_dir is not None else None
     run_id = (run_dir or model_dir).resolve().name
     return EvalTarget(model, tokenizer, run_id, file_sha256(model_dir / "model.safetensors"),

@@ -144,9 +144,8 @@ def base_tokenizer(base: Path) -> Tokenizer:
 
     base = Path(base)
     tokenizer = Tokenizer.load(base / "tokenizer.json")
-    model = types.SimpleNamespace(config=types.SimpleNamespace(
-        vocab_size=int(load_yaml(base / "model" / "config.yaml")["vocab_size"])))
-    check_tokenizer_fits(tokenizer, model, base / "tokenizer.json")
+    vocab_size = int(load_yaml(base / "model" / "config.yaml")["vocab_size"])
+    check_tokenizer_fits(tokenizer, vocab_size, base / "tokenizer.json")
     return tokenizer
 
 

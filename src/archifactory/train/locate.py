@@ -82,13 +82,13 @@ class ModelSource:
         return model.to(device)
 
 
-def check_tokenizer_fits(tokenizer, model, where: Path | str) -> None:
-    """Refuse a tokenizer (read from ``where``) with more ids than ``model``'s vocabulary: its ids past the
+def check_tokenizer_fits(tokenizer, vocab_size: int, where: Path | str) -> None:
+    """Refuse a tokenizer (read from ``where``) with more ids than the model's ``vocab_size``: its ids past the
     vocabulary index outside the embedding (IndexError), and it is not the tokenizer the model was trained with.
     A smaller tokenizer is fine (a vocabulary padded for speed). Raises :class:`InputError`."""
-    if tokenizer.vocab_size > model.config.vocab_size:
+    if tokenizer.vocab_size > vocab_size:
         raise InputError(f"{where}: the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
-                         f"{model.config.vocab_size}: pass the tokenizer the model was trained with")
+                         f"{vocab_size}: pass the tokenizer the model was trained with")
 
 
 def train_command(run_dir: Path) -> str:
