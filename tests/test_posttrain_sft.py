@@ -464,6 +464,15 @@ def test_cli_sft_and_generate_chat(base_run, tmp_path):
     assert result.exit_code == 2 and "is at step 2, past the run's budget of max_steps 1" in result.output
     result = runner.invoke(app, ["generate", str(out), "--chat", "--prompt", "Say hi.", "--max-new-tokens", "5"])
     assert result.exit_code == 0, result.output
+    # a damaged chat template: one line naming it and the command that writes it again, which does
+    template = (out / "chat_template.jinja").read_bytes()
+    (out / "chat_template.jinja").write_bytes(template.replace(b"{%", b"{", 1))
+    result = runner.invoke(app, ["generate", str(out), "--chat", "--prompt", "Say hi.", "--max-new-tokens", "5"])
+    assert result.exit_code == 2 and "chat_template.jinja is damaged" in result.output, result.output
+    assert f"archifactory train {out / 'config.yaml'}" in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["train", str(out / "config.yaml")])
+    assert result.exit_code == 0 and "nothing to train" in result.output, result.output
+    assert (out / "chat_template.jinja").read_bytes() == template
     # the tiny preset's RoPE positions end at max_seq_len 256: --chat refuses to run past it, as generate does
     result = runner.invoke(app, ["generate", str(out), "--chat", "--prompt", "Say hi.", "--max-new-tokens", "5000"])
     assert result.exit_code == 2 and "exceeds max_seq_len=256" in result.output, result.output

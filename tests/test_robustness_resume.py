@@ -51,7 +51,7 @@ def test_resuming_a_finished_run_trains_nothing_and_says_so(tmp_path):
                    "at least 2 steps", "--fresh")
     assert (run / "config.yaml").read_text() == config
     result = runner.invoke(app, ["train", str(path), "--set", "train.max_steps=null", "--set", "train.max_tokens=64"])
-    one_error_line(result, "is at step 2, past the run's budget of max_tokens 64 (1 steps)")
+    one_error_line(result, "is at step 2, past the run's budget of max_tokens 64 (1 step)")
 
     # finished steps but a damaged final model: written again from the last checkpoint, nothing trained
     (run / "model" / "model.safetensors").write_bytes(weights[:-8] + b"\0" * 8)

@@ -469,6 +469,8 @@ def generate(
             template = ChatTemplate.load(located.tokenizer_path.parent)
         except FileNotFoundError as err:
             _fail(str(err))
+        except CorruptFileError as err:
+            _fail(f"{err}; {located.repair_advice()}")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         for i in range(samples):
             reply = chat_reply(model, tokenizer, template, messages, max_new_tokens, temperature=temperature,

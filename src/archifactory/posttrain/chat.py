@@ -73,14 +73,29 @@ class ChatTemplate:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "ChatTemplate":
+        """The template :meth:`save` wrote in ``run_dir``. Raises ``FileNotFoundError`` when there is none
+        and :class:`~archifactory.integrity.CorruptFileError` when it does not match its checksum or does
+        not parse."""
+        from archifactory.integrity import CorruptFileError, verify_sidecar
+
         path = Path(run_dir) / TEMPLATE_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: {run_dir} is not a chat (SFT) run; run `archifactory sft` first")
-        return cls(path.read_text())
+        try:
+            problem = verify_sidecar(path)
+            if problem:
+                raise ValueError(problem)
+            return cls(path.read_text(encoding="utf-8"))
+        except Exception as err:  # the checksum, UTF-8 or the Jinja2 parser: the file is damaged
+            raise CorruptFileError(f"chat template {path} is damaged ({type(err).__name__}: {err})") from None
 
     def save(self, run_dir: str | Path) -> Path:
+        """Write ``chat_template.jinja`` (and its checksum) in ``run_dir``."""
+        from archifactory.integrity import write_sidecar
+
         path = Path(run_dir) / TEMPLATE_FILE
-        path.write_text(self.source)
+        path.write_text(self.source, encoding="utf-8")
+        write_sidecar(path)
         return path
 
     def render(self, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import shutil
 import types
 from pathlib import Path
 from typing import Iterable, Literal
@@ -178,7 +177,7 @@ class GRPOTrainer(Trainer):
         })
         if self.dist.is_main:
             self.tokenizer.save(self.run_dir / "tokenizer.json")
-            shutil.copyfile(base / TEMPLATE_FILE, self.run_dir / TEMPLATE_FILE)
+            self.template.save(self.run_dir)
         self._rollouts: list[dict] = []
         self._generation: int | None = None  # the generation batch held in _rollouts
 

@@ -193,9 +193,9 @@ class Trainer:
         resumed_at = None if self.resumed_from is None else self.resumed_from[1]
         dropped = self.metrics.keep_through(resumed_at)
         if dropped:
-            self.log(f"metrics.jsonl: dropped {dropped} record(s) of the steps this run trains again "
+            self.log(f"metrics.jsonl: dropped {dropped} line(s) of the steps this run trains again "
                      f"(after step {resumed_at})" if resumed_at is not None else
-                     f"metrics.jsonl: dropped {dropped} record(s) of an earlier start of this run (it starts over)")
+                     f"metrics.jsonl: dropped {dropped} line(s) of an earlier start of this run (it starts over)")
 
     def _remove_earlier_checkpoints(self) -> None:
         """A run started over (``--fresh``) removes the checkpoints of its earlier start: left in place, those
@@ -328,10 +328,10 @@ class Trainer:
         budget, checkpoints = self._step_budget(), ckpt.checkpoint_dirs(self.run_dir)
         if budget is None or not checkpoints or ckpt.checkpoint_step(checkpoints[-1]) != budget:
             return None
-        if any(not (self.run_dir / name).is_file() for name in self.SETUP_FILES) or verify_sidecar(
-                self.run_dir / "tokenizer.json") or ("data.json" in self.SETUP_FILES
-                                                and not self._readable_json(self.run_dir / "data.json")):
-            return None  # setup writes them again (the advice for a damaged tokenizer.json names this command)
+        if any(not (self.run_dir / name).is_file() or verify_sidecar(self.run_dir / name)
+               for name in self.SETUP_FILES) or ("data.json" in self.SETUP_FILES
+                                                 and not self._readable_json(self.run_dir / "data.json")):
+            return None  # setup writes them again (the advice for a damaged file names this command)
         if ckpt.verify_checkpoint(checkpoints[-1]):
             return None
         summary = self._final_summary(budget)
@@ -365,14 +365,14 @@ class Trainer:
         if tc.max_steps is not None and tc.max_steps == total:
             return f"max_steps {total}"
         if tc.max_tokens is not None:
-            return f"max_tokens {tc.max_tokens:,} ({total} steps)"
-        return f"{total} steps"
+            return f"max_tokens {tc.max_tokens:,} ({total} step{'s' if total != 1 else ''})"
+        return f"{total} step{'s' if total != 1 else ''}"
 
     def _refuse_past_budget(self, path: Path, step: int, total: int) -> None:
         raise PastBudgetError(
             f"checkpoint {path} is at step {step}, past the run's budget of {self.budget_text(total)}: nothing to "
             f"train, and its weights are not those of a {total}-step run. Raise the budget to at least {step} steps "
-            f"to continue it, or train {total} steps in another directory (another name or out_dir) or over this "
+            f"to continue it, or train {total} step{'s' if total != 1 else ''} in another directory (another name or out_dir) or over this "
             "one with --fresh"
         )
 
