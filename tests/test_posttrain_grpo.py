@@ -475,6 +475,24 @@ def test_cli_grpo(sft_run, tmp_path):
     # known finished early (a GRPO run writes no data.json): no setup file written again, no file touched
     assert "resumed from" not in result.output, result.output
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == stamps
+    # its template damaged where no checksum tells (a run from before they existed): written again from the
+    # SFT run's, nothing trained
+    template = (out / "chat_template.jinja").read_bytes()
+    (out / "chat_template.jinja.checksum").unlink()
+    (out / "chat_template.jinja").write_bytes(b"\xff" + template[1:])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "nothing to train" in result.output, result.output
+    assert (out / "chat_template.jinja").read_bytes() == template
+    # a damaged SFT template: GRPO names it and the command that writes it again (which it does: the
+    # finished SFT run is prepared again, test_cli_sft_and_generate_chat; this stand-in has no config.yaml)
+    sft_template = (sft_run / "chat_template.jinja").read_bytes()
+    try:
+        (sft_run / "chat_template.jinja").write_bytes(sft_template[:-1])
+        result = CliRunner().invoke(app, ["grpo", str(sft_run), "--task", "countdown", "--out", str(tmp_path / "g2")])
+    finally:
+        (sft_run / "chat_template.jinja").write_bytes(sft_template)
+    assert result.exit_code == 2 and "chat_template.jinja is damaged" in result.output, result.output
+    assert f"archifactory train {sft_run / 'config.yaml'}" in result.output and len(result.output.splitlines()) == 1
     result = CliRunner().invoke(app, [*args, "--set", "train.seq_len=128", "--set", "train.max_steps=2"])
     assert result.exit_code == 2 and "--allow-config-change" in result.output, result.output
     result = CliRunner().invoke(app, [*args, "--set", "train.seq_len=128", "--set", "train.max_steps=2",

@@ -473,6 +473,19 @@ def test_cli_sft_and_generate_chat(base_run, tmp_path):
     result = runner.invoke(app, ["train", str(out / "config.yaml")])
     assert result.exit_code == 0 and "nothing to train" in result.output, result.output
     assert (out / "chat_template.jinja").read_bytes() == template
+    # a run written before templates had checksums (no sidecar), its template damaged: the advice of a
+    # checkpoint names the same command, and that command writes the template again (it did not: the run
+    # counted as finished and the error came back)
+    (out / "chat_template.jinja.checksum").unlink()
+    (out / "chat_template.jinja").write_bytes(template[:100])
+    step = sorted((out / "checkpoints").iterdir())[-1]
+    result = runner.invoke(app, ["generate", str(step), "--chat", "--prompt", "Say hi.", "--max-new-tokens", "5"])
+    assert result.exit_code == 2 and "chat_template.jinja is damaged (TemplateSyntaxError" in result.output
+    assert f"archifactory train {out / 'config.yaml'}" in result.output, result.output
+    result = runner.invoke(app, ["train", str(out / "config.yaml")])
+    assert result.exit_code == 0 and "nothing to train" in result.output, result.output
+    assert (out / "chat_template.jinja").read_bytes() == template
+    assert (out / "chat_template.jinja.checksum").is_file()
     # the tiny preset's RoPE positions end at max_seq_len 256: --chat refuses to run past it, as generate does
     result = runner.invoke(app, ["generate", str(out), "--chat", "--prompt", "Say hi.", "--max-new-tokens", "5000"])
     assert result.exit_code == 2 and "exceeds max_seq_len=256" in result.output, result.output

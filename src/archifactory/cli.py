@@ -464,13 +464,16 @@ def generate(
     check_tokenizer_fits(tokenizer, model.config.vocab_size, located.tokenizer_path)
     if chat:
         from archifactory.posttrain.chat import ChatTemplate, chat_reply
+        from archifactory.train.locate import train_command
 
+        template_dir = located.tokenizer_path.parent
         try:
-            template = ChatTemplate.load(located.tokenizer_path.parent)
+            template = ChatTemplate.load(template_dir)
         except FileNotFoundError as err:
             _fail(str(err))
-        except CorruptFileError as err:
-            _fail(f"{err}; {located.repair_advice()}")
+        except CorruptFileError as err:  # the run's setup writes its template (another checkpoint reads the same)
+            _fail(f"{err}; `{train_command(template_dir)}` writes it again" if template_dir == located.run_dir
+                  else f"{err}; {located.repair_advice()}")
         messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         for i in range(samples):
             reply = chat_reply(model, tokenizer, template, messages, max_new_tokens, temperature=temperature,

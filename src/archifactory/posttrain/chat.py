@@ -89,6 +89,18 @@ class ChatTemplate:
         except Exception as err:  # the checksum, UTF-8 or the Jinja2 parser: the file is damaged
             raise CorruptFileError(f"chat template {path} is damaged ({type(err).__name__}: {err})") from None
 
+    @classmethod
+    def readable(cls, run_dir: str | Path) -> bool:
+        """Whether :meth:`load` reads ``run_dir``'s template (there, matching its checksum if it has one, and
+        parsing: a run written before templates carried checksums has none, so damage shows as unreadable)."""
+        from archifactory.integrity import CorruptFileError
+
+        try:
+            cls.load(run_dir)
+        except (FileNotFoundError, CorruptFileError):
+            return False
+        return True
+
     def save(self, run_dir: str | Path) -> Path:
         """Write ``chat_template.jinja`` (and its checksum) in ``run_dir``."""
         from archifactory.integrity import write_sidecar

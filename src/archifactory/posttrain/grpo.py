@@ -53,6 +53,7 @@ from archifactory.config import (
 )
 from archifactory.data.tokenizer import Tokenizer
 from archifactory.errors import InputError
+from archifactory.integrity import CorruptFileError
 from archifactory.model.lm import IGNORE_INDEX, CausalLM
 from archifactory.posttrain.chat import IM_END, TEMPLATE_FILE, ChatTemplate
 from archifactory.posttrain.sft import stage_data
@@ -155,13 +156,22 @@ class GRPOTrainer(Trainer):
     cfg: GRPORunConfig
     SETUP_FILES = ("tokenizer.json", TEMPLATE_FILE)
 
+    def _setup_files_intact(self) -> bool:
+        return super()._setup_files_intact() and ChatTemplate.readable(self.run_dir)
+
     def setup_data(self, global_micro_batch: int) -> None:
         cfg = self.cfg
         base = Path(cfg.base)
         from archifactory.posttrain.sft import base_tokenizer
 
         self.tokenizer = base_tokenizer(base)  # refused when it has more ids than the SFT run's model
-        self.template = ChatTemplate.load(base)
+        try:
+            self.template = ChatTemplate.load(base)
+        except CorruptFileError as err:
+            from archifactory.train.locate import train_command
+
+            raise CorruptFileError(f"{err}; `{train_command(base)}` writes it again (the SFT run is finished: "
+                                   "nothing is trained)") from None
         self.end_id = self.tokenizer.backend.token_to_id(IM_END)
         self.task = cfg.task.build()
         G, world = cfg.grpo.num_generations, self.dist.world_size

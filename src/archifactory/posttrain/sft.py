@@ -207,6 +207,9 @@ class SFTTrainer(Trainer):
     cfg: SFTRunConfig
     SETUP_FILES = ("tokenizer.json", "data.json", TEMPLATE_FILE)
 
+    def _setup_files_intact(self) -> bool:
+        return super()._setup_files_intact() and ChatTemplate.readable(self.run_dir)
+
     def setup_data(self, global_micro_batch: int) -> None:
         cfg, tc = self.cfg, self.cfg.train
         base = Path(cfg.base)

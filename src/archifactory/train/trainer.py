@@ -323,14 +323,10 @@ class Trainer:
         written: its newest checkpoint is at the step budget and its summary and final model are written
         and intact, as is that checkpoint (a damaged one is trained again from the one before it). ``None``
         otherwise (:meth:`_finished` then decides after the checkpoint is loaded)."""
-        from archifactory.integrity import verify_sidecar
-
         budget, checkpoints = self._step_budget(), ckpt.checkpoint_dirs(self.run_dir)
         if budget is None or not checkpoints or ckpt.checkpoint_step(checkpoints[-1]) != budget:
             return None
-        if any(not (self.run_dir / name).is_file() or verify_sidecar(self.run_dir / name)
-               for name in self.SETUP_FILES) or ("data.json" in self.SETUP_FILES
-                                                 and not self._readable_json(self.run_dir / "data.json")):
+        if not self._setup_files_intact():
             return None  # setup writes them again (the advice for a damaged file names this command)
         if ckpt.verify_checkpoint(checkpoints[-1]):
             return None
@@ -339,6 +335,15 @@ class Trainer:
             self.log(f"already at step {budget} of {self.budget_text(budget)}: nothing to train ({self.run_dir}; "
                      "raise the budget to train further)")
         return summary
+
+    def _setup_files_intact(self) -> bool:
+        """Whether every file in :attr:`SETUP_FILES` is there and matches its checksum (``data.json``, which
+        has none: reads as a JSON object). Subclasses add the reading checks of their own files."""
+        from archifactory.integrity import verify_sidecar
+
+        return not (any(not (self.run_dir / name).is_file() or verify_sidecar(self.run_dir / name)
+                        for name in self.SETUP_FILES)
+                    or ("data.json" in self.SETUP_FILES and not self._readable_json(self.run_dir / "data.json")))
 
     @staticmethod
     def _readable_json(path: Path) -> bool:
