@@ -486,6 +486,13 @@ def test_cli_sft_and_generate_chat(base_run, tmp_path):
     assert result.exit_code == 0 and "nothing to train" in result.output, result.output
     assert (out / "chat_template.jinja").read_bytes() == template
     assert (out / "chat_template.jinja.checksum").is_file()
+    # a deleted one: the same command (was: "not a chat (SFT) run; run `archifactory sft` first")
+    (out / "chat_template.jinja").unlink()
+    result = runner.invoke(app, ["generate", str(out), "--chat", "--prompt", "Say hi.", "--max-new-tokens", "5"])
+    assert result.exit_code == 2 and f"chat_template.jinja is missing; `archifactory train {out / 'config.yaml'}`" \
+        in result.output, result.output
+    result = runner.invoke(app, ["train", str(out / "config.yaml")])
+    assert result.exit_code == 0 and (out / "chat_template.jinja").read_bytes() == template, result.output
     # the tiny preset's RoPE positions end at max_seq_len 256: --chat refuses to run past it, as generate does
     result = runner.invoke(app, ["generate", str(out), "--chat", "--prompt", "Say hi.", "--max-new-tokens", "5000"])
     assert result.exit_code == 2 and "exceeds max_seq_len=256" in result.output, result.output

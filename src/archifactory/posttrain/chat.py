@@ -80,6 +80,15 @@ class ChatTemplate:
 
         path = Path(run_dir) / TEMPLATE_FILE
         if not path.is_file():
+            from archifactory.config import load_yaml
+            from archifactory.train.locate import train_command
+
+            try:
+                stage = load_yaml(Path(run_dir) / "config.yaml").get("stage")
+            except Exception:  # no readable run config: not a run of ours
+                stage = None
+            if stage in ("sft", "grpo"):  # a chat run that lost its template: its setup writes it again
+                raise FileNotFoundError(f"{path} is missing; `{train_command(Path(run_dir))}` writes it again")
             raise FileNotFoundError(f"{path} is missing: {run_dir} is not a chat (SFT) run; run `archifactory sft` first")
         try:
             problem = verify_sidecar(path)
