@@ -99,13 +99,14 @@ class ChatTemplate:
             raise CorruptFileError(f"chat template {path} is damaged ({type(err).__name__}: {err})") from None
 
     @classmethod
-    def readable(cls, run_dir: str | Path) -> bool:
-        """Whether :meth:`load` reads ``run_dir``'s template (there, matching its checksum if it has one, and
-        parsing: a run written before templates carried checksums has none, so damage shows as unreadable)."""
+    def readable(cls, path: str | Path) -> bool:
+        """Whether :meth:`load` reads the template file ``path`` (there, matching its checksum if it has one,
+        and parsing: a run written before templates carried checksums has none, so damage shows as
+        unreadable)."""
         from archifactory.integrity import CorruptFileError
 
         try:
-            cls.load(run_dir)
+            cls.load(Path(path).parent)
         except (FileNotFoundError, CorruptFileError):
             return False
         return True

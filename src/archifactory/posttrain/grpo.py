@@ -56,7 +56,7 @@ from archifactory.errors import InputError
 from archifactory.integrity import CorruptFileError
 from archifactory.model.lm import IGNORE_INDEX, CausalLM
 from archifactory.posttrain.chat import IM_END, TEMPLATE_FILE, ChatTemplate
-from archifactory.posttrain.sft import stage_data
+from archifactory.posttrain.sft import base_tokenizer, stage_data
 from archifactory.posttrain.grpo_loss import LossType, RewardScale, group_advantages, grpo_loss, token_logprobs
 from archifactory.posttrain.tasks import Problem, Task, TaskConfig
 from archifactory.registry import OPTIMIZERS, SCHEDULES
@@ -154,16 +154,11 @@ class GRPOTrainer(Trainer):
     """The pretraining trainer with prompts from a task, rollouts and the GRPO loss as its micro-batch loss."""
 
     cfg: GRPORunConfig
-    SETUP_FILES = ("tokenizer.json", TEMPLATE_FILE)
-
-    def _setup_files_intact(self) -> bool:
-        return super()._setup_files_intact() and ChatTemplate.readable(self.run_dir)
+    SETUP_FILES = {"tokenizer.json": None, TEMPLATE_FILE: ChatTemplate.readable}  # no data.json
 
     def setup_data(self, global_micro_batch: int) -> None:
         cfg = self.cfg
         base = Path(cfg.base)
-        from archifactory.posttrain.sft import base_tokenizer
-
         self.tokenizer = base_tokenizer(base)  # refused when it has more ids than the SFT run's model
         try:
             self.template = ChatTemplate.load(base)

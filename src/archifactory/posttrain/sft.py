@@ -205,10 +205,7 @@ class SFTTrainer(Trainer):
     """The pretraining trainer with SFT data, a pretrained starting model and the token-weighted loss."""
 
     cfg: SFTRunConfig
-    SETUP_FILES = ("tokenizer.json", "data.json", TEMPLATE_FILE)
-
-    def _setup_files_intact(self) -> bool:
-        return super()._setup_files_intact() and ChatTemplate.readable(self.run_dir)
+    SETUP_FILES = {**Trainer.SETUP_FILES, TEMPLATE_FILE: ChatTemplate.readable}
 
     def setup_data(self, global_micro_batch: int) -> None:
         cfg, tc = self.cfg, self.cfg.train

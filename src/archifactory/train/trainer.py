@@ -21,7 +21,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -101,10 +101,23 @@ class PastBudgetError(ConfigError):
     those of a run of that budget."""
 
 
+def _steps(n: int) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
+
+
+def reads_as_json_object(path: Path) -> bool:
+    """Whether ``path`` holds a JSON object (``data.json`` has no checksum: damage shows as unreadable)."""
+    try:
+        return isinstance(json.loads(path.read_bytes()), dict)
+    except (OSError, ValueError):  # missing, bad bytes or not JSON
+        return False
+
+
 class Trainer:
-    SETUP_FILES: tuple[str, ...] = ("tokenizer.json", "data.json")
-    """The files :meth:`setup` writes in the run directory: a finished run lacking one (or with a damaged
-    ``tokenizer.json``) is prepared again, which writes them, instead of returning at once."""
+    SETUP_FILES: dict[str, Callable[[Path], bool] | None] = {"tokenizer.json": None, "data.json": reads_as_json_object}
+    """The files :meth:`setup` writes in the run directory, each with the check that it reads (``None``: its
+    checksum suffices): a finished run with one missing, not matching its checksum or not reading is
+    prepared again, which writes them, instead of returning at once."""
 
     def __init__(self, cfg: RunConfig, resume: bool = True, console=None, allow_config_change: bool = False) -> None:
         self.cfg = cfg
@@ -337,21 +350,12 @@ class Trainer:
         return summary
 
     def _setup_files_intact(self) -> bool:
-        """Whether every file in :attr:`SETUP_FILES` is there and matches its checksum (``data.json``, which
-        has none: reads as a JSON object). Subclasses add the reading checks of their own files."""
+        """Whether every file in :attr:`SETUP_FILES` is there, matches its checksum (when it has one) and
+        passes its reading check."""
         from archifactory.integrity import verify_sidecar
 
-        return not (any(not (self.run_dir / name).is_file() or verify_sidecar(self.run_dir / name)
-                        for name in self.SETUP_FILES)
-                    or ("data.json" in self.SETUP_FILES and not self._readable_json(self.run_dir / "data.json")))
-
-    @staticmethod
-    def _readable_json(path: Path) -> bool:
-        """Whether ``path`` holds a JSON object (``data.json`` has no checksum: damage shows as unreadable)."""
-        try:
-            return isinstance(json.loads(path.read_bytes()), dict)
-        except (OSError, ValueError):  # missing, bad bytes or not JSON
-            return False
+        return all(path.is_file() and not verify_sidecar(path) and (reads is None or reads(path))
+                   for name, reads in self.SETUP_FILES.items() for path in [self.run_dir / name])
 
     def _final_summary(self, step: int) -> RunSummary | None:
         """The run's summary when it is for ``step`` and the final model is intact, else ``None``."""
@@ -370,14 +374,14 @@ class Trainer:
         if tc.max_steps is not None and tc.max_steps == total:
             return f"max_steps {total}"
         if tc.max_tokens is not None:
-            return f"max_tokens {tc.max_tokens:,} ({total} step{'s' if total != 1 else ''})"
-        return f"{total} step{'s' if total != 1 else ''}"
+            return f"max_tokens {tc.max_tokens:,} ({_steps(total)})"
+        return _steps(total)
 
     def _refuse_past_budget(self, path: Path, step: int, total: int) -> None:
         raise PastBudgetError(
             f"checkpoint {path} is at step {step}, past the run's budget of {self.budget_text(total)}: nothing to "
             f"train, and its weights are not those of a {total}-step run. Raise the budget to at least {step} steps "
-            f"to continue it, or train {total} step{'s' if total != 1 else ''} in another directory (another name or out_dir) or over this "
+            f"to continue it, or train {_steps(total)} in another directory (another name or out_dir) or over this "
             "one with --fresh"
         )
 
