@@ -39,11 +39,15 @@ TRAIN_START = 10**6
 """Training-split problems from this index on (GRPO's prompts start at 0)."""
 
 
-def accuracy(run: Path, task, problems: int, samples: int, opts) -> dict[str, tuple[float, float]]:
-    """split -> (greedy exact match, sampled pass@1) of the model in ``run`` on ``problems`` problems."""
-    model = CausalLM.from_pretrained(run / "model").eval()
-    args = (model, Tokenizer.load(run / "tokenizer.json"), ChatTemplate.load(run), task, problems,
-            opts.max_completion_length)
+def load(run: Path) -> tuple[CausalLM, Tokenizer, ChatTemplate]:
+    """The model, tokenizer and chat template of ``run``, read once for every measurement of it."""
+    return (CausalLM.from_pretrained(run / "model").eval(), Tokenizer.load(run / "tokenizer.json"),
+            ChatTemplate.load(run))
+
+
+def accuracy(loaded, task, problems: int, samples: int, opts) -> dict[str, tuple[float, float]]:
+    """split -> (greedy exact match, sampled pass@1) of a :func:`load`-ed run on ``problems`` problems."""
+    args = (*loaded, task, problems, opts.max_completion_length)
     figures = {}
     for split, start in (("test", 0), ("train", TRAIN_START)):
         figures[split] = (exact_match(*args, split, start=start),
@@ -56,10 +60,10 @@ MARGIN_BINS = (0.0, 0.1, 0.2, 0.4, 1.0)
 
 
 @torch.no_grad()
-def margins(run: Path, task, problems: int) -> list[float]:
-    """The teacher-forced margin (see the module docstring) of each of the first ``problems`` held-out problems."""
-    model = CausalLM.from_pretrained(run / "model").eval()
-    tokenizer, template = Tokenizer.load(run / "tokenizer.json"), ChatTemplate.load(run)
+def margins(loaded, task, problems: int) -> list[float]:
+    """The teacher-forced margin (see the module docstring) of a :func:`load`-ed run on each of the first
+    ``problems`` held-out problems."""
+    model, tokenizer, template = loaded
     end = tokenizer.backend.token_to_id(IM_END)
     out = []
     for i in range(problems):
@@ -127,12 +131,18 @@ def main(argv: list[str] | None = None) -> None:
     if unfinished:
         sys.exit(f"{unfinished[0]}: the GRPO run has not finished (no model/); finish the sweep (archifactory sweep "
                  "SWEEP.yaml) or give finished GRPO run directories")
-    records = []
+    records, margin_records = [], []
     print("| run | split | greedy SFT -> GRPO | sampled pass@1 SFT -> GRPO |\n|---|---|---|---|")
     for grpo_run in grpo_runs:
         cfg = grpo_config(grpo_run)
         task = cfg.task.build()
-        sft, grpo = (accuracy(run, task, args.problems, args.samples, cfg.grpo) for run in (Path(cfg.base), grpo_run))
+        figures, both = [], []  # SFT, then GRPO
+        for run in (Path(cfg.base), grpo_run):
+            loaded = load(run)
+            figures.append(accuracy(loaded, task, args.problems, args.samples, cfg.grpo))
+            if args.margins:
+                both.append(margins(loaded, task, args.problems))
+        sft, grpo = figures
         for split in ("test", "train"):
             (sft_greedy, sft_sampled), (grpo_greedy, grpo_sampled) = sft[split], grpo[split]
             records.append({"run": grpo_run.name, "split": split, "problems": args.problems, "samples": args.samples,
@@ -140,22 +150,18 @@ def main(argv: list[str] | None = None) -> None:
                             "sft_sampled": sft_sampled, "grpo_sampled": grpo_sampled})
             print(f"| {grpo_run.name} | {split} | {100 * sft_greedy:.1f} -> {100 * grpo_greedy:.1f} "
                   f"| {100 * sft_sampled:.1f} -> {100 * grpo_sampled:.1f} |", flush=True)
-    if args.margins:
-        print("\n| run | SFT margin | held-out problems | greedy answers GRPO lost | gained |\n|---|---|---|---|---|")
-        greedy = {r["run"]: (r["sft_greedy"], r["grpo_greedy"]) for r in records if r["split"] == "test"}
-        for grpo_run in grpo_runs:
-            cfg = grpo_config(grpo_run)
-            task = cfg.task.build()
-            both = [margins(run, task, args.problems) for run in (Path(cfg.base), grpo_run)]
-            for stage, values, share in zip(("SFT", "GRPO"), both, greedy[grpo_run.name]):
+        if args.margins:
+            for stage, values, share in zip(("SFT", "GRPO"), both, (sft["test"][0], grpo["test"][0])):
                 if sum(m > 0 for m in values) != round(share * args.problems):  # greedy is right iff margin > 0
                     print(f"warning: {grpo_run.name}: {stage} margins > 0 on {sum(m > 0 for m in values)} of "
                           f"{args.problems} problems, greedy exact match {round(share * args.problems)}: the "
                           "margin table does not describe greedy decoding here", file=sys.stderr)
-            for row in margin_rows(grpo_run.name, *both):
-                records.append({"kind": "margins", **row})
-                print(f"| {row['run']} | {row['sft_margin']} | {row['problems']} | {row['lost']} | {row['gained']} |",
-                      flush=True)
+            margin_records += [{"kind": "margins", **row} for row in margin_rows(grpo_run.name, *both)]
+    if args.margins:
+        print("\n| run | SFT margin | held-out problems | greedy answers GRPO lost | gained |\n|---|---|---|---|---|")
+        for row in margin_records:
+            print(f"| {row['run']} | {row['sft_margin']} | {row['problems']} | {row['lost']} | {row['gained']} |")
+    records += margin_records
     if args.out:
         args.out.write_text(json.dumps(records, indent=1) + "\n")
 
